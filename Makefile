@@ -1,0 +1,81 @@
+# One entry point for users and CI. Every target that needs the environment depends on it, so a
+# fresh clone needs nothing but `make submit ...` or `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Pinned first so that nothing later pulls another torch build; a GPU cluster overrides it, e.g.
+# make install TORCH_SPEC="torch==2.5.1 --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+
+MODEL ?= esm2_8m
+NODES ?=
+CLUSTER ?= local
+BACKEND ?=
+ENGINE ?=
+CONFIG ?=
+RUN ?=
+# Extra key=value overrides, e.g. ARGS="trainer.train.max_steps=100 job.time_limit=00:30:00"
+ARGS ?=
+
+LAUNCH = $(VPY) -m launchers
+JOB_ARGS = --model $(MODEL) --cluster $(CLUSTER) $(if $(NODES),--nodes $(NODES)) \
+	$(if $(BACKEND),--backend $(BACKEND)) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+
+.PHONY: install test test-unit test-cluster data debug submit render status logs cancel resume \
+	sweep cluster-up cluster-down bench-submit clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH_SPEC)
+	$(VPY) -m pip install -q -e '.[test,plots]'
+	touch $@
+
+data: data/sample/.built
+data/sample/.built: | install
+	$(VPY) -m bionemo.data.sample --out data/sample
+	touch $@
+
+test: install data
+	$(VPY) -m pytest -q tests
+
+test-unit: install data
+	$(VPY) -m pytest -q tests -m "not cluster"
+
+debug: install data
+	$(LAUNCH) debug --model $(MODEL) $(ARGS)
+
+submit: install data
+	$(LAUNCH) submit $(JOB_ARGS)
+
+render: install
+	$(LAUNCH) render $(JOB_ARGS)
+
+status: install
+	$(LAUNCH) status $(RUN)
+
+logs: install
+	$(LAUNCH) logs $(RUN)
+
+cancel: install
+	$(LAUNCH) cancel $(RUN)
+
+resume: install
+	$(LAUNCH) resume $(RUN)
+
+sweep: install data
+	$(VPY) -m benchmarks.sweep --model $(MODEL) $(ARGS)
+
+cluster-up: install
+	$(LAUNCH) cluster up
+
+cluster-down: install
+	$(LAUNCH) cluster down
+
+bench-submit: install data
+	$(VPY) benchmarks/submit_latency.py $(ARGS)
+
+clean:
+	rm -rf runs

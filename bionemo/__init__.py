@@ -1,0 +1,1 @@
+"""Trainers for biological language models. Importing this package imports no torch."""

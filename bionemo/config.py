@@ -1,0 +1,195 @@
+"""The trainer's configuration: the one schema the launcher validates and the trainer reads.
+
+This module is plain pydantic and imports no torch, so the launcher can validate a whole job
+before anything is submitted. Every section rejects unknown keys (a typo is an error, not a
+silently ignored setting). Field comments say where a default comes from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The trainer's exit code for "I saved because I was told to stop; requeue me" (EX_TEMPFAIL from
+# sysexits.h: a temporary failure, retrying is invited). 0 means finished; anything else is a crash.
+REQUEUE_EXIT_CODE = 75
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str  # preset name, e.g. esm2_650m
+    family: Literal["esm2"] = "esm2"
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    ffn_hidden_size: int = Field(gt=0)
+    seq_length: int = Field(1024, ge=3)  # counts <cls> and <eos>, as BioNeMo does
+    vocab_size: int = 33  # the ESM alphabet; see bionemo.data.tokenizer
+    layer_norm_eps: float = 1e-5
+    token_dropout: bool = True  # ESM-2's: zero <mask> embeddings, rescale the rest
+    # Activation recompute: "none", "selective" (attention core only), "full" (whole block).
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; pick a head count that divides it"
+            )
+        return self
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count of the ESM-2 architecture (embedding tied to the decoder)."""
+        h, f, v, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
+        block = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attn qkv+out, mlp, two LNs
+        head = h * h + h + 2 * h + v  # dense, LN, decoder bias (weight tied)
+        return v * h + L * block + 2 * h + head
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, 6N + 12*L*h*s (the anchors' formula, padded tokens)."""
+        return 6 * self.num_parameters + 12 * self.num_layers * self.hidden_size * self.seq_length
+
+
+class DataConfig(Section):
+    # BioNeMo's UniRef layout: clusters parquet (column ur90_id, a list per UniRef50 cluster),
+    # validation parquet (column ur50_id) and SQLite protein(id TEXT PRIMARY KEY, sequence TEXT).
+    train_clusters: Path = Path("data/sample/train_clusters.parquet")
+    valid_clusters: Path | None = Path("data/sample/valid_clusters.parquet")
+    database: Path = Path("data/sample/proteins.sqlite")
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    mask_token_prob: float = Field(0.8, ge=0, le=1)  # of masked positions: <mask>
+    random_token_prob: float = Field(0.1, ge=0, le=1)  # of masked positions: random token
+    random_token_pool: Literal["all_tokens", "amino_acids_only"] = "all_tokens"
+    num_workers: int = Field(0, ge=0)
+    # "longest": pad each batch to its longest sequence (rounded up to 8); "max_length": always to
+    # model.seq_length (what throughput tables quote as padded tokens).
+    pad_to: Literal["longest", "max_length"] = "longest"
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _probs(self) -> "DataConfig":
+        if self.mask_token_prob + self.random_token_prob > 1:
+            raise ValueError("mask_token_prob + random_token_prob must be <= 1")
+        return self
+
+    def check_files(self) -> None:
+        """Raise FileNotFoundError naming the key of the first missing data file."""
+        for key in ("train_clusters", "valid_clusters", "database"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(
+                    f"data.{key}: {path} does not exist; run `make data` for the sample set "
+                    f"or point data.{key} at your file"
+                )
+
+
+class OptimConfig(Section):
+    # BioNeMo's train_esm2 defaults.
+    lr: float = Field(4e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.01, ge=0)
+    # warmup-anneal-decay-hold: linear warmup, linear decay to min_lr_ratio*lr at decay_steps
+    # (default: train.max_steps), then hold.
+    warmup_steps: int = Field(2000, ge=0)
+    decay_steps: int | None = Field(None, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    clip_grad: float | None = Field(1.0, gt=0)  # global grad-norm clip (Megatron's default)
+    fused: bool = True  # fused AdamW kernel on GPU; ignored on CPU
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(gt=0)
+    # None: micro_batch_size x data-parallel size (no accumulation). Otherwise must be a multiple
+    # of that product; the quotient is the number of accumulation steps.
+    global_batch_size: int | None = Field(None, gt=0)
+    max_steps: int = Field(500_000, gt=0)
+    seed: int = 1234
+    precision: Literal["bf16-mixed", "fp32"] = "bf16-mixed"  # bf16 autocast on GPU; fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    log_every: int = Field(10, gt=0)
+    val_every: int = Field(10_000, gt=0)
+    limit_val_batches: int = Field(2, ge=0)
+    # The warning signal the scheduler sends before the time limit (SIGTERM is always handled too).
+    stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = "USR2"
+
+    def grad_accumulation(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size is None:
+            return 1
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size x data-parallel size = {self.micro_batch_size} x "
+                f"{data_parallel_size} = {per_step}; set it to a multiple of {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(1000, gt=0)
+    keep_last: int = Field(2, gt=0)
+    # Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path); ignored when
+    # the run directory already has a checkpoint to resume from.
+    init_from: Path | None = None
+
+
+class ParallelConfig(Section):
+    tensor: int = Field(1, gt=0)
+    pipeline: int = Field(1, gt=0)
+
+
+class LoggingConfig(Section):
+    wandb_project: str | None = None  # W&B only when a project is named, as in BioNeMo
+    wandb_entity: str | None = None
+    wandb_offline: bool = True
+
+
+class TrainerConfig(Section):
+    """Everything the trainer needs, as written to <run_dir>/config.yaml (under `trainer`)."""
+
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def check_parallel(self, world_size: int) -> int:
+        """Validate the layout for a world size and return the data-parallel size."""
+        tp, pp = self.parallel.tensor, self.parallel.pipeline
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"parallel.tensor x parallel.pipeline = {tp} x {pp} does not divide the world "
+                f"size {world_size}; choose sizes whose product divides it"
+            )
+        if self.model.num_attention_heads % tp:
+            raise ValueError(
+                f"model.num_attention_heads {self.model.num_attention_heads} is not divisible by "
+                f"parallel.tensor {tp}; choose a tensor-parallel size that divides the head count"
+            )
+        dp = world_size // (tp * pp)
+        self.train.grad_accumulation(dp)
+        return dp
+
+
+def load_trainer_config(path: str | Path) -> TrainerConfig:
+    """Read a resolved config file (the launcher's, or one holding only the trainer sections)."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return TrainerConfig.model_validate(raw.get("trainer", raw))
+
+
+def dump_trainer_config(cfg: TrainerConfig) -> dict:
+    return cfg.model_dump(mode="json")

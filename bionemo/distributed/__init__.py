@@ -1,0 +1,3 @@
+from bionemo.distributed.env import DistEnv
+
+__all__ = ["DistEnv"]

@@ -1,0 +1,29 @@
+"""Entry point: `python -m bionemo.train <run_dir>`.
+
+Exit codes (the launcher's contract): 0 finished, 75 stopped and saved (requeue me), other crash.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m bionemo.train <run_dir>   (the folder holding config.yaml)",
+              file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    if not (run_dir / "config.yaml").is_file():
+        print(f"error: {run_dir}/config.yaml does not exist; create the run with "
+              f"`python -m launchers render|submit|debug`", file=sys.stderr)
+        return 2
+    from bionemo.trainer import train  # torch is imported only once the arguments are sane
+
+    return train(run_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The training loop: one path for CPU (gloo) and GPU (NCCL, bf16 autocast).
+
+Exactness on resume rests on three facts: every sample is a pure function of (seed, global sample
+index), so the data position is one integer; the learning rate is a pure function of the step;
+and model, optimizer and RNG states are restored bit for bit from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from bionemo import rundir
+from bionemo.checkpoint import Checkpointer, TrainerState, load_weights
+from bionemo.config import REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
+from bionemo.data.dataset import build_dataloader
+from bionemo.distributed import DistEnv
+from bionemo.lr import warmup_decay_hold
+from bionemo.metrics import MetricsLogger, Throughput, perplexity
+from bionemo.models import build_model
+from bionemo.stop import StopFlag
+
+log = logging.getLogger("bionemo.trainer")
+
+
+class MaskedLMLoss(nn.Module):
+    """Puts the loss inside forward() so DDP (and torch.compile) see the whole computation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return self.model.loss(input_ids, attention_mask, labels)
+
+
+def pick_device(cfg: TrainerConfig, env: DistEnv) -> torch.device:
+    want_cuda = cfg.train.device == "cuda" or (
+        cfg.train.device == "auto" and torch.cuda.is_available()
+    )
+    if want_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use auto/cpu")
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device):
+    # Megatron's convention: no weight decay on biases and LayerNorm parameters (1-D tensors).
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and device.type == "cuda",
+    )
+
+
+def train(run_dir: Path) -> int:
+    """Train the run in `run_dir`; returns 0 when finished, REQUEUE_EXIT_CODE when stopped."""
+    run_dir = Path(run_dir)
+    cfg = load_trainer_config(run_dir / rundir.CONFIG)
+    env = DistEnv.from_environ(cfg.train.stop_signal)
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(message)s"
+    )
+    if rundir.is_finished(run_dir):
+        log.info("%s is finished; nothing to do", run_dir)
+        return 0
+    if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
+        raise ValueError(
+            "parallel.tensor/pipeline > 1 need the megatron engine; the torch engine is "
+            "data-parallel only (set parallel.tensor=1 parallel.pipeline=1)"
+        )
+    cfg.data.check_files()
+    device = pick_device(cfg, env)
+    if env.world_size > 1:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size, device_id=device if device.type == "cuda" else None,
+        )
+    try:
+        return _loop(cfg, env, device, run_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path) -> int:
+    dp = cfg.check_parallel(env.world_size)
+    accum = cfg.train.grad_accumulation(dp)
+    samples_per_step = cfg.train.micro_batch_size * dp * accum
+    stop = StopFlag(cfg.train.stop_signal, device)
+
+    torch.manual_seed(cfg.train.seed)  # same init on every rank
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
+    state = TrainerState(world_size=env.world_size)
+    if (latest := ckpt.latest()) is not None:
+        state = ckpt.load(latest, model, optimizer)
+        log.info("resumed from %s (step %d, %d samples)", latest, state.step, state.consumed_samples)
+    elif cfg.checkpoint.init_from is not None:
+        load_weights(cfg.checkpoint.init_from, model)
+        log.info("initialised weights from %s", cfg.checkpoint.init_from)
+
+    step_fn: nn.Module = MaskedLMLoss(model)
+    if dp > 1:
+        step_fn = DDP(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        step_fn = torch.compile(step_fn)
+
+    loader_args = dict(
+        data_cfg=cfg.data, seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=env.rank, dp_size=dp, pad_to=cfg.data.pad_to,
+    )
+    batches = iter(build_dataloader(**loader_args, grad_accumulation=accum,
+                                    start_sample=state.consumed_samples, split="train"))
+    metrics = MetricsLogger(run_dir, cfg.logging, env.is_main, state.wandb_id, cfg.model_dump(mode="json"))
+    state.wandb_id = metrics.wandb_id
+    meter = Throughput(cfg.model, env.world_size, device)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and cfg.train.precision == "bf16-mixed" else nullcontext()
+    )
+    decay_until = cfg.optim.decay_steps or cfg.train.max_steps
+    step_sleep = float(os.environ.get("BIONEMO_STEP_SLEEP", "0"))  # test hook: a slow run
+    loss_sum = torch.zeros((), device=device)
+    steps_in_window = 0
+
+    while state.step < cfg.train.max_steps:
+        lr = cfg.optim.lr * warmup_decay_hold(
+            state.step, cfg.optim.warmup_steps, decay_until, cfg.optim.min_lr_ratio
+        )
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(accum):
+            batch = next(batches)
+            meter.add(batch["attention_mask"])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            sync = micro == accum - 1 or dp == 1
+            with (nullcontext() if sync else step_fn.no_sync()), autocast:
+                loss = step_fn(batch["input_ids"], batch["attention_mask"], batch["labels"]) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.consumed_samples += samples_per_step
+        steps_in_window += 1
+        if step_sleep:
+            time.sleep(step_sleep)
+
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum)
+                loss_sum /= env.world_size
+            mean_loss = loss_sum.item() / steps_in_window
+            metrics.log(state.step, {"loss": mean_loss, "perplexity": perplexity(mean_loss),
+                                     "lr": lr, "consumed_samples": state.consumed_samples,
+                                     **meter.report()})
+            loss_sum.zero_()
+            steps_in_window = 0
+        if cfg.data.valid_clusters and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
+            val = validate(model, cfg, loader_args, device, autocast)
+            metrics.log(state.step, {"loss": val, "perplexity": perplexity(val)}, kind="valid")
+
+        stopping = stop.agreed()
+        last = state.step >= cfg.train.max_steps
+        if stopping or last or state.step % cfg.checkpoint.every_steps == 0:
+            path = ckpt.save(model, optimizer, state)
+            log.info("saved %s", path)
+        if last:
+            if env.is_main:
+                (run_dir / rundir.FINISHED).write_text(f"{state.step}\n")
+            metrics.close()
+            return 0
+        if stopping:
+            log.info("stop requested (%s): saved at step %d, exiting %d for requeue",
+                     stop.requested or "by another rank", state.step, REQUEUE_EXIT_CODE)
+            metrics.close()
+            return REQUEUE_EXIT_CODE
+    return 0
+
+
+@torch.no_grad()
+def validate(model, cfg: TrainerConfig, loader_args: dict, device, autocast) -> float:
+    model.eval()
+    loader = build_dataloader(**loader_args, grad_accumulation=1, start_sample=0, split="valid")
+    total = torch.zeros((), device=device)
+    n = 0
+    for batch, _ in zip(loader, range(cfg.train.limit_val_batches)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            total += model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"]).float()
+        n += 1
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    model.train()
+    return total.item() / max(n, 1)
