@@ -1,9 +1,10 @@
 """Atomic, resumable checkpoints over torch.distributed.checkpoint (DCP).
 
 A save writes into `step-N.partial/`: model and optimizer through DCP (each rank its shards),
-each rank its RNG states, rank 0 the trainer state (step, consumed samples, scheduler). After a
-barrier (every rank finished writing) rank 0 writes the COMPLETE marker, fsyncs, and renames the
-folder to `step-N/`. A process killed at any point leaves either no `step-N/` or a complete one,
+each rank its RNG states, rank 0 the trainer state (step and consumed samples; the learning-rate
+schedule is a pure function of the step, so the step is its whole state). After a barrier (every
+rank finished writing) rank 0 writes the COMPLETE marker, fsyncs, and renames the folder to
+`step-N/`. A process killed at any point leaves either no `step-N/` or a complete one,
 so a start never resumes from a half-written save (BioNeMo's recipes could). Loading takes the
 newest complete checkpoint and warns about the rest.
 """
@@ -15,7 +16,8 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+import signal
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,9 @@ from bionemo import rundir
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
+# Tests set this to a step number: the process SIGKILLs itself after writing that step's data but
+# before the checkpoint is committed, which is the worst moment for a real node failure.
+KILL_DURING_SAVE = "BIONEMO_KILL_DURING_SAVE"
 
 
 @dataclass
@@ -42,7 +47,6 @@ class TrainerState:
     step: int = 0  # optimizer steps taken
     consumed_samples: int = 0  # global sample position of the data stream
     world_size: int = 1
-    scheduler: dict = field(default_factory=dict)
     wandb_id: str | None = None
 
 
@@ -100,6 +104,8 @@ class Checkpointer:
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
         if self.rank == 0:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+        if os.environ.get(KILL_DURING_SAVE) == str(state.step):  # fault injection for tests
+            os.kill(os.getpid(), signal.SIGKILL)
         _barrier()  # every rank has finished writing its part
         if self.rank == 0:
             marker = tmp / rundir.COMPLETE

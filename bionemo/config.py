@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # The trainer's exit code for "I saved because I was told to stop; requeue me" (EX_TEMPFAIL from
 # sysexits.h: a temporary failure, retrying is invited). 0 means finished; anything else is a crash.
 REQUEUE_EXIT_CODE = 75
+# Exit code for "ran out of memory" (ENOMEM): the micro-batch sweep reads it as a finding, not a bug.
+OOM_EXIT_CODE = 12
 
 
 class Section(BaseModel):
@@ -120,6 +122,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     val_every: int = Field(10_000, gt=0)
     limit_val_batches: int = Field(2, ge=0)
+    # Emulate a smaller card: cap this process's GPU memory (torch's per-process memory fraction).
+    memory_cap_gib: float | None = Field(None, gt=0)
     # The warning signal the scheduler sends before the time limit (SIGTERM is always handled too).
     stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = "USR2"
 
@@ -137,6 +141,7 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
+    enabled: bool = True  # False only for throughput trials: nothing is saved, not even on stop
     every_steps: int = Field(1000, gt=0)
     keep_last: int = Field(2, gt=0)
     # Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path); ignored when

@@ -97,7 +97,17 @@ class MetricsLogger:
         if is_main:
             from rich.console import Console
 
-            self.console = Console(stderr=False, highlight=False, force_terminal=False)
+            self.console = Console(highlight=False, soft_wrap=True)  # one line per record in logs
+
+    def rewind(self, step: int) -> None:
+        """Drop records past `step`: after a resume from an older checkpoint those steps are
+        trained again, and the file should hold one timeline."""
+        if not self.is_main or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            self.path.write_text("".join(kept))
 
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         if not self.is_main:

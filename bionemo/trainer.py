@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bionemo import rundir
 from bionemo.checkpoint import Checkpointer, TrainerState, load_weights
-from bionemo.config import REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
+from bionemo.config import OOM_EXIT_CODE, REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
 from bionemo.data.dataset import build_dataloader
 from bionemo.distributed import DistEnv
 from bionemo.lr import warmup_decay_hold
@@ -89,8 +89,19 @@ def train(run_dir: Path) -> int:
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size, device_id=device if device.type == "cuda" else None,
         )
+    if cfg.train.memory_cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.memory_cap_gib * 2**30 / total), device)
     try:
         return _loop(cfg, env, device, run_dir)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        log.error("out of memory: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return OOM_EXIT_CODE
+    except RuntimeError as e:  # CPU allocator failures under a memory limit surface as this
+        if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
+            raise
+        log.error("out of memory: %s", str(e).splitlines()[0])
+        return OOM_EXIT_CODE
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -128,6 +139,7 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
                                     start_sample=state.consumed_samples, split="train"))
     metrics = MetricsLogger(run_dir, cfg.logging, env.is_main, state.wandb_id, cfg.model_dump(mode="json"))
     state.wandb_id = metrics.wandb_id
+    metrics.rewind(state.step)
     meter = Throughput(cfg.model, env.world_size, device)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -179,7 +191,7 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
 
         stopping = stop.agreed()
         last = state.step >= cfg.train.max_steps
-        if stopping or last or state.step % cfg.checkpoint.every_steps == 0:
+        if cfg.checkpoint.enabled and (stopping or last or state.step % cfg.checkpoint.every_steps == 0):
             path = ckpt.save(model, optimizer, state)
             log.info("saved %s", path)
         if last:

@@ -1,0 +1,349 @@
+"""ESM-2 pretraining data in BioNeMo's UniRef layout, addressed by global sample index.
+
+Files (see bionemo.data.prep to build them):
+  train clusters parquet  column ur90_id: list of UniRef90 member ids, one row per UniRef50 cluster
+  valid clusters parquet  column ur50_id: one id per row
+  SQLite database         protein(id TEXT PRIMARY KEY, sequence TEXT)
+
+An item is a pure function of (seed, g), where g = 0, 1, 2, ... is the global sample index:
+  epoch = g // N, p = g % N (N clusters); cluster = permutation(seed, epoch)[p];
+  member, crop window and masking all come from one rng seeded with (seed, epoch, cluster).
+No state lives in the dataset, so worker count, world size and restarts cannot change the
+stream; the sampler decides which g each rank reads (GlobalBatchSampler).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bionemo.config import DataConfig
+from bionemo.data.masking import IGNORE_INDEX, mask_tokens
+from bionemo.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode
+
+# First word of the rng seeds, so the permutation stream and the per-item streams never coincide
+# (numpy's SeedSequence treats [a, b] and [a, b, 0] alike, so distinct lengths are not enough).
+_PERMUTATION_STREAM = 0
+_ITEM_STREAM = 1
+
+_MAKE_DATA = "run `make data` for the sample set, or build yours with `python -m bionemo.data.prep`"
+
+
+class ProteinClusters:
+    """Clusters of protein ids (a parquet column) plus the id -> sequence table (SQLite).
+
+    `column` may hold a list of ids per row (ur90_id: one cluster of members per row) or one id per
+    row (ur50_id: single-member clusters). `key` is the config key of the clusters file, named in
+    error messages. The SQLite connection opens on first use, once per process, so a dataset built
+    before DataLoader workers fork (or pickled to them) gets its own connection in each worker.
+    """
+
+    def __init__(
+        self,
+        clusters_path,
+        database_path,
+        column: str = "ur90_id",
+        *,
+        key: str = "data.train_clusters",
+    ):
+        self.clusters_path, self.database_path = Path(clusters_path), Path(database_path)
+        self.column, self.key = column, key
+        # The members of cluster i are ids[offsets[i] : offsets[i + 1]].
+        self.offsets, self.ids = self._read_clusters()
+        self._check_database()
+        self._conn: sqlite3.Connection | None = None
+        self._conn_pid: int | None = None
+
+    def _read_clusters(self) -> tuple[np.ndarray, pa.Array]:
+        path, key = self.clusters_path, self.key
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{key}: {path} does not exist; {_MAKE_DATA}, or point {key} at your file"
+            )
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(
+                f"{key}: {path} is not a readable parquet file ({e}); rebuild it: {_MAKE_DATA}"
+            ) from e
+        if self.column not in schema.names:
+            raise ValueError(
+                f"{key}: {path} has no column {self.column!r} (columns: {schema.names}); "
+                f"BioNeMo's layout has ur90_id (a list of member ids) in the train file and "
+                f"ur50_id in the validation file"
+            )
+        try:
+            col = pq.read_table(path, columns=[self.column]).column(self.column)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(
+                f"{key}: could not read column {self.column!r} of {path} ({e}); rebuild it"
+            ) from e
+        if col.null_count:
+            raise ValueError(
+                f"{key}: column {self.column!r} of {path} has {col.null_count} null rows; drop them"
+            )
+
+        # Large (64-bit offset) types: UniRef90 has ~200M ids, more than 2 GiB of id text.
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            ids = col.cast(pa.large_string()).combine_chunks()
+            return np.arange(len(ids) + 1, dtype=np.int64), ids  # one member per cluster
+        if (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) and (
+            pa.types.is_string(col.type.value_type) or pa.types.is_large_string(col.type.value_type)
+        ):
+            lists = col.cast(pa.large_list(pa.large_string())).combine_chunks()
+            offsets = lists.offsets.to_numpy()
+            if len(lists) and np.diff(offsets).min() == 0:
+                raise ValueError(f"{key}: {path} has empty clusters in {self.column!r}; drop them")
+            return offsets, lists.values
+        raise ValueError(
+            f"{key}: column {self.column!r} of {path} has type {col.type}; "
+            f"expected a string id or a list of string ids"
+        )
+
+    def _check_database(self) -> None:
+        path = self.database_path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data.database: {path} does not exist; {_MAKE_DATA}, "
+                f"or point data.database at your file"
+            )
+        conn = self._connect()
+        try:
+            conn.execute("SELECT id, sequence FROM protein LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as e:  # not a database, or no protein(id, sequence) table
+            raise ValueError(
+                f"data.database: {path} is not a SQLite file with a table "
+                f"protein(id TEXT PRIMARY KEY, sequence TEXT) ({e}); rebuild it: {_MAKE_DATA}"
+            ) from e
+        finally:
+            conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        # Read-only: many workers on many nodes share the file.
+        return sqlite3.connect(f"file:{self.database_path.resolve()}?mode=ro", uri=True)
+
+    def __getstate__(self):  # a connection cannot be pickled (spawn-started workers); reopen there
+        return {**self.__dict__, "_conn": None, "_conn_pid": None}
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def num_members(self, cluster: int) -> int:
+        return int(self.offsets[cluster + 1] - self.offsets[cluster])
+
+    def member(self, cluster: int, j: int) -> str:
+        return self.ids[int(self.offsets[cluster]) + j].as_py()
+
+    def __getitem__(self, cluster: int) -> list[str]:
+        return [self.member(cluster, j) for j in range(self.num_members(cluster))]
+
+    def sequence(self, protein_id: str) -> str:
+        if self._conn_pid != os.getpid():  # first use in this process (main, or a fresh worker)
+            self._conn, self._conn_pid = self._connect(), os.getpid()
+        row = self._conn.execute(
+            "SELECT sequence FROM protein WHERE id = ?", (protein_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(
+                f"data.database: no protein {protein_id!r} in {self.database_path} "
+                f"(listed in {self.key})"
+            )
+        return row[0]
+
+
+class MLMDataset(Dataset):
+    """Masked-LM samples indexed by global sample index g (any g >= 0; len() is one epoch).
+
+    shuffle=True (training): epoch g // N visits the clusters in a per-epoch permutation and picks
+    a member per (epoch, cluster). shuffle=False (validation): epoch fixed at 0, cluster g % N, so
+    every evaluation sees the same sequences, crops and masks.
+
+    Cropping: a sequence longer than seq_length - 2 residues is cut to a random window of
+    seq_length - 2 residues. <cls> and <eos> always wrap the window (BioNeMo's rule), so every
+    item starts with <cls>, ends with <eos> and has at most seq_length tokens; for a cropped
+    sequence the <eos> marks the end of the window, not of the protein.
+    """
+
+    def __init__(
+        self,
+        clusters: ProteinClusters,
+        seq_length: int,
+        data_cfg: DataConfig,
+        seed: int,
+        shuffle: bool = True,
+    ):
+        if seq_length < 3:
+            raise ValueError(
+                f"seq_length must be >= 3 (<cls>, one residue, <eos>), got {seq_length}"
+            )
+        if len(clusters) == 0:
+            raise ValueError(f"{clusters.key}: {clusters.clusters_path} has no clusters")
+        self.clusters, self.seq_length = clusters, seq_length
+        self.seed, self.shuffle = seed, shuffle
+        self.mask_kwargs = dict(
+            mask_prob=data_cfg.mask_prob,
+            mask_token_prob=data_cfg.mask_token_prob,
+            random_token_prob=data_cfg.random_token_prob,
+            random_token_pool=data_cfg.random_token_pool,
+        )
+        self._perm_epoch, self._perm = -1, None  # cache of the current epoch's cluster order
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The cluster order of an epoch (cached: consecutive samples share an epoch)."""
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([_PERMUTATION_STREAM, self.seed, epoch])
+            self._perm, self._perm_epoch = rng.permutation(len(self.clusters)), epoch
+        return self._perm
+
+    def __getitem__(self, g: int) -> dict[str, np.ndarray]:
+        n = len(self.clusters)
+        if self.shuffle:
+            epoch, p = divmod(int(g), n)
+            cluster = int(self.order(epoch)[p])
+        else:
+            epoch, cluster = 0, int(g) % n
+        rng = np.random.default_rng([_ITEM_STREAM, self.seed, epoch, cluster])
+
+        member = self.clusters.member(
+            cluster, int(rng.integers(self.clusters.num_members(cluster)))
+        )
+        residues = encode(self.clusters.sequence(member))
+        window = self.seq_length - 2  # room left by <cls> and <eos>
+        if len(residues) > window:
+            start = int(rng.integers(len(residues) - window + 1))  # +1: the last window is allowed
+            residues = residues[start : start + window]
+        tokens = np.concatenate(([CLS_ID], residues, [EOS_ID]))
+        input_ids, labels = mask_tokens(tokens, rng, **self.mask_kwargs)
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class GlobalBatchSampler(Sampler):
+    """Infinite stream of this rank's micro-batches of global sample indices.
+
+    A global step covers G = micro_batch_size * dp_size * grad_accumulation consecutive samples;
+    micro-step k of the step on rank r reads step_start + k*micro*dp + r*micro + [0, micro).
+    Steps start at start_sample, the consumed-samples count saved in checkpoints. Because the
+    resume position is a global sample count, not a per-rank batch count, resuming at another
+    world size (or accumulation) continues the same sample stream: only its split over ranks
+    changes. start_sample need not be a multiple of the new G.
+    """
+
+    def __init__(
+        self,
+        start_sample: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        grad_accumulation: int,
+    ):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
+        if start_sample < 0 or micro_batch_size < 1 or grad_accumulation < 1:
+            raise ValueError(
+                "need start_sample >= 0, micro_batch_size >= 1, grad_accumulation >= 1"
+            )
+        self.start_sample, self.micro, self.rank = start_sample, micro_batch_size, dp_rank
+        self.dp, self.accum = dp_size, grad_accumulation
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro * self.dp * self.accum
+
+    def __iter__(self):
+        step_start = self.start_sample
+        while True:
+            for k in range(self.accum):
+                first = step_start + k * self.micro * self.dp + self.rank * self.micro
+                yield list(range(first, first + self.micro))
+            step_start += self.global_batch_size
+
+
+def collate(
+    batch: list[dict], pad_to: Literal["longest", "max_length"] = "longest", seq_length: int = 1024
+) -> dict[str, torch.Tensor]:
+    """Pad a list of samples into input_ids / labels (int64) and attention_mask (bool, True = real).
+
+    "longest" pads to the batch's longest sample rounded up to a multiple of 8 (tensor-core
+    friendly shapes; never beyond seq_length); "max_length" always pads to seq_length (one shape
+    for the whole run, e.g. for torch.compile without dynamic shapes).
+    """
+    longest = max(len(s["input_ids"]) for s in batch)
+    if longest > seq_length:
+        raise ValueError(f"a sample has {longest} tokens, more than seq_length {seq_length}")
+    if pad_to == "longest":
+        length = min(-(-longest // 8) * 8, seq_length)
+    elif pad_to == "max_length":
+        length = seq_length
+    else:
+        raise ValueError(f"pad_to must be 'longest' or 'max_length', got {pad_to!r}")
+
+    input_ids = np.full((len(batch), length), PAD_ID, dtype=np.int64)
+    labels = np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((len(batch), length), dtype=bool)
+    for i, s in enumerate(batch):
+        n = len(s["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], True
+    # The mask comes from the lengths, not from input_ids != PAD_ID: with the all_tokens pool a
+    # masked position can be replaced by a random <pad>, which is still a real position.
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(attention_mask),
+    }
+
+
+def build_dataloader(
+    data_cfg: DataConfig,
+    seq_length: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    grad_accumulation: int,
+    start_sample: int,
+    split: Literal["train", "valid"] = "train",
+    pad_to: Literal["longest", "max_length"] = "longest",
+) -> DataLoader:
+    """This rank's infinite loader of micro-batches, starting at global sample start_sample.
+
+    For validation pass start_sample=0 so every evaluation reads the same samples.
+    """
+    if split == "train":
+        clusters = ProteinClusters(
+            data_cfg.train_clusters, data_cfg.database, "ur90_id", key="data.train_clusters"
+        )
+    elif split == "valid":
+        if data_cfg.valid_clusters is None:
+            raise ValueError(
+                "data.valid_clusters is not set; point it at a validation parquet (column ur50_id)"
+            )
+        clusters = ProteinClusters(
+            data_cfg.valid_clusters, data_cfg.database, "ur50_id", key="data.valid_clusters"
+        )
+    else:
+        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+    dataset = MLMDataset(
+        clusters, seq_length, data_cfg, seed=data_cfg.seed, shuffle=split == "train"
+    )
+    sampler = GlobalBatchSampler(
+        start_sample, micro_batch_size, dp_rank, dp_size, grad_accumulation
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate, pad_to=pad_to, seq_length=seq_length),
+        num_workers=data_cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=data_cfg.num_workers > 0,
+    )

@@ -1,0 +1,83 @@
+"""The trainer's own checks of bad input: each error names the field and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from bionemo.config import TrainerConfig
+from bionemo.lr import warmup_decay_hold
+
+MODEL = {"name": "t", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64}
+
+
+def cfg(**sections) -> dict:
+    base = {"model": dict(MODEL), "train": {"micro_batch_size": 2}}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return base
+
+
+@pytest.mark.parametrize("sections, needle", [
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
+    ({"train": {"micro_batch_size": -3}}, "train.micro_batch_size"),
+    ({"model": {"seq_length": 2}}, "model.seq_length"),
+    ({"model": {"hidden_size": 30}}, "num_attention_heads"),
+    ({"train": {"max_step": 10}}, "train.max_step"),  # typo of max_steps
+    ({"optim": {"betas": [0.9]}}, "optim.betas"),
+    ({"data": {"random_token_pool": "amino"}}, "data.random_token_pool"),
+])
+def test_schema_rejects_with_field_name(sections, needle):
+    with pytest.raises(ValidationError) as err:
+        TrainerConfig.model_validate(cfg(**sections))
+    text = str(err.value).replace("\n", ".")
+    assert needle.split(".")[-1] in text and needle.split(".")[0] in text
+
+
+def test_missing_data_file_names_key_and_fix(tmp_path):
+    c = TrainerConfig.model_validate(cfg(data={"database": str(tmp_path / "nope.sqlite"),
+                                               "train_clusters": str(tmp_path / "x.parquet")}))
+    with pytest.raises(FileNotFoundError, match=r"data\.train_clusters: .*make data"):
+        c.data.check_files()
+
+
+def test_global_batch_must_be_a_multiple():
+    c = TrainerConfig.model_validate(cfg(train={"global_batch_size": 10, "micro_batch_size": 4}))
+    with pytest.raises(ValueError, match="train.global_batch_size 10 is not a multiple"):
+        c.check_parallel(world_size=1)
+    assert TrainerConfig.model_validate(cfg(train={"global_batch_size": 16, "micro_batch_size": 4})
+                                        ).check_parallel(world_size=2) == 2
+
+
+def test_tensor_parallel_must_divide_world_and_heads():
+    with pytest.raises(ValueError, match="does not divide the world size 3"):
+        TrainerConfig.model_validate(cfg(parallel={"tensor": 2})).check_parallel(3)
+    with pytest.raises(ValueError, match="num_attention_heads 4 is not divisible by parallel.tensor 8"):
+        TrainerConfig.model_validate(cfg(parallel={"tensor": 8})).check_parallel(8)
+
+
+def test_init_from_that_is_not_a_checkpoint(tmp_path):
+    import torch
+
+    from bionemo.checkpoint import load_weights
+
+    (tmp_path / "some_folder").mkdir()
+    with pytest.raises(ValueError, match="checkpoint.init_from: .* is not a complete checkpoint"):
+        load_weights(tmp_path / "some_folder", torch.nn.Linear(2, 2))
+
+
+def test_train_entry_point_without_config(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "bionemo.train", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "config.yaml does not exist" in out.stderr
+
+
+def test_warmup_decay_hold_shape():
+    lr = [warmup_decay_hold(s, warmup=10, decay_until=110, min_ratio=0.1) for s in range(200)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warmup
+    assert lr[60] == pytest.approx(1 - 0.9 * 0.5)  # halfway down the linear decay
+    assert all(v == pytest.approx(0.1) for v in lr[110:])  # hold at 10% of peak
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
