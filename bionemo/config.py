@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # The trainer's exit code for "I saved because I was told to stop; requeue me" (EX_TEMPFAIL from
 # sysexits.h: a temporary failure, retrying is invited). 0 means finished; anything else is a crash.
@@ -26,15 +26,18 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str  # preset name, e.g. esm2_650m
-    family: Literal["esm2"] = "esm2"
+    family: Literal["esm2", "geneformer"] = "esm2"
     num_layers: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
     num_attention_heads: int = Field(gt=0)
     ffn_hidden_size: int = Field(gt=0)
     seq_length: int = Field(1024, ge=3)  # counts <cls> and <eos>, as BioNeMo does
-    vocab_size: int = 33  # the ESM alphabet; see bionemo.data.tokenizer
-    layer_norm_eps: float = 1e-5
+    vocab_size: int = Field(33, gt=0)  # ESM alphabet; Geneformer: specials + genes of the vocab file
+    layer_norm_eps: float = 1e-5  # ESM-2 1e-5; Geneformer (BERT) 1e-12
     token_dropout: bool = True  # ESM-2's: zero <mask> embeddings, rescale the rest
+    activation: Literal["gelu", "relu"] = "gelu"  # ESM-2 GELU; Geneformer's published model ReLU
+    hidden_dropout: float = Field(0.0, ge=0, lt=1)  # ESM-2 none; Geneformer 0.02
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
     # Activation recompute: "none", "selective" (attention core only), "full" (whole block).
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
@@ -49,11 +52,13 @@ class ModelConfig(Section):
 
     @property
     def num_parameters(self) -> int:
-        """Parameter count of the ESM-2 architecture (embedding tied to the decoder)."""
+        """Parameter count (embedding tied to the decoder in both families)."""
         h, f, v, L = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
         block = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attn qkv+out, mlp, two LNs
         head = h * h + h + 2 * h + v  # dense, LN, decoder bias (weight tied)
-        return v * h + L * block + 2 * h + head
+        if self.family == "geneformer":  # BERT: learned positions, 2 token types, embedding LN
+            return v * h + self.seq_length * h + 2 * h + 2 * h + L * block + head
+        return v * h + L * block + 2 * h + head  # ESM-2: rotary, final LN
 
     @property
     def flops_per_token(self) -> float:
@@ -83,6 +88,10 @@ class DataConfig(Section):
             raise ValueError("mask_token_prob + random_token_prob must be <= 1")
         return self
 
+    @property
+    def validation_set(self) -> Path | None:
+        return self.valid_clusters
+
     def check_files(self) -> None:
         """Raise FileNotFoundError naming the key of the first missing data file."""
         for key in ("train_clusters", "valid_clusters", "database"):
@@ -91,6 +100,37 @@ class DataConfig(Section):
                 raise FileNotFoundError(
                     f"data.{key}: {path} does not exist; run `make data` for the sample set "
                     f"or point data.{key} at your file"
+                )
+
+
+class CellDataConfig(Section):
+    """Geneformer's single-cell data: SCDL memory-mapped stores (built from .h5ad) or the recipe's
+    parquet of pre-tokenized `input_ids`; the gene vocabulary and per-gene medians ship with it."""
+
+    format: Literal["scdl", "parquet"] = "scdl"
+    train: Path = Path("data/geneformer_sample/train")  # SCDL folder, or parquet file
+    valid: Path | None = Path("data/geneformer_sample/valid")
+    vocab: Path = Path("data/geneformer_sample/vocab.json")  # token -> id, specials first
+    gene_medians: Path = Path("data/geneformer_sample/gene_medians.json")  # Ensembl id -> median
+    normalize_total: float = Field(10_000.0, gt=0)  # counts per cell before the median division
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    mask_token_prob: float = Field(0.8, ge=0, le=1)
+    random_token_prob: float = Field(0.1, ge=0, le=1)
+    num_workers: int = Field(0, ge=0)
+    pad_to: Literal["longest", "max_length"] = "longest"
+    seed: int = 42
+
+    @property
+    def validation_set(self) -> Path | None:
+        return self.valid
+
+    def check_files(self) -> None:
+        for key in ("train", "valid", "vocab", "gene_medians"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(
+                    f"data.{key}: {path} does not exist; run `make data MODEL=geneformer_10m` for "
+                    f"the sample set or point data.{key} at your file"
                 )
 
 
@@ -164,12 +204,28 @@ class TrainerConfig(Section):
     """Everything the trainer needs, as written to <run_dir>/config.yaml (under `trainer`)."""
 
     model: ModelConfig
-    data: DataConfig = DataConfig()
+    data: DataConfig | CellDataConfig  # chosen by model.family (see _data_for_family)
     optim: OptimConfig = OptimConfig()
     train: TrainConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     parallel: ParallelConfig = ParallelConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_for_family(cls, raw: dict) -> dict:
+        # The data section's schema follows the model family, so a typo in it is still an error.
+        if isinstance(raw, dict) and not isinstance(raw.get("data"), BaseModel):
+            family = (raw.get("model") or {}).get("family", "esm2")
+            schema = CellDataConfig if family == "geneformer" else DataConfig
+            try:
+                raw = {**raw, "data": schema.model_validate(raw.get("data") or {})}
+            except ValidationError as e:  # keep the key path: data.<field>
+                problems = "; ".join(
+                    f"data.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+                )
+                raise ValueError(f"{problems} (model.family {family!r})") from None
+        return raw
 
     def check_parallel(self, world_size: int) -> int:
         """Validate the layout for a world size and return the data-parallel size."""

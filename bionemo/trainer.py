@@ -21,7 +21,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from bionemo import rundir
 from bionemo.checkpoint import Checkpointer, TrainerState, load_weights
 from bionemo.config import OOM_EXIT_CODE, REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
-from bionemo.data.dataset import build_dataloader
 from bionemo.distributed import DistEnv
 from bionemo.lr import warmup_decay_hold
 from bionemo.metrics import MetricsLogger, Throughput, perplexity
@@ -40,6 +39,15 @@ class MaskedLMLoss(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         return self.model.loss(input_ids, attention_mask, labels)
+
+
+def dataloader_builder(family: str):
+    """The data pipeline of a model family; every builder takes the same arguments."""
+    if family == "geneformer":
+        from bionemo.data.cells import build_dataloader
+    else:
+        from bionemo.data.dataset import build_dataloader
+    return build_dataloader
 
 
 def pick_device(cfg: TrainerConfig, env: DistEnv) -> torch.device:
@@ -131,9 +139,11 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
     if cfg.train.compile:
         step_fn = torch.compile(step_fn)
 
+    build_dataloader = dataloader_builder(cfg.model.family)
     loader_args = dict(
-        data_cfg=cfg.data, seq_length=cfg.model.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-        dp_rank=env.rank, dp_size=dp, pad_to=cfg.data.pad_to,
+        data_cfg=cfg.data, seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size, dp_rank=env.rank, dp_size=dp,
+        pad_to=cfg.data.pad_to,
     )
     batches = iter(build_dataloader(**loader_args, grad_accumulation=accum,
                                     start_sample=state.consumed_samples, split="train"))
@@ -185,8 +195,10 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
                                      **meter.report()})
             loss_sum.zero_()
             steps_in_window = 0
-        if cfg.data.valid_clusters and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
-            val = validate(model, cfg, loader_args, device, autocast)
+        if cfg.data.validation_set and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
+            val = validate(model, cfg, build_dataloader(**loader_args, grad_accumulation=1,
+                                                        start_sample=0, split="valid"),
+                           device, autocast)
             metrics.log(state.step, {"loss": val, "perplexity": perplexity(val)}, kind="valid")
 
         stopping = stop.agreed()
@@ -208,9 +220,8 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
 
 
 @torch.no_grad()
-def validate(model, cfg: TrainerConfig, loader_args: dict, device, autocast) -> float:
+def validate(model, cfg: TrainerConfig, loader, device, autocast) -> float:
     model.eval()
-    loader = build_dataloader(**loader_args, grad_accumulation=1, start_sample=0, split="valid")
     total = torch.zeros((), device=device)
     n = 0
     for batch, _ in zip(loader, range(cfg.train.limit_val_batches)):
