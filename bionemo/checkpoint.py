@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import signal
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 from bionemo import rundir
 
 log = logging.getLogger(__name__)
+# A single process saves and loads without a process group on purpose; DCP warns about it each time.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 TRAINER_STATE = "trainer_state.json"
 # Tests set this to a step number: the process SIGKILLs itself after writing that step's data but

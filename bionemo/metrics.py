@@ -116,7 +116,7 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if v is not None)
-        self.console.print(f"[{kind}] step {step} {shown}")
+        self.console.print(f"[{kind}] step {step} {shown}", markup=False)
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if v is not None}, step=step)
 

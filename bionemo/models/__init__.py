@@ -13,4 +13,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from bionemo.models.esm2 import ESM2
 
         return ESM2(cfg)
+    if cfg.family == "geneformer":
+        from bionemo.models.geneformer import Geneformer
+
+        return Geneformer(cfg)
     raise ValueError(f"model.family {cfg.family!r} is unknown; known families: 'esm2'")

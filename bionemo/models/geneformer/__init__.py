@@ -1,0 +1,3 @@
+from bionemo.models.geneformer.model import Geneformer
+
+__all__ = ["Geneformer"]
