@@ -78,8 +78,10 @@ class DataConfig(Section):
     random_token_pool: Literal["all_tokens", "amino_acids_only"] = "all_tokens"
     num_workers: int = Field(0, ge=0)
     # "longest": pad each batch to its longest sequence (rounded up to 8); "max_length": always to
-    # model.seq_length (what throughput tables quote as padded tokens).
-    pad_to: Literal["longest", "max_length"] = "longest"
+    # model.seq_length (what throughput tables quote as padded tokens); "none": no padding, the
+    # micro batch's sequences are packed into one row and attend within their own sequence only
+    # (variable-length flash attention): all compute goes to real tokens.
+    pad_to: Literal["longest", "max_length", "none"] = "longest"
     seed: int = 42
 
     @model_validator(mode="after")
@@ -117,7 +119,7 @@ class CellDataConfig(Section):
     mask_token_prob: float = Field(0.8, ge=0, le=1)
     random_token_prob: float = Field(0.1, ge=0, le=1)
     num_workers: int = Field(0, ge=0)
-    pad_to: Literal["longest", "max_length"] = "longest"
+    pad_to: Literal["longest", "max_length", "none"] = "longest"  # as DataConfig.pad_to
     seed: int = 42
 
     @property

@@ -49,12 +49,18 @@ class Throughput:
         self.padded = self.useful = 0
         self.flops = 0.0
 
-    def add(self, attention_mask: torch.Tensor) -> None:
-        b, s = attention_mask.shape
+    def add(self, batch: dict) -> None:
+        mask = batch["attention_mask"]
+        b, s = mask.shape
         self.padded += b * s
-        self.useful += int(attention_mask.sum())
-        per_token = 6 * self.model.num_parameters + 12 * self.model.num_layers * self.model.hidden_size * s
-        self.flops += per_token * b * s
+        self.useful += int(mask.sum())
+        m = self.model
+        if "cu_seqlens" in batch:  # packed: a token attends over its own sequence only
+            lengths = batch["cu_seqlens"].diff().double()
+            attention = 12 * m.num_layers * m.hidden_size * float((lengths**2).sum())
+        else:
+            attention = 12 * m.num_layers * m.hidden_size * s * b * s
+        self.flops += 6 * m.num_parameters * b * s + attention
 
     def report(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)

@@ -37,8 +37,8 @@ class MaskedLMLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        return self.model.loss(input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask, labels, cu_seqlens=None, max_seqlen=None):
+        return self.model.loss(input_ids, attention_mask, labels, cu_seqlens, max_seqlen)
 
 
 def dataloader_builder(family: str):
@@ -48,6 +48,12 @@ def dataloader_builder(family: str):
     else:
         from bionemo.data.dataset import build_dataloader
     return build_dataloader
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to the device; host values (a packed batch's max_seqlen) stay where they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def pick_device(cfg: TrainerConfig, env: DistEnv) -> torch.device:
@@ -168,11 +174,11 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
             group["lr"] = lr
         for micro in range(accum):
             batch = next(batches)
-            meter.add(batch["attention_mask"])
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            meter.add(batch)
+            batch = to_device(batch, device)
             sync = micro == accum - 1 or dp == 1
             with (nullcontext() if sync else step_fn.no_sync()), autocast:
-                loss = step_fn(batch["input_ids"], batch["attention_mask"], batch["labels"]) / accum
+                loss = step_fn(**batch) / accum
             loss.backward()
             loss_sum += loss.detach()
         if cfg.optim.clip_grad:
@@ -225,9 +231,8 @@ def validate(model, cfg: TrainerConfig, loader, device, autocast) -> float:
     total = torch.zeros((), device=device)
     n = 0
     for batch, _ in zip(loader, range(cfg.train.limit_val_batches)):
-        batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            total += model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"]).float()
+            total += model.loss(**to_device(batch, device)).float()
         n += 1
     if dist.is_initialized():
         dist.all_reduce(total)

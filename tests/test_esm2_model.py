@@ -185,7 +185,7 @@ def test_parameter_count_matches_config_formula_and_hf():
 
 
 def test_build_model_rejects_unknown_family():
-    cfg = ModelConfig.model_construct(**(SMALL | {"family": "geneformer"}))
+    cfg = ModelConfig.model_construct(**(SMALL | {"family": "bert"}))
     with pytest.raises(ValueError, match="model.family"):
         build_model(cfg)
     assert isinstance(build_model(small_cfg()), ESM2)

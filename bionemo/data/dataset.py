@@ -271,23 +271,26 @@ class GlobalBatchSampler(Sampler):
 
 
 def collate(
-    batch: list[dict], pad_to: Literal["longest", "max_length"] = "longest", seq_length: int = 1024
+    batch: list[dict], pad_to: Literal["longest", "max_length", "none"] = "longest",
+    seq_length: int = 1024,
 ) -> dict[str, torch.Tensor]:
     """Pad a list of samples into input_ids / labels (int64) and attention_mask (bool, True = real).
 
     "longest" pads to the batch's longest sample rounded up to a multiple of 8 (tensor-core
     friendly shapes; never beyond seq_length); "max_length" always pads to seq_length (one shape
-    for the whole run, e.g. for torch.compile without dynamic shapes).
+    for the whole run, e.g. for torch.compile without dynamic shapes); "none" packs (see `pack`).
     """
     longest = max(len(s["input_ids"]) for s in batch)
     if longest > seq_length:
         raise ValueError(f"a sample has {longest} tokens, more than seq_length {seq_length}")
+    if pad_to == "none":
+        return pack(batch)
     if pad_to == "longest":
         length = min(-(-longest // 8) * 8, seq_length)
     elif pad_to == "max_length":
         length = seq_length
     else:
-        raise ValueError(f"pad_to must be 'longest' or 'max_length', got {pad_to!r}")
+        raise ValueError(f"pad_to must be 'longest', 'max_length' or 'none', got {pad_to!r}")
 
     input_ids = np.full((len(batch), length), PAD_ID, dtype=np.int64)
     labels = np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
@@ -304,6 +307,36 @@ def collate(
     }
 
 
+PACK_MULTIPLE = 128  # packed rows are padded to a multiple of this: few distinct shapes to compile
+
+
+def pack(batch: list[dict]) -> dict:
+    """Concatenate the samples into one row [1, T] with no padding between them.
+
+    `cu_seqlens` (int32, [N+2]) holds the sequence boundaries for variable-length attention; the
+    tail up to a multiple of PACK_MULTIPLE is one more "sequence" of <pad> (attending only to
+    itself, labels ignored), so every position belongs to a segment. `max_seqlen` is a Python int
+    (flash attention needs it on the host; computing it here avoids a device sync).
+    """
+    lengths = [len(s["input_ids"]) for s in batch]
+    real = sum(lengths)
+    total = -(-real // PACK_MULTIPLE) * PACK_MULTIPLE
+    input_ids = np.full((1, total), PAD_ID, dtype=np.int64)
+    labels = np.full((1, total), IGNORE_INDEX, dtype=np.int64)
+    input_ids[0, :real] = np.concatenate([s["input_ids"] for s in batch])
+    labels[0, :real] = np.concatenate([s["labels"] for s in batch])
+    attention_mask = np.zeros((1, total), dtype=bool)
+    attention_mask[0, :real] = True
+    bounds = np.concatenate([[0], np.cumsum(lengths), [total] if total > real else []])
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "cu_seqlens": torch.from_numpy(bounds.astype(np.int32)),
+        "max_seqlen": int(max(np.diff(bounds))),
+    }
+
+
 def build_dataloader(
     data_cfg: DataConfig,
     seq_length: int,
@@ -313,7 +346,7 @@ def build_dataloader(
     grad_accumulation: int,
     start_sample: int,
     split: Literal["train", "valid"] = "train",
-    pad_to: Literal["longest", "max_length"] = "longest",
+    pad_to: Literal["longest", "max_length", "none"] = "longest",
 ) -> DataLoader:
     """This rank's infinite loader of micro-batches, starting at global sample start_sample.
 

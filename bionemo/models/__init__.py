@@ -17,4 +17,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from bionemo.models.geneformer import Geneformer
 
         return Geneformer(cfg)
-    raise ValueError(f"model.family {cfg.family!r} is unknown; known families: 'esm2'")
+    raise ValueError(f"model.family {cfg.family!r} is unknown; known families: 'esm2', 'geneformer'")

@@ -68,26 +68,50 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(h, h)
         self.recompute_core = False  # set by ESM2 for activation_checkpointing="selective"
 
-    def forward(self, x, key_mask, cos, sin):
+    def forward(self, x, key_mask, cos, sin, packing=None):
         B, S, _ = x.shape
         shape = (B, S, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape).transpose(1, 2)  # [B, heads, S, head_dim]
-        k = self.k_proj(x).view(shape).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
+        # [B, S, heads, head_dim]; padded batches attend as [B, heads, S, head_dim], packed rows
+        # (B == 1) as [T, heads, head_dim] with the boundaries in `packing`.
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        if packing is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            q, k, v = q[0], k[0], v[0]
         # ESM scales the query before the rotation (not the scores after it); the two differ in
         # rounding only, but this is the order the checkpoints were trained with.
         q = q * self.head_dim**-0.5
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        core = _attention_core if packing is None else _packed_attention_core
+        mask_or_packing = key_mask if packing is None else packing
         if self.recompute_core and self.training and torch.is_grad_enabled():
-            out = checkpoint(_attention_core, q, k, v, key_mask, use_reentrant=False)
+            out = checkpoint(core, q, k, v, mask_or_packing, use_reentrant=False)
         else:
-            out = _attention_core(q, k, v, key_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(B, S, -1))
+            out = core(q, k, v, mask_or_packing)
+        out = out.transpose(1, 2) if packing is None else out.unsqueeze(0)
+        return self.out_proj(out.reshape(B, S, -1))
 
 
 def _attention_core(q, k, v, key_mask):
     # key_mask [B, 1, 1, S]: True where the key is a real token. scale=1: q is already scaled.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=1.0)
+
+
+def _packed_attention_core(q, k, v, packing):
+    """q, k, v [T, heads, head_dim]; each token attends only within its own sequence."""
+    cu_seqlens, max_seqlen = packing
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from torch.nn.attention.varlen import varlen_attn  # flash attention, torch >= 2.10
+
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=1.0)
+    # Reference path (CPU, fp32): one SDPA call per sequence. Same function, slower.
+    bounds = cu_seqlens.tolist()
+    return torch.cat([
+        F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=1.0
+        ).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ])
 
 
 class MLP(nn.Module):
@@ -108,8 +132,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, key_mask, cos, sin):
-        x = x + self.attn(self.attn_norm(x), key_mask, cos, sin)
+    def forward(self, x, key_mask, cos, sin, packing=None):
+        x = x + self.attn(self.attn_norm(x), key_mask, cos, sin, packing)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -159,7 +183,9 @@ class ESM2(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.lm_head.bias)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids, attention_mask, segments=None) -> torch.Tensor:
+        """Token embeddings with token dropout. `segments` (packed rows): each token's sequence
+        index [T] and the sequence lengths [N]; otherwise each row is one sequence."""
         x = self.embed_tokens(input_ids)
         if self.cfg.token_dropout:
             # ESM's "token dropout": a <mask> contributes nothing, and the rest is rescaled as a
@@ -167,29 +193,50 @@ class ESM2(nn.Module):
             # Applied in eval too (it is part of the function the checkpoints were trained as).
             is_mask = input_ids == MASK_ID
             x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
-            observed = is_mask.sum(-1).float() / attention_mask.sum(-1)  # over non-padding tokens
-            x = (x * (1 - MASK_RATIO_TRAIN) / (1 - observed)[:, None, None]).to(x.dtype)
+            if segments is None:
+                observed = is_mask.sum(-1).float() / attention_mask.sum(-1)  # over real tokens
+                scale = ((1 - MASK_RATIO_TRAIN) / (1 - observed))[:, None, None]
+            else:
+                seg, lengths = segments
+                masks = torch.zeros(len(lengths), device=x.device).index_add_(0, seg, is_mask[0].float())
+                scale = ((1 - MASK_RATIO_TRAIN) / (1 - masks / lengths))[seg][None, :, None]
+            x = (x * scale).to(x.dtype)
         return x.masked_fill(~attention_mask.unsqueeze(-1), 0.0)  # padding embeddings are zero
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, S, H] after the final LayerNorm. attention_mask: True = real token.
 
         Every sequence needs at least one real token (a row of all padding has no key to attend to).
+        Packed rows (bionemo.data.dataset.pack): input_ids [1, T] holding several sequences whose
+        boundaries are `cu_seqlens` [N+1]; positions restart at each sequence.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        x = self.embed(input_ids, attention_mask)
+        packing = segments = None
+        if cu_seqlens is None:
+            cos, sin = rotary_cos_sin(input_ids.shape[1], self.head_dim, input_ids.device)
+        else:
+            if input_ids.shape[0] != 1:
+                raise ValueError("packed input must be one row [1, T]")
+            cu_seqlens = cu_seqlens.to(torch.int32)
+            tokens = torch.arange(input_ids.shape[1], device=input_ids.device)
+            seg = torch.searchsorted(cu_seqlens[1:], tokens.to(torch.int32), right=True)
+            positions = tokens - cu_seqlens[seg]
+            cos, sin = rotary_cos_sin(max_seqlen, self.head_dim, input_ids.device)
+            cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]  # [T, 1, head_dim]
+            packing, segments = (cu_seqlens, max_seqlen), (seg, cu_seqlens.diff().float())
+        x = self.embed(input_ids, attention_mask, segments)
         key_mask = attention_mask[:, None, None, :]  # broadcast over heads and queries
-        cos, sin = rotary_cos_sin(input_ids.shape[1], self.head_dim, input_ids.device)
         recompute = self.recompute_blocks and self.training and torch.is_grad_enabled()
         for block in self.layers:
             if recompute:
-                x = checkpoint(block, x, key_mask, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, key_mask, cos, sin, packing, use_reentrant=False)
             else:
-                x = block(x, key_mask, cos, sin)
+                x = block(x, key_mask, cos, sin, packing)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -197,14 +244,15 @@ class ESM2(nn.Module):
         return self.lm_head(hidden, self.embed_tokens.weight)
 
     def loss(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Mean cross-entropy over positions whose label is not IGNORE_INDEX.
 
         The head runs only on those positions (~15% of tokens), and the softmax in fp32. With no
         labeled position at all the loss is 0 (not NaN), still connected to the graph.
         """
-        hidden = self.forward(input_ids, attention_mask)
+        hidden = self.forward(input_ids, attention_mask, cu_seqlens, max_seqlen)
         scored = labels != IGNORE_INDEX
         logits = self.logits(hidden[scored]).float()
         total = F.cross_entropy(logits, labels[scored], reduction="sum")
