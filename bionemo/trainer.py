@@ -125,7 +125,7 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
     dp = cfg.check_parallel(env.world_size)
     accum = cfg.train.grad_accumulation(dp)
     samples_per_step = cfg.train.micro_batch_size * dp * accum
-    stop = StopFlag(cfg.train.stop_signal, device)
+    stop = StopFlag(cfg.train.stop_signal)
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank
     model = build_model(cfg.model).to(device)
