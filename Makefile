@@ -33,15 +33,23 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test,plots]'
 	touch $@
 
+# Sample data of the model's family: proteins (ESM-2) or single cells (Geneformer).
+ifneq (,$(findstring geneformer,$(MODEL)))
+data: data/geneformer_sample/.built
+else
 data: data/sample/.built
+endif
 data/sample/.built: | install
 	$(VPY) -m bionemo.data.sample --out data/sample
 	touch $@
+data/geneformer_sample/.built: | install
+	$(VPY) -m bionemo.data.cells_sample --out data/geneformer_sample
+	touch $@
 
-test: install data
+test: install data/sample/.built data/geneformer_sample/.built
 	$(VPY) -m pytest -q tests
 
-test-unit: install data
+test-unit: install data/sample/.built data/geneformer_sample/.built
 	$(VPY) -m pytest -q tests -m "not cluster"
 
 debug: install data

@@ -151,6 +151,8 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path)
         micro_batch_size=cfg.train.micro_batch_size, dp_rank=env.rank, dp_size=dp,
         pad_to=cfg.data.pad_to,
     )
+    if cfg.model.family == "geneformer":  # the gene vocabulary file must match the embedding
+        loader_args["vocab_size"] = cfg.model.vocab_size
     batches = iter(build_dataloader(**loader_args, grad_accumulation=accum,
                                     start_sample=state.consumed_samples, split="train"))
     metrics = MetricsLogger(run_dir, cfg.logging, env.is_main, state.wandb_id, cfg.model_dump(mode="json"))

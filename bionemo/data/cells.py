@@ -75,8 +75,7 @@ class ScdlCells:
         self._ds, self._pid = None, None
         self._lookups: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._len = self.store().number_of_rows()
-        token, _ = self._lookup(0) if self._len else (np.zeros(0), None)
-        if self._len and not (token >= 0).any():
+        if self._len and not (self._lookup(0)[0] >= 0).any():
             raise ValueError(
                 f"{key}: none of the genes of {self.path} are in {vocab.key}; the store's var "
                 f"feature ids must be the vocabulary's Ensembl ids"
@@ -127,13 +126,14 @@ class ParquetCells:
         if not self.path.is_file():
             raise FileNotFoundError(f"{key}: {self.path} does not exist; {_MAKE_DATA}")
         try:
-            meta = pq.ParquetFile(self.path).metadata
+            file = pq.ParquetFile(self.path)
         except (pa.ArrowException, OSError) as e:
             raise ValueError(f"{key}: {self.path} is not a readable parquet file ({e})") from e
-        if PARQUET_COLUMN not in meta.schema.names:
+        meta, names = file.metadata, file.schema_arrow.names
+        if PARQUET_COLUMN not in names:
             raise ValueError(
-                f"{key}: {self.path} has no column {PARQUET_COLUMN!r} (columns: "
-                f"{meta.schema.names}); the recipe's format is one list of token ids per cell"
+                f"{key}: {self.path} has no column {PARQUET_COLUMN!r} (columns: {names}); the "
+                f"recipe's format is one list of token ids per cell"
             )
         sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
@@ -222,7 +222,7 @@ class CellMLMDataset(Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
 
-def collate_cells(batch: list[dict], pad_id: int, pad_to: Literal["longest", "max_length"],
+def collate_cells(batch: list[dict], pad_id: int, pad_to: Literal["longest", "max_length", "none"],
                   seq_length: int) -> dict[str, torch.Tensor]:
     """ESM-2's collate (lengths -> attention_mask, padding rule), with Geneformer's <pad> id."""
     out = collate(batch, pad_to=pad_to, seq_length=seq_length)
@@ -255,7 +255,7 @@ def build_dataloader(
     grad_accumulation: int,
     start_sample: int,
     split: Literal["train", "valid"] = "train",
-    pad_to: Literal["longest", "max_length"] = "longest",
+    pad_to: Literal["longest", "max_length", "none"] = "longest",
     *,
     vocab_size: int | None = None,
 ) -> DataLoader:
@@ -280,4 +280,9 @@ def build_dataloader(
         num_workers=data_cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=data_cfg.num_workers > 0,
+        # Each iter() draws a base seed for its workers from this generator; without one it
+        # would come from torch's global RNG, which dropout uses: an iterator created at resume
+        # (or for validation) would then shift every later dropout mask. Items draw their
+        # randomness from numpy rngs seeded per item, so the value of this seed is unused.
+        generator=torch.Generator().manual_seed(data_cfg.seed),
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 # `feature_id`, then common alternatives, then SCDL's name for a bare var index.
 FEATURE_ID_COLUMNS = ("feature_id", "ensembl_id", "gene_ids", "var_feature_id")
 
-_INSTALL = "pip install bionemo-scdl (then anndata, scipy, pandas as it requires; see docs/geneformer.md)"
+_INSTALL = "pip install bionemo-scdl (it brings anndata, scipy, pandas; see docs/geneformer.md)"
 
 
 def scdl():

@@ -379,4 +379,7 @@ def build_dataloader(
         num_workers=data_cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=data_cfg.num_workers > 0,
+        # Its own generator: iter(DataLoader) otherwise draws a base seed from torch's global RNG,
+        # which would shift every later dropout mask and break bit-exact resume.
+        generator=torch.Generator(),
     )

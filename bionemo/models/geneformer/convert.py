@@ -26,7 +26,7 @@ _TOP = {  # HF key -> ours, outside the blocks
     "cls.predictions.transform.LayerNorm.bias": "lm_head.norm.bias",
     "cls.predictions.bias": "lm_head.bias",
 }
-# Inside block i: HF "bert.encoder.layer.{i}.<module>.<param>" -> ours "layers.{i}.<module>.<param>".
+# Inside block i: HF "bert.encoder.layer.{i}.<module>.<param>" -> "layers.{i}.<module>.<param>".
 _BLOCK = {
     "attention.self.query": "attn.q_proj",
     "attention.self.key": "attn.k_proj",
