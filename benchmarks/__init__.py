@@ -1,0 +1,1 @@
+"""Benchmarks: the micro-batch sweep (`python -m benchmarks.sweep`, see docs/sweep.md)."""
