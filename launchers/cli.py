@@ -1,0 +1,444 @@
+"""`python -m launchers COMMAND ...`: the front door (the Makefile's targets call it).
+
+    submit  resolve + validate the config, write the run directory, submit it
+    render  dry run: print the batch script and the resolved config; write and submit nothing
+    debug   run the trainer here, in the foreground: one process, sample data, ~50 steps
+    status  backend, job ids, scheduler state, latest checkpoint, last requeue decision
+    logs    print (or follow, -f) the run's newest logs
+    cancel  cancel the run's jobs
+    resume  submit an existing run directory again; it continues from its checkpoints
+    cluster up|down|status: the bundled local SLURM cluster
+
+Configuration errors exit 2 with one line per problem (`<file>: <key>: <problem>; <fix>`) and no
+traceback; scheduler errors exit 1. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from launchers import record
+from launchers.config import CONFIGS, REPO_ROOT, ConfigError
+
+_T0 = [time.perf_counter()]  # main() moves it to the start of `python -m launchers`
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    for line in str(text).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _resolve(args, extra_layers=(), extra_overrides=()):
+    from launchers import config
+
+    return config.resolve(
+        model=args.model, cluster=args.cluster, nodes=args.nodes,
+        backend=getattr(args, "backend", None), config_files=args.config or [],
+        overrides=list(extra_overrides) + list(args.overrides), extra_layers=extra_layers,
+    )
+
+
+def _write_run_dir(spec, files: dict[str, str]) -> None:
+    """Create the run directory (never over an existing one) and write what the run needs."""
+    from bionemo import rundir
+
+    run_dir = spec.run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        raise ConfigError("command line", "job.run", f"{run_dir} exists already",
+                          f"continue it with `python -m launchers resume {run_dir}`") from None
+    (run_dir / rundir.LOGS).mkdir()
+    _write_files(spec, files)
+
+
+def _write_files(spec, files: dict[str, str]) -> None:
+    from bionemo import rundir
+
+    (spec.run_dir / rundir.CONFIG).write_text(spec.config_text())
+    for name, text in files.items():
+        (spec.run_dir / name).write_text(text)
+        if text.startswith("#!"):
+            (spec.run_dir / name).chmod(0o755)
+
+
+def _policy(cfg) -> dict:
+    from bionemo.config import OOM_EXIT_CODE, REQUEUE_EXIT_CODE
+
+    return dict(max_restarts=cfg.job.max_restarts, time_limit_s=cfg.time_limit_s,
+                signal_lead_s=cfg.cluster.signal_lead_s, requeue_exit_code=REQUEUE_EXIT_CODE,
+                oom_exit_code=OOM_EXIT_CODE)
+
+
+def _run_local_attempt(run_dir: Path, submission, command: str) -> int:
+    """Record a local run's outcome (nothing is requeued locally)."""
+    from bionemo import rundir
+    from bionemo.config import REQUEUE_EXIT_CODE
+
+    rc = submission.exit_code
+    finished = rundir.is_finished(run_dir)
+    latest = rundir.latest_complete_step(run_dir)
+    if finished:
+        reason = "finished"
+    elif rc == REQUEUE_EXIT_CODE:
+        reason = f"stopped and saved at step {latest}; `resume {run_dir}` continues it"
+    else:
+        reason = f"exited {rc} at step {latest} (local backend: nothing is requeued)"
+    record.add_attempt(run_dir, dict(job_id=None, restart=0, exit_code=rc, latest_step=latest,
+                                     outcome="finished" if finished else "local",
+                                     decision="none", reason=reason, command=command))
+    _out(f"[launcher] {reason}")
+    return rc
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_render(args) -> int:
+    from launchers import backends
+    from launchers import spec as specs
+
+    resolved = _resolve(args)
+    spec = specs.build(resolved, strict=False)
+    backend = backends.get(spec.job.backend)
+    text = backend.describe(spec)
+    for w in spec.warnings:
+        _warn(w)
+    what = "train.sbatch" if spec.job.backend == "sbatch" else "command"
+    _out(f"# ==== {what} (dry run: nothing written, nothing submitted) ====")
+    _out(text.rstrip("\n"))
+    _out(f"# ==== config.yaml -> {spec.run_dir}/config.yaml ====")
+    _out(spec.config_text().rstrip("\n"))
+    return 0
+
+
+def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> int:
+    from launchers import backends
+    from launchers import spec as specs
+
+    resolved = _resolve(args, extra_layers, extra_overrides)
+    spec = specs.build(resolved, strict=True)
+    backend = backends.get(spec.job.backend)
+    files = backend.files(spec)  # render before anything is written
+    for w in spec.warnings:
+        _warn(w)
+    _write_run_dir(spec, files)
+    record.create(spec.run_dir, backend=backend.name, cluster=spec.cluster.name,
+                  policy=_policy(spec.config))
+    t_ready = time.perf_counter()
+    try:
+        sub = backend.submit(spec)
+    except backends.BackendError as e:
+        record.add_event(spec.run_dir, "submit-failed", detail=str(e))
+        _err(f"{e}\nthe run directory {spec.run_dir} is written; fix the problem, then "
+             f"`python -m launchers resume {spec.run_dir}`")
+        return 1
+    if sub.job_id is None:  # local backend: it ran in the foreground
+        record.add_job(spec.run_dir, None, command)
+        return _run_local_attempt(spec.run_dir, sub, command)
+    total = time.perf_counter() - _T0[0]
+    # seconds since `python -m launchers` started (imports included, interpreter start-up not)
+    record.add_job(spec.run_dir, sub.job_id, command, timings=dict(
+        launcher_s=round(total - sub.scheduler_s, 4), scheduler_s=round(sub.scheduler_s, 4),
+        before_submit_s=round(t_ready - _T0[0], 4)))
+    _out(f"submitted job {sub.job_id}: {spec.run_dir}")
+    _out(f"  status: make status RUN={spec.run_dir}   logs: make logs RUN={spec.run_dir}")
+    return 0
+
+
+def cmd_debug(args) -> int:
+    args.backend = None
+    extra = [f"cluster.tasks_per_node={args.nproc}"] if args.nproc else []
+    return cmd_submit(args, extra_layers=[CONFIGS / "debug.yaml"], extra_overrides=extra,
+                      command="debug")
+
+
+def _find_run(run: str | None) -> Path:
+    from bionemo import rundir
+
+    if run:
+        for candidate in (Path(run), REPO_ROOT / "runs" / run):
+            if (candidate / rundir.CONFIG).is_file():
+                return candidate.resolve()
+        raise ConfigError("command line", "RUN", f"{run} is not a run directory (no config.yaml)",
+                          "pass the directory `submit` printed, e.g. runs/esm2/<run>")
+    runs = sorted((REPO_ROOT / "runs").glob(f"*/*/{rundir.CONFIG}"),
+                  key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ConfigError("command line", "RUN", "no runs under runs/",
+                          "pass RUN=<run directory>")
+    return runs[-1].parent
+
+
+def _saved(run_dir: Path) -> dict:
+    from bionemo import rundir
+    from launchers.config import load_resolved
+
+    return load_resolved(run_dir / rundir.CONFIG)
+
+
+def cmd_status(args) -> int:
+    from bionemo import rundir
+    from launchers import backends
+
+    run_dir = _find_run(args.run)
+    saved = _saved(run_dir)
+    data = record.load(run_dir)
+    name = data.get("backend") or saved.get("job", {}).get("backend", "?")
+    ids = record.job_ids(data)
+    _out(f"run       {run_dir}")
+    _out(f"backend   {name} (cluster {saved.get('cluster', {}).get('name', '?')})")
+    jobs = [f"{j['job_id']} ({j['command']})" for j in data.get("jobs", []) if j.get("job_id")]
+    _out(f"jobs      {', '.join(jobs) or '-'}")
+    if ids and name == "sbatch":
+        for job_id, state in backends.get(name).states(run_dir, saved, ids[-1:]).items():
+            _out(f"state     job {job_id}: {state}")
+    latest = rundir.latest_complete_step(run_dir)
+    max_steps = saved.get("trainer", {}).get("train", {}).get("max_steps", "?")
+    logged = _last_logged_step(run_dir)
+    _out(f"progress  latest complete checkpoint: {'none' if latest is None else f'step {latest}'}"
+         f"; last logged step: {'-' if logged is None else logged} of {max_steps}")
+    _out(f"finished  {'yes' if rundir.is_finished(run_dir) else 'no'}")
+    attempts = data.get("attempts", [])
+    if attempts:
+        a = attempts[-1]
+        _out(f"last      {a.get('time')} job {a.get('job_id')} restart {a.get('restart')}: "
+             f"exit {a.get('exit_code')}, {a.get('outcome')} -> {a.get('decision')}")
+        _out(f"reason    {a.get('reason')}")
+        _out(f"attempts  {len(attempts)} ({sum(a.get('decision') == 'requeue' for a in attempts)}"
+             " requeued by the launcher)")
+    for e in data.get("events", [])[-3:]:
+        _out(f"event     {e.get('time')} {e.get('event')} {e.get('detail', '')}".rstrip())
+    return 0
+
+
+def _last_logged_step(run_dir: Path):
+    import json
+
+    from bionemo import rundir
+
+    path = run_dir / rundir.METRICS
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line).get("step")
+        except ValueError:
+            continue
+    return None
+
+
+def cmd_logs(args) -> int:
+    from bionemo import rundir
+
+    run_dir = _find_run(args.run)
+    logs = sorted((run_dir / rundir.LOGS).glob("*"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        _out(f"no logs yet in {run_dir / rundir.LOGS}")
+        return 0
+    newest = [p for p in (_newest(logs, "slurm-"), _newest(logs, "train-")) if p]
+    if args.follow:
+        os.execvp("tail", ["tail", "-n", str(args.lines), "-F", *map(str, newest)])
+    _out("logs: " + ", ".join(p.name for p in logs))
+    for p in newest:
+        _out(f"==> {p} <==")
+        lines = p.read_text(errors="replace").splitlines()
+        _out("\n".join(lines[-args.lines:]))
+    return 0
+
+
+def _newest(paths: list[Path], prefix: str) -> Path | None:
+    found = [p for p in paths if p.name.startswith(prefix)]
+    return found[-1] if found else None
+
+
+def cmd_cancel(args) -> int:
+    from launchers import backends
+
+    run_dir = _find_run(args.run)
+    saved = _saved(run_dir)
+    data = record.load(run_dir)
+    name = data.get("backend") or saved.get("job", {}).get("backend")
+    ids = record.job_ids(data)
+    if name != "sbatch" or not ids:
+        _out(f"nothing to cancel: {run_dir} has no scheduler jobs")
+        return 0
+    cancelled = backends.get(name).cancel(run_dir, saved, ids)
+    record.add_event(run_dir, "cancel", detail="jobs " + ", ".join(cancelled))
+    _out(f"cancelled job(s) {', '.join(cancelled)} of {run_dir}")
+    return 0
+
+
+_LIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+         "COMPLETING", "SUSPENDED", "RESIZING", "STOPPED", "SIGNALING", "STAGE_OUT")
+
+
+def cmd_resume(args) -> int:
+    from launchers import backends, config
+    from launchers import spec as specs
+
+    run_dir = _find_run(args.run)
+    saved = _saved(run_dir)
+    resolved = config.resolve(base=saved, overrides=args.overrides)
+    for key in ("experiment", "run"):
+        if getattr(resolved.config.job, key) != saved.get("job", {}).get(key):
+            raise ConfigError("command line", f"job.{key}", "cannot change on resume",
+                              "submit a new run instead")
+    spec = specs.build(resolved, strict=True, existing=True)
+    if spec.run_dir.resolve() != run_dir.resolve():
+        raise ConfigError("command line", "cluster.runs_root", "cannot change on resume",
+                          f"the run lives in {run_dir}")
+    backend = backends.get(spec.job.backend)
+    data = record.load(run_dir)
+    ids = record.job_ids(data)
+    if backend.name == "sbatch" and ids:
+        state = backend.states(run_dir, saved, ids[-1:]).get(ids[-1], "")
+        if state.split(" ")[0].split(",")[0] in _LIVE:
+            raise ConfigError("command line", "RUN", f"job {ids[-1]} of this run is {state}",
+                              f"wait for it or `python -m launchers cancel {run_dir}` first")
+    files = backend.files(spec)
+    for w in spec.warnings:
+        _warn(w)
+    _write_files(spec, files)
+    if not data.get("policy"):
+        record.create(run_dir, backend=backend.name, cluster=spec.cluster.name,
+                      policy=_policy(spec.config))
+    else:
+        record.update(run_dir, lambda d: d.update(policy=_policy(spec.config),
+                                                  backend=backend.name))
+    if args.overrides:
+        record.add_event(run_dir, "resume-overrides", detail=" ".join(args.overrides))
+    try:
+        sub = backend.resubmit(run_dir, spec.config.model_dump(mode="json"))
+    except backends.BackendError as e:
+        record.add_event(run_dir, "resume-failed", detail=str(e))
+        _err(str(e))
+        return 1
+    record.add_job(run_dir, sub.job_id, "resume")
+    if sub.job_id is None:
+        return _run_local_attempt(run_dir, sub, "resume")
+    _out(f"resubmitted {run_dir} as job {sub.job_id}; it continues from its latest checkpoint")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from launchers import cluster
+
+    return cluster.main([args.action])
+
+
+# ------------------------------------------------------------------------------------ parser
+
+
+def _job_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    p.add_argument("--model", help="model preset: configs/models/<MODEL>.yaml (or a path)")
+    p.add_argument("--cluster", help="cluster profile: configs/clusters/<CLUSTER>.yaml (or a path)"
+                   "; default local")
+    p.add_argument("--nodes", type=int, help="number of nodes (job.nodes)")
+    if backend:
+        p.add_argument("--backend", help="sbatch (default) or local (job.backend)")
+    p.add_argument("--config", action="append", metavar="FILE",
+                   help="a config file with job/cluster/trainer sections (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. trainer.train.max_steps=100 "
+                        "job.time_limit=01:00:00")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launchers",
+        description="Render, submit and manage training runs (docs/launcher.md).",
+        epilog="Resolution order: model preset < benchmark table (cluster GPU type) < cluster "
+               "profile < --config files < command line.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("submit", help="validate, write the run directory and submit")
+    _job_options(s)
+    s.set_defaults(func=cmd_submit)
+    s = sub.add_parser("render", help="dry run: print the script and the resolved config")
+    _job_options(s)
+    s.set_defaults(func=cmd_render)
+    s = sub.add_parser("debug", help="run ~50 steps here, in the foreground (local backend)")
+    _job_options(s, backend=False)
+    s.add_argument("--nproc", type=int, help="processes (torchrun when > 1); default 1")
+    s.set_defaults(func=cmd_debug, model=None)
+    for name, func, text in (("status", cmd_status, "what the run is doing, and why it stopped"),
+                             ("logs", cmd_logs, "the run's newest logs"),
+                             ("cancel", cmd_cancel, "cancel the run's jobs"),
+                             ("resume", cmd_resume, "submit an existing run again")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("run", nargs="?", metavar="RUN",
+                       help="run directory (default: the newest under runs/)")
+        if name == "logs":
+            s.add_argument("-n", "--lines", type=int, default=40)
+            s.add_argument("-f", "--follow", action="store_true")
+        if name == "resume":
+            s.add_argument("overrides", nargs="*", metavar="key=value",
+                           help="changes to the saved config (e.g. trainer.train.max_steps=2000)")
+        s.set_defaults(func=func)
+    s = sub.add_parser("cluster", help="the bundled local SLURM cluster")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.set_defaults(func=cmd_cluster)
+    return p
+
+
+_VALUE_OPTIONS = {"--model", "--cluster", "--nodes", "--backend", "--config", "--nproc", "-n",
+                  "--lines"}
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """key=value words may come anywhere (argparse alone would refuse them after an option)."""
+    rest, overrides = [], []
+    for i, word in enumerate(argv):
+        previous = argv[i - 1] if i else ""
+        if "=" in word and not word.startswith("-") and previous not in _VALUE_OPTIONS:
+            overrides.append(word)
+        else:
+            rest.append(word)
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None, t0: float | None = None) -> int:
+    if t0 is not None:
+        _T0[0] = t0
+    rest, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser().parse_args(rest)
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + overrides
+    elif overrides:
+        parser().error(f"{args.command} takes no key=value overrides: {' '.join(overrides)}")
+    if args.command == "debug" and not args.model:
+        args.model = "esm2_8m"
+    from launchers.backends.base import BackendError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        _err(str(e))
+        return 2
+    except BackendError as e:
+        _err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,123 @@
+"""JobSpec: a resolved configuration plus everything decided from it, ready for a backend.
+
+`config.resolve()` checks the schema and the arithmetic; `build()` adds the checks that look at
+the submitting host's filesystem (run directory free, data present, interpreter present). Submit
+makes them errors; render, which touches nothing, reports them as warnings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bionemo import rundir
+from launchers.config import (
+    ConfigError,
+    LaunchConfig,
+    Resolved,
+    _src,
+    dump,
+    format_time_limit,
+)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    config: LaunchConfig
+    run_dir: Path
+    layers: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    @property
+    def job(self):
+        return self.config.job
+
+    @property
+    def cluster(self):
+        return self.config.cluster
+
+    @property
+    def trainer(self):
+        return self.config.trainer
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.config.tasks_per_node
+
+    @property
+    def time_limit(self) -> str:
+        return format_time_limit(self.config.time_limit_s)
+
+    def config_text(self) -> str:
+        return dump(self.config, list(self.layers))
+
+    def trainer_command(self, python: str | None = None) -> list[str]:
+        return [python or self.cluster.python, "-m", "bionemo.train", str(self.run_dir)]
+
+
+def run_dir_of(cfg: LaunchConfig) -> Path:
+    return Path(cfg.cluster.runs_root) / cfg.job.experiment / cfg.job.run
+
+
+def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) -> JobSpec:
+    """Check the host side and return the spec. strict: problems are errors (submit), else
+    warnings (render). existing: the run directory is expected to exist (resume)."""
+    cfg, origins = resolved.config, resolved.origins
+    warnings = list(resolved.warnings)
+    problems: list[ConfigError] = []
+    run_dir = run_dir_of(cfg)
+
+    def problem(key: str, text: str, fix: str):
+        problems.append(ConfigError(_src(origins, tuple(key.split("."))), key, text, fix))
+
+    if not existing and run_dir.exists():
+        problem("job.run", f"the run directory {run_dir} exists already",
+                f"continue it with `python -m launchers resume {run_dir}` (make resume "
+                f"RUN={run_dir}), or pick another job.run")
+    if existing and rundir.is_finished(run_dir):
+        problem("job.run", f"{run_dir} is finished (it has the `finished` marker)",
+                "a finished run is never restarted; submit a new run instead")
+
+    workdir = Path(cfg.cluster.workdir)
+    if not workdir.is_dir():
+        problem("cluster.workdir", f"{workdir} is not a directory on this host",
+                "point cluster.workdir at the repository checkout the nodes use")
+    elif not cfg.cluster.container_image:
+        py = cfg.cluster.python
+        if "/" in py and not Path(py).exists():
+            problem("cluster.python", f"{py} does not exist",
+                    "run `make install` to create the virtual environment, or point "
+                    "cluster.python at an interpreter")
+
+    if cfg.job.check_data and workdir.is_dir():
+        for key, path in _input_paths(cfg):
+            full = path if path.is_absolute() else workdir / path
+            if not full.exists():
+                where = "" if path.is_absolute() else f" (relative to {workdir})"
+                problem(key, f"{path} does not exist{where}",
+                        f"run `make data` for the sample set, point {key} at your data, or set "
+                        "job.check_data=false when only the nodes can see it")
+
+    if problems and strict:
+        raise ConfigError.many(problems)
+    warnings += [str(p) for p in problems]
+    return JobSpec(cfg, run_dir, tuple(resolved.layers), tuple(warnings))
+
+
+def _input_paths(cfg: LaunchConfig) -> list[tuple[str, Path]]:
+    """Every file the trainer reads: the path-valued keys of trainer.data, and the weights of
+    trainer.checkpoint.init_from. Generic over the data schema, so any model family works."""
+    out = []
+    data = cfg.trainer.data
+    for name in type(data).model_fields:
+        value = getattr(data, name)
+        if isinstance(value, Path):
+            out.append((f"trainer.data.{name}", value))
+    if cfg.trainer.checkpoint.init_from is not None:
+        out.append(("trainer.checkpoint.init_from", Path(cfg.trainer.checkpoint.init_from)))
+    return out
+
