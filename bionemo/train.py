@@ -20,9 +20,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir}/config.yaml does not exist; create the run with "
               f"`python -m launchers render|submit|debug`", file=sys.stderr)
         return 2
-    from bionemo.trainer import train  # torch is imported only once the arguments are sane
+    from bionemo.config import load_trainer_config
+    from bionemo.stop import StopFlag
 
-    return train(run_dir)
+    # Handlers first (before torch's multi-second import): a warning signal during start-up is
+    # then a request to stop, not the default action of SIGUSR2 (terminate).
+    stop = StopFlag(load_trainer_config(run_dir / "config.yaml").train.stop_signal)
+    from bionemo.trainer import train
+
+    return train(run_dir, stop)
 
 
 if __name__ == "__main__":

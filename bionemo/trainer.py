@@ -79,10 +79,11 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device):
     )
 
 
-def train(run_dir: Path) -> int:
+def train(run_dir: Path, stop: StopFlag | None = None) -> int:
     """Train the run in `run_dir`; returns 0 when finished, REQUEUE_EXIT_CODE when stopped."""
     run_dir = Path(run_dir)
     cfg = load_trainer_config(run_dir / rundir.CONFIG)
+    stop = stop or StopFlag(cfg.train.stop_signal)
     env = DistEnv.from_environ(cfg.train.stop_signal)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(message)s"
@@ -107,7 +108,8 @@ def train(run_dir: Path) -> int:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.memory_cap_gib * 2**30 / total), device)
     try:
-        return _loop(cfg, env, device, run_dir)
+        stop.join_process_group()
+        return _loop(cfg, env, device, run_dir, stop)
     except (torch.OutOfMemoryError, MemoryError) as e:
         log.error("out of memory: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return OOM_EXIT_CODE
@@ -121,11 +123,11 @@ def train(run_dir: Path) -> int:
             dist.destroy_process_group()
 
 
-def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path) -> int:
+def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
+          stop: StopFlag) -> int:
     dp = cfg.check_parallel(env.world_size)
     accum = cfg.train.grad_accumulation(dp)
     samples_per_step = cfg.train.micro_batch_size * dp * accum
-    stop = StopFlag(cfg.train.stop_signal)
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank
     model = build_model(cfg.model).to(device)

@@ -151,3 +151,12 @@ def test_finished_run_does_not_train_again(tmp_path, data_dir):
     (run / rundir.FINISHED).write_text("3\n")
     assert wait_all(launch(run, world=1)) == [0]
     assert not (run / rundir.METRICS).exists()
+
+
+def test_warning_signal_during_startup_is_a_stop_request(tmp_path, data_dir):
+    run = make_run(tmp_path / "early", data_dir)
+    (proc,) = launch(run, world=1)
+    time.sleep(1.5)  # handlers are installed before torch's import, which takes longer than this
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE
+    assert rundir.latest_complete_step(run) == 1  # stopped after the first step, and saved

@@ -1,6 +1,8 @@
 """Weights between our ESM2 and Hugging Face's `EsmForMaskedLM` (the facebook/esm2_* checkpoints).
 
-The two networks are the same function, so conversion is a key rename plus three special cases:
+The two networks are the same function, so conversion is a key rename plus four special cases:
+- HF's separate query/key/value projections are one `attn.qkv_proj` here (rows q | k | v):
+  joined on the way in, split on the way out;
 - the decoder weight is tied to the word embedding: HF may list it as `lm_head.decoder.weight`, we
   keep only `embed_tokens.weight`;
 - rotary `inv_freq` buffers: we recompute them on every forward, so they are dropped (and HF
@@ -33,14 +35,14 @@ _HEAD = {  # the LM head's keys carry no "esm." prefix in HF
 # Inside block i: HF "esm.encoder.layer.{i}.<module>.<param>" -> ours "layers.{i}.<module>.<param>".
 _BLOCK = {
     "attention.LayerNorm": "attn_norm",
-    "attention.self.query": "attn.q_proj",
-    "attention.self.key": "attn.k_proj",
-    "attention.self.value": "attn.v_proj",
     "attention.output.dense": "attn.out_proj",
     "LayerNorm": "mlp_norm",
     "intermediate.dense": "mlp.fc1",
     "output.dense": "mlp.fc2",
 }
+# HF's q, k, v projections, in the order their rows are stacked in our fused projection.
+_QKV_HF = ("attention.self.query", "attention.self.key", "attention.self.value")
+_QKV = "attn.qkv_proj"
 _TIED = "lm_head.decoder.weight"
 
 
@@ -54,8 +56,10 @@ def _ignored(key: str) -> bool:
 
 
 def hf_to_ours(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an `EsmForMaskedLM` (or `EsmModel`) state dict to ours; tensors are not copied."""
+    """Rename an `EsmForMaskedLM` (or `EsmModel`) state dict to ours; tensors are not copied,
+    except q/k/v, which are concatenated into the fused projection."""
     out, unknown = {}, []
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer, param) -> HF module -> tensor
     for key, value in hf_state_dict.items():
         if key == _TIED:
             continue  # checked against the embedding below
@@ -70,12 +74,19 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         elif k.startswith("encoder.layer."):
             i, rest = k.removeprefix("encoder.layer.").split(".", 1)
             module, param = rest.rsplit(".", 1)
-            if module not in _BLOCK:
+            if module in _QKV_HF:
+                qkv.setdefault((i, param), {})[module] = value
+            elif module in _BLOCK:
+                out[f"layers.{i}.{_BLOCK[module]}.{param}"] = value
+            else:
                 unknown.append(key)
-                continue
-            out[f"layers.{i}.{_BLOCK[module]}.{param}"] = value
         else:
             unknown.append(key)
+    for (i, param), parts in qkv.items():
+        missing = [m for m in _QKV_HF if m not in parts]
+        if missing:
+            raise ValueError(f"layer {i} {param}: HF keys {missing} missing (need query, key, value)")
+        out[f"layers.{i}.{_QKV}.{param}"] = torch.cat([parts[m] for m in _QKV_HF])
     if unknown:
         # e.g. position_embeddings: an absolute-position ESM (ESM-1b), not ESM-2
         raise ValueError(f"HF keys with no ESM-2 counterpart: {unknown}")
@@ -99,7 +110,11 @@ def ours_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif key.startswith("layers."):
             i, rest = key.removeprefix("layers.").split(".", 1)
             module, param = rest.rsplit(".", 1)
-            out[f"esm.encoder.layer.{i}.{block[module]}.{param}"] = value
+            if module == _QKV:
+                for hf_module, part in zip(_QKV_HF, value.chunk(3)):
+                    out[f"esm.encoder.layer.{i}.{hf_module}.{param}"] = part
+            else:
+                out[f"esm.encoder.layer.{i}.{block[module]}.{param}"] = value
         else:
             raise ValueError(f"unexpected key {key!r} in an ESM2 state dict")
     out[_TIED] = state_dict["embed_tokens.weight"]
