@@ -408,6 +408,7 @@ class BenchmarkRow(Section):
     max_micro_batch_size: int | None = Field(None, gt=0)  # larger micro batches draw a warning
     measured: bool | None = None  # default: the table's flag
     source: str | None = None  # default: the table's source
+    date: str | None = None  # when the row was measured (written by `make sweep --write-table`)
     notes: str | None = None
 
     def trainer_layer(self) -> dict:
