@@ -130,7 +130,8 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     samples_per_step = cfg.train.micro_batch_size * dp * accum
 
     torch.manual_seed(cfg.train.seed)  # same init on every rank
-    model = build_model(cfg.model).to(device)
+    with device:  # initialise on the device: a 3B model's init on the host takes minutes
+        model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg, device)
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
     state = TrainerState(world_size=env.world_size)
