@@ -26,11 +26,14 @@ JOB_ARGS = --model $(MODEL) --cluster $(CLUSTER) $(if $(NODES),--nodes $(NODES))
 	sweep cluster-up cluster-down bench-submit clean
 
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/nemo-run.txt
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH_SPEC)
 	$(VPY) -m pip install -q -e '.[test,plots]'
+	# NeMo-Run backend: nemo_run 0.11.1 imports only with leptonai<0.47; see requirements/nemo-run.txt
+	$(VPY) -m pip install -q --no-deps nemo_run==0.11.1 leptonai==0.27.3 torchx==0.7.0
+	$(VPY) -m pip install -q -r requirements/nemo-run.txt
 	touch $@
 
 # Sample data of the model's family: proteins (ESM-2) or single cells (Geneformer).

@@ -120,7 +120,8 @@ def cmd_render(args) -> int:
     text = backend.describe(spec)
     for w in spec.warnings:
         _warn(w)
-    what = "train.sbatch" if spec.job.backend == "sbatch" else "command"
+    what = {"sbatch": "train.sbatch", "submitit": "submitit's batch script",
+            "nemo_run": "NeMo-Run's batch script"}.get(spec.job.backend, "command")
     _out(f"# ==== {what} (dry run: nothing written, nothing submitted) ====")
     _out(text.rstrip("\n"))
     _out(f"# ==== config.yaml -> {spec.run_dir}/config.yaml ====")
@@ -206,7 +207,7 @@ def cmd_status(args) -> int:
     _out(f"backend   {name} (cluster {saved.get('cluster', {}).get('name', '?')})")
     jobs = [f"{j['job_id']} ({j['command']})" for j in data.get("jobs", []) if j.get("job_id")]
     _out(f"jobs      {', '.join(jobs) or '-'}")
-    if ids and name == "sbatch":
+    if ids and name in backends.SCHEDULED:
         for job_id, state in backends.get(name).states(run_dir, saved, ids[-1:]).items():
             _out(f"state     job {job_id}: {state}")
     latest = rundir.latest_complete_step(run_dir)
@@ -251,13 +252,21 @@ def _last_logged_step(run_dir: Path):
 
 def cmd_logs(args) -> int:
     from bionemo import rundir
+    from launchers import backends
 
     run_dir = _find_run(args.run)
+    data = record.load(run_dir)
+    name = data.get("backend") or _saved(run_dir).get("job", {}).get("backend")
+    # a backend that keeps logs of its own (submitit, NeMo-Run) names its newest ones
+    own = getattr(backends.get(name), "log_files", None) if name in backends.NAMES else None
     logs = sorted((run_dir / rundir.LOGS).glob("*"), key=lambda p: p.stat().st_mtime)
+    newest = own(run_dir, _saved(run_dir), record.job_ids(data)) if own else None
+    if newest is None:
+        newest = [p for p in (_newest(logs, "slurm-"), _newest(logs, "train-")) if p]
+    logs = list(dict.fromkeys(logs + newest))
     if not logs:
         _out(f"no logs yet in {run_dir / rundir.LOGS}")
         return 0
-    newest = [p for p in (_newest(logs, "slurm-"), _newest(logs, "train-")) if p]
     if args.follow:
         os.execvp("tail", ["tail", "-n", str(args.lines), "-F", *map(str, newest)])
     _out("logs: " + ", ".join(p.name for p in logs))
@@ -281,7 +290,7 @@ def cmd_cancel(args) -> int:
     data = record.load(run_dir)
     name = data.get("backend") or saved.get("job", {}).get("backend")
     ids = record.job_ids(data)
-    if name != "sbatch" or not ids:
+    if name not in backends.SCHEDULED or not ids:
         _out(f"nothing to cancel: {run_dir} has no scheduler jobs")
         return 0
     cancelled = backends.get(name).cancel(run_dir, saved, ids)
@@ -312,7 +321,7 @@ def cmd_resume(args) -> int:
     backend = backends.get(spec.job.backend)
     data = record.load(run_dir)
     ids = record.job_ids(data)
-    if backend.name == "sbatch" and ids:
+    if backend.name in backends.SCHEDULED and ids:
         state = backend.states(run_dir, saved, ids[-1:]).get(ids[-1], "")
         if state.split(" ")[0].split(",")[0] in _LIVE:
             raise ConfigError("command line", "RUN", f"job {ids[-1]} of this run is {state}",
@@ -357,7 +366,8 @@ def _job_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                    "; default local")
     p.add_argument("--nodes", type=int, help="number of nodes (job.nodes)")
     if backend:
-        p.add_argument("--backend", help="sbatch (default) or local (job.backend)")
+        p.add_argument("--backend",
+                       help="sbatch (default), submitit, nemo_run or local (job.backend)")
     p.add_argument("--config", action="append", metavar="FILE",
                    help="a config file with job/cluster/trainer sections (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value",

@@ -214,9 +214,10 @@ class JobConfig(Section):
 
     model: str  # preset name (configs/models/<model>.yaml) or a path to a preset file
     cluster: str = "local"  # profile name (configs/clusters/<cluster>.yaml) or a path
-    # sbatch: render a batch script and submit it. local: run the trainer on this machine, in the
-    # foreground (torchrun when more than one process).
-    backend: Literal["sbatch", "local"] = "sbatch"
+    # sbatch: render a batch script and submit it. submitit: a submitit Checkpointable job.
+    # nemo_run: a NeMo-Run Experiment on run.SlurmExecutor. local: run the trainer on this
+    # machine, in the foreground (torchrun when more than one process). docs/launcher.md, Backends.
+    backend: Literal["sbatch", "submitit", "nemo_run", "local"] = "sbatch"
     nodes: int = Field(1, ge=1)
     experiment: str | None = None  # runs/<experiment>/...; default: trainer.model.family
     run: str | None = None  # runs/<experiment>/<run>; default: <model>-<nodes>n-<UTC timestamp>
