@@ -38,7 +38,9 @@ class ModelConfig(Section):
     activation: Literal["gelu", "relu"] = "gelu"  # ESM-2 GELU; Geneformer's published model ReLU
     hidden_dropout: float = Field(0.0, ge=0, lt=1)  # ESM-2 none; Geneformer 0.02
     attention_dropout: float = Field(0.0, ge=0, lt=1)
-    # Activation recompute: "none", "selective" (attention core only), "full" (whole block).
+    # Activation recompute: "none"; "selective": keep no LayerNorm/GELU outputs, recompute them
+    # (no matrix multiply or attention is recomputed; eager mode checkpoints the MLP); "full":
+    # recompute each whole block in the backward pass.
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
     @model_validator(mode="after")

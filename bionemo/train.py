@@ -5,6 +5,7 @@ Exit codes (the launcher's contract): 0 finished, 75 stopped and saved (requeue 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bionemo.config import load_trainer_config
     from bionemo.stop import StopFlag
+
+    # Near the memory limit the default CUDA allocator fragments and retries: +8% at 650M micro
+    # batch 48 on an H100 with expandable segments (benchmarks/results/h100_80gb/speed-*.md).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     # Handlers first (before torch's multi-second import): a warning signal during start-up is
     # then a request to stop, not the default action of SIGUSR2 (terminate).

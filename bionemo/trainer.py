@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bionemo import rundir
 from bionemo.checkpoint import Checkpointer, TrainerState, load_weights
 from bionemo.config import OOM_EXIT_CODE, REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
 from bionemo.distributed import DistEnv
+from bionemo.distributed.parallel import wrap_for_training
 from bionemo.lr import warmup_decay_hold
 from bionemo.metrics import MetricsLogger, Throughput, perplexity
 from bionemo.models import build_model
@@ -142,11 +142,8 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
         load_weights(cfg.checkpoint.init_from, model)
         log.info("initialised weights from %s", cfg.checkpoint.init_from)
 
-    step_fn: nn.Module = MaskedLMLoss(model)
-    if dp > 1:
-        step_fn = DDP(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        step_fn = torch.compile(step_fn)
+    step_fn = wrap_for_training(MaskedLMLoss(model), model, compile=cfg.train.compile, dp=dp,
+                                device=device)
 
     build_dataloader = dataloader_builder(cfg.model.family)
     loader_args = dict(

@@ -164,7 +164,7 @@ def test_init_is_deterministic_and_hf_like():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     assert torch.all(a.embed_tokens.weight[PAD_ID] == 0)
-    assert torch.all(a.layers[0].attn.q_proj.bias == 0) and torch.all(a.lm_head.bias == 0)
+    assert torch.all(a.layers[0].attn.qkv_proj.bias == 0) and torch.all(a.lm_head.bias == 0)
     assert torch.all(a.final_norm.weight == 1)
     std = a.layers[0].mlp.fc1.weight.std().item()
     assert 0.018 < std < 0.022  # N(0, 0.02)

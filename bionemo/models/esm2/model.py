@@ -14,10 +14,11 @@ No dropout anywhere: ESM-2 was pretrained without it.
 Layout for speed. Inside the blocks the residual stream is one flat row of tokens [T, H] (T = B*S
 for padded batches, the packed row's length otherwise), so one compiled block serves every batch
 shape. On GPU in bf16/fp16 attention is always variable-length flash attention over segments:
-a packed row's sequences, or for padded batches each row's real tokens plus its padding cut into
-pieces of FLASH_PIECE tokens (padding attends only within its piece: its outputs are unused, and
-the kernel does no work for the (S - n)^2 padded block of a row). The CPU/fp32 reference paths
-(SDPA with a key mask, one SDPA per packed sequence) compute the same function on real tokens.
+a packed row's sequences, or for padded batches each row's real tokens, with the padding split
+off into segments that have keys but no queries or queries but no keys (`padded_segments`): the
+kernel does no work for padding, and padding positions get a zero attention output (they are
+never scored). The CPU/fp32 reference paths (SDPA with a key mask, one SDPA per packed sequence)
+compute the same function on real tokens.
 """
 
 from __future__ import annotations
@@ -38,10 +39,6 @@ ROPE_BASE = 10_000.0  # rotary base period used by every ESM-2 model
 # masking and 80% of those become <mask>), used to rescale embeddings by the observed ratio.
 MASK_RATIO_TRAIN = 0.15 * 0.8
 INIT_STD = 0.02  # HF EsmConfig.initializer_range
-# Padding of a padded row is split into flash-attention segments of at most this many tokens:
-# 128 is the query/key tile of the flash kernels at head dim 64-128, so a piece costs one tile
-# pair, against (S - n)^2 / 128^2 tile pairs had the padding been one segment.
-FLASH_PIECE = 128
 # max_seqlen handed to flash attention is rounded up to this: the kernel grid is ceil(max/128)
 # query tiles anyway, and few distinct values mean few recompiles of a compiled block.
 MAX_SEQLEN_BUCKET = 128
@@ -50,7 +47,8 @@ MAX_SEQLEN_BUCKET = 128
 class Layout(NamedTuple):
     """How the tokens of the flat [T, H] stream group into sequences, for attention."""
 
-    cu_seqlens: torch.Tensor | None  # int32 [N+1] segment bounds (flash, or CPU per-sequence SDPA)
+    cu_seqlens: torch.Tensor | None  # int32 [N+1] query segment bounds (flash, CPU packed SDPA)
+    cu_seqlens_k: torch.Tensor | None  # key segment bounds (differ from the queries' for padding)
     max_seqlen: int  # longest segment, rounded up to MAX_SEQLEN_BUCKET
     key_mask: torch.Tensor | None  # bool [B, 1, 1, S]: padded rows on the SDPA path
     rows: int  # B, to view [T, ...] as [B, S, ...] on the SDPA path
@@ -81,20 +79,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-def padded_segments(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Flash-attention segments [B*(P+1)+1] of right-padded rows [B, S], P = ceil(S / FLASH_PIECE).
+def padded_segments(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash-attention query and key segment bounds [3B+1] of right-padded rows [B, S].
 
-    Row b (n real tokens) gives the segments [0, n), then the padding cut at the multiples of
-    FLASH_PIECE: [n, max(n, 128)), [max(n, 128), max(n, 256)), ..., ending at S. Pieces that fall
-    inside the real tokens are empty (the kernel skips them). Built on the device: no host sync.
+    Row b, with n real tokens at [bS, bS+n), gives three segments:
+        real tokens:   queries [bS, bS+n)    keys [bS, bS+n)
+        padding keys:  no queries            keys [bS+n, bS+S)
+        padding rows:  queries [bS+n, bS+S)  no keys (output 0, no gradient)
+    so the kernel skips all padding work. Built on the device: no host sync.
     """
     B, S = attention_mask.shape
-    device = attention_mask.device
-    n = attention_mask.sum(-1, dtype=torch.int32)[:, None]  # [B, 1]
-    cuts = torch.arange(1, -(-S // FLASH_PIECE) + 1, device=device, dtype=torch.int32) * FLASH_PIECE
-    ends = torch.cat([n, torch.maximum(cuts.clamp(max=S)[None, :], n)], dim=1)  # [B, P+1]
-    ends = ends + torch.arange(B, device=device, dtype=torch.int32)[:, None] * S
-    return F.pad(ends.flatten(), (1, 0))  # leading 0
+    n = attention_mask.sum(-1, dtype=torch.int32)  # [B]
+    base = torch.arange(B, device=n.device, dtype=torch.int32) * S
+    q_ends = torch.stack([base + n, base + n, base + S], dim=1).flatten()
+    k_ends = torch.stack([base + n, base + S, base + S], dim=1).flatten()
+    return F.pad(q_ends, (1, 0)), F.pad(k_ends, (1, 0))  # leading 0
 
 
 class Attention(nn.Module):
@@ -127,8 +126,8 @@ def _attention(q, k, v, layout: Layout, scale: float) -> torch.Tensor:
     if layout.flash:
         from torch.nn.attention.varlen import varlen_attn  # flash attention, torch >= 2.10
 
-        cu, m = layout.cu_seqlens, layout.max_seqlen
-        return varlen_attn(q, k, v, cu, cu, m, m, scale=scale)
+        cu_q, cu_k, m = layout.cu_seqlens, layout.cu_seqlens_k, layout.max_seqlen
+        return varlen_attn(q, k, v, cu_q, cu_k, m, m, scale=scale)
     if layout.key_mask is not None:  # padded rows: [B, heads, S, head_dim] with a key mask
         B = layout.rows
         q, k, v = (t.unflatten(0, (B, -1)).transpose(1, 2) for t in (q, k, v))
@@ -158,12 +157,16 @@ class Block(nn.Module):
     """x + Attn(LN(x)), then + MLP(LN(x)); x is [T, H]. Compiled per block (distributed.parallel).
 
     Activation recompute (model.activation_checkpointing):
-      "selective": the MLP half is recomputed in the backward. Its 4H-wide fc1/GELU activations are
-        the largest thing a block keeps (16 of ~36 bytes per token and hidden unit in eager, 8 of
-        ~24 compiled); flash attention already keeps only q, k, v and its output. Compiled, the
-        recompute is LN + fc1 + GELU (fc2's output is not needed by the backward); eager, the
-        checkpoint also reruns fc2.
-      "full": the whole block; only its input is kept.
+      "selective": recompute what is cheap, never a GEMM or attention. Compiled (the way to train),
+        the partitioner recomputes the elementwise results that a GEMM reads in the backward
+        (LayerNorm outputs, GELU output) instead of keeping them: ~45% less activation memory for
+        a few % more memory traffic (distributed.parallel.compile_regions turns this on). Eager,
+        where nothing can choose at that grain, the MLP half (LN, fc1, GELU, fc2) is checkpointed:
+        its 4H-wide activations are the largest thing a block keeps.
+      "full": the whole block; only its input is kept. The checkpoint is taken by ESM2.forward,
+        around the (compiled) block, so that everything, flash attention included, is recomputed:
+        inside a compiled region the partitioner will not recompute a custom op such as flash
+        attention and keeps q, k, v and the attention output instead.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -175,21 +178,14 @@ class Block(nn.Module):
         self.recompute = cfg.activation_checkpointing
 
     def forward(self, x, cos, sin, layout: Layout):
-        if self.recompute == "full" and self._recomputing():
-            return checkpoint(self._forward, x, cos, sin, layout, use_reentrant=False)
-        return self._forward(x, cos, sin, layout)
-
-    def _forward(self, x, cos, sin, layout: Layout):
         x = x + self.attn(self.attn_norm(x), cos, sin, layout)
-        if self.recompute == "selective" and self._recomputing():
+        if (self.recompute == "selective" and self.training and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             return x + checkpoint(self._mlp, x, use_reentrant=False)
         return x + self._mlp(x)
 
     def _mlp(self, x):
         return self.mlp(self.mlp_norm(x))
-
-    def _recomputing(self) -> bool:
-        return self.training and torch.is_grad_enabled()
 
 
 class LMHead(nn.Module):
@@ -227,6 +223,12 @@ class ESM2(nn.Module):
         # HF calls this one emb_layer_norm_after.
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = LMHead(cfg)
+        # Under autocast the residual stream (the blocks' input and output) is kept in the autocast
+        # dtype, as Megatron/BioNeMo do (fp32_residual_connection=False): half the bytes of every
+        # residual add and LayerNorm input, and of the two [T, H] tensors each block keeps for the
+        # backward (650M: +4% tokens/s, -6% activation memory). LayerNorm statistics, softmax
+        # and the loss stay fp32. True keeps the stream fp32 (the embedding's dtype), as HF does.
+        self.fp32_residual = False
         self.init_weights()
 
     @torch.no_grad()
@@ -297,9 +299,10 @@ class ESM2(nn.Module):
                 # Right padding is assumed; a violation stops the step on the device, no sync.
                 prefix = torch.arange(S, device=device) < attention_mask.sum(-1, keepdim=True)
                 torch._assert_async((prefix == attention_mask).all())
-                layout = Layout(padded_segments(attention_mask), S, None, B, True)
+                cu_q, cu_k = padded_segments(attention_mask)
+                layout = Layout(cu_q, cu_k, S, None, B, True)
             else:
-                layout = Layout(None, S, attention_mask[:, None, None, :], B, False)
+                layout = Layout(None, None, S, attention_mask[:, None, None, :], B, False)
         else:
             if B != 1:
                 raise ValueError("packed input must be one row [1, T]")
@@ -311,11 +314,17 @@ class ESM2(nn.Module):
             cos, sin = cos[positions], sin[positions]
             segments = (seg, cu_seqlens.diff().float())
             bucketed = -(-max_seqlen // MAX_SEQLEN_BUCKET) * MAX_SEQLEN_BUCKET
-            layout = Layout(cu_seqlens, bucketed, None, 1, flash)
+            layout = Layout(cu_seqlens, cu_seqlens, bucketed, None, 1, flash)
         x = self.embed(input_ids, attention_mask, segments).flatten(0, 1)  # [T, H]
+        if not self.fp32_residual and torch.is_autocast_enabled(device.type):
+            x = x.to(torch.get_autocast_dtype(device.type))
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # [T, 1, 1, head_dim]
+        recompute = self.training and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, layout)
+            if recompute and block.recompute == "full":
+                x = checkpoint(block, x, cos, sin, layout, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, layout)
         return self.final_norm(x).view(B, S, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
