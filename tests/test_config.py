@@ -54,11 +54,17 @@ def test_a100_table_is_bionemos(model, mbs, tp, gpus, max_mbs):
     assert row.global_batch_size == gpus // tp * mbs
 
 
-def test_h100_table_is_a_marked_copy():
+def test_h100_table_is_measured_and_matches_the_a100_memory_rows():
     _, a100 = config.load_table("a100_80gb")
     _, h100 = config.load_table("h100_80gb")
-    assert h100.rows == a100.rows and not h100.measured and "copy of a100_80gb" in h100.source
+    assert h100.measured and h100.rows.keys() == a100.rows.keys()
+    for model in ("esm2_8m", "esm2_650m"):  # measured on one H100 under an 80 GiB cap
+        assert h100.rows[model].max_micro_batch_size >= a100.rows[model].max_micro_batch_size
+        assert h100.rows[model].date and h100.rows[model].measured is not False
+    assert h100.rows["esm2_15b"].measured is False  # rows not measured yet still say so
     r = resolve(model="esm2_650m", cluster="h100_example", nodes=8, now=NOW)
+    assert not any("unmeasured" in w for w in r.warnings)
+    r = resolve(model="esm2_15b", cluster="h100_example", nodes=390, now=NOW)
     assert any("unmeasured" in w for w in r.warnings)
 
 
