@@ -34,11 +34,8 @@ from bionemo.data.cells_tokenizer import (
     mask_genes,
     rank_value_encode,
 )
-from bionemo.data.dataset import GlobalBatchSampler, collate
+from bionemo.data.dataset import EpochOrder, GlobalBatchSampler, collate
 
-# First word of the rng seeds: the permutation stream and the per-item streams never coincide.
-_PERMUTATION_STREAM = 0
-_ITEM_STREAM = 1
 PARQUET_COLUMN = "input_ids"
 _ROW_GROUP_CACHE = 4  # decoded parquet row groups kept per process (a few MB each)
 
@@ -193,31 +190,20 @@ class CellMLMDataset(Dataset):
             raise ValueError(f"{cells.key}: {cells.path} has no cells")
         if data_cfg.mask_token_prob + data_cfg.random_token_prob > 1:
             raise ValueError("data.mask_token_prob + data.random_token_prob must be <= 1")
-        self.cells, self.vocab, self.seed, self.shuffle = cells, vocab, seed, shuffle
+        self.cells, self.vocab = cells, vocab
+        self.epochs = EpochOrder(len(cells), seed, shuffle)
         self.mask_kwargs = dict(
             mask_prob=data_cfg.mask_prob,
             mask_token_prob=data_cfg.mask_token_prob,
             random_token_prob=data_cfg.random_token_prob,
         )
-        self._perm_epoch, self._perm = -1, None
 
     def __len__(self) -> int:
         return len(self.cells)
 
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([_PERMUTATION_STREAM, self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(len(self.cells)), epoch
-        return self._perm
-
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
-        n = len(self.cells)
-        if self.shuffle:
-            epoch, p = divmod(int(g), n)
-            cell = int(self.order(epoch)[p])
-        else:
-            epoch, cell = 0, int(g) % n
-        rng = np.random.default_rng([_ITEM_STREAM, self.seed, epoch, cell])
+        epoch, cell = self.epochs.locate(g)
+        rng = self.epochs.rng(epoch, cell)
         input_ids, labels = mask_genes(self.cells.tokens(cell), rng, self.vocab, **self.mask_kwargs)
         return {"input_ids": input_ids, "labels": labels}
 

@@ -35,6 +35,35 @@ from bionemo.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode
 _PERMUTATION_STREAM = 0
 _ITEM_STREAM = 1
 
+
+
+class EpochOrder:
+    """The determinism rule every dataset here follows: a global sample index g names an
+    (epoch, item) pair, and everything random about that sample is drawn from a generator seeded
+    by (seed, epoch, item). With shuffle, epoch g // n visits the n items in a permutation seeded
+    by (seed, epoch); without (validation), the epoch is 0 and the item is g % n.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._epoch, self._perm = -1, None  # the current epoch's permutation (samples share one)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([_PERMUTATION_STREAM, self.seed, epoch])
+            self._perm, self._epoch = rng.permutation(self.n), epoch
+        return self._perm
+
+    def locate(self, g: int) -> tuple[int, int]:
+        if not self.shuffle:
+            return 0, int(g) % self.n
+        epoch, p = divmod(int(g), self.n)
+        return epoch, int(self.order(epoch)[p])
+
+    def rng(self, epoch: int, item: int) -> np.random.Generator:
+        return np.random.default_rng([_ITEM_STREAM, self.seed, epoch, item])
+
+
 _MAKE_DATA = "run `make data` for the sample set, or build yours with `python -m bionemo.data.prep`"
 
 
@@ -188,33 +217,24 @@ class MLMDataset(Dataset):
         if len(clusters) == 0:
             raise ValueError(f"{clusters.key}: {clusters.clusters_path} has no clusters")
         self.clusters, self.seq_length = clusters, seq_length
-        self.seed, self.shuffle = seed, shuffle
+        self.epochs = EpochOrder(len(clusters), seed, shuffle)
         self.mask_kwargs = dict(
             mask_prob=data_cfg.mask_prob,
             mask_token_prob=data_cfg.mask_token_prob,
             random_token_prob=data_cfg.random_token_prob,
             random_token_pool=data_cfg.random_token_pool,
         )
-        self._perm_epoch, self._perm = -1, None  # cache of the current epoch's cluster order
 
     def __len__(self) -> int:
         return len(self.clusters)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The cluster order of an epoch (cached: consecutive samples share an epoch)."""
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([_PERMUTATION_STREAM, self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(len(self.clusters)), epoch
-        return self._perm
+        """The cluster order of an epoch."""
+        return self.epochs.order(epoch)
 
     def __getitem__(self, g: int) -> dict[str, np.ndarray]:
-        n = len(self.clusters)
-        if self.shuffle:
-            epoch, p = divmod(int(g), n)
-            cluster = int(self.order(epoch)[p])
-        else:
-            epoch, cluster = 0, int(g) % n
-        rng = np.random.default_rng([_ITEM_STREAM, self.seed, epoch, cluster])
+        epoch, cluster = self.epochs.locate(g)
+        rng = self.epochs.rng(epoch, cluster)
 
         member = self.clusters.member(
             cluster, int(rng.integers(self.clusters.num_members(cluster)))
