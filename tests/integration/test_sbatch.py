@@ -18,15 +18,14 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bionemo import rundir
 from launchers import cli, cluster, record
+from tests.integration._runs import hostnames, logs, wait_for, weights
 
 REPO = Path(__file__).resolve().parents[2]
 MALFORMED_FILE = REPO / "tests" / "golden" / "malformed.yaml"
@@ -114,32 +113,6 @@ class Launcher:
 @pytest.fixture(scope="module")
 def launcher(slurm_cluster, releaser, data_dir, runs_root) -> Launcher:
     return Launcher(slurm_cluster, releaser, data_dir, runs_root)
-
-
-def logs(run_dir: Path) -> str:
-    return "\n".join(f"==> {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted((run_dir / rundir.LOGS).glob("*")))
-
-
-def wait_for(predicate, timeout: float, what: str, run_dir: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
-                         + (logs(run_dir) if run_dir else ""))
-
-
-def hostnames(slurm, nodelist: str) -> list[str]:
-    return slurm.run(["scontrol", "show", "hostnames", nodelist], check=True).stdout.split()
-
-
-def weights(step_dir: Path, tmp_path: Path) -> dict:
-    out = tmp_path / f"{step_dir.parent.parent.name}-{step_dir.name}.pt"
-    dcp_to_torch_save(step_dir, out)
-    return torch.load(out, weights_only=False)
 
 
 def assert_finished(run_dir: Path, max_steps: int) -> None:
