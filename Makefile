@@ -30,7 +30,9 @@ $(VENV)/.installed: pyproject.toml requirements/nemo-run.txt
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH_SPEC)
-	$(VPY) -m pip install -q -e '.[test,plots]'
+	# compat: a .pth path entry, so this regular `bionemo` package wins over bionemo-scdl's
+	# `bionemo` namespace folder in site-packages from any working directory.
+	$(VPY) -m pip install -q -e '.[test,plots]' --config-settings editable_mode=compat
 	# NeMo-Run backend: nemo_run 0.11.1 imports only with leptonai<0.47; see requirements/nemo-run.txt
 	$(VPY) -m pip install -q --no-deps nemo_run==0.11.1 leptonai==0.27.3 torchx==0.7.0
 	$(VPY) -m pip install -q -r requirements/nemo-run.txt

@@ -41,6 +41,14 @@ TL_COMMON = [f"max_steps={TL_STEPS}", "trainer.checkpoint.every_steps=10"]
 TL_LIMITED = ["job.time_limit=00:02:00", "cluster.signal_lead_s=30",
               "cluster.env.BIONEMO_STEP_SLEEP=2.5"]
 SLOW_BACKENDS = ("submitit", "nemo_run")
+# Geneformer through the same path (issue 6): 2 layers at 128 tokens over a 2,005-token vocabulary
+# (the sample builder's --genes 2000 plus 5 special tokens); dropout stays on, so the per-rank RNG
+# states must come back exactly too.
+GENEFORMER = ["trainer.model.num_layers=2", "trainer.model.seq_length=128",
+              "trainer.model.vocab_size=2005", "trainer.train.micro_batch_size=4",
+              "trainer.train.log_every=5", "trainer.train.val_every=1000",
+              "trainer.train.limit_val_batches=0", "trainer.optim.warmup_steps=5",
+              "trainer.checkpoint.keep_last=2"]
 
 
 class Releaser(threading.Thread):
@@ -64,11 +72,17 @@ class Releaser(threading.Thread):
 class Runs:
     """Submits through `python -m launchers` (a fresh process, as `make submit` does)."""
 
-    def __init__(self, slurm, data_dir: Path, runs_root: Path):
+    def __init__(self, slurm, data_dir: Path, cells_dir: Path, runs_root: Path):
         self.slurm, self.runs_root = slurm, runs_root
-        self.data = [f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
-                     f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
-                     f"trainer.data.database={data_dir}/proteins.sqlite"]
+        self.data = {
+            "esm2_8m": [*SMALL, f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
+                        f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
+                        f"trainer.data.database={data_dir}/proteins.sqlite"],
+            "geneformer_10m": [*GENEFORMER, f"trainer.data.train={cells_dir}/train",
+                               f"trainer.data.valid={cells_dir}/valid",
+                               f"trainer.data.vocab={cells_dir}/vocab.json",
+                               f"trainer.data.gene_medians={cells_dir}/gene_medians.json"],
+        }
         self.releaser = Releaser(slurm)
         self.releaser.start()
         self.slow: dict | None = None
@@ -77,11 +91,11 @@ class Runs:
         return subprocess.run([sys.executable, "-m", "launchers", *args], cwd=REPO,
                               env=self.slurm.env, capture_output=True, text=True, timeout=timeout)
 
-    def submit(self, backend: str, run: str, *overrides: str,
-               experiment: str = "backends") -> tuple[Path, str]:
-        out = self.cli("submit", "--backend", backend, "--model", "esm2_8m", "--cluster", "local",
+    def submit(self, backend: str, run: str, *overrides: str, experiment: str = "backends",
+               model: str = "esm2_8m") -> tuple[Path, str]:
+        out = self.cli("submit", "--backend", backend, "--model", model, "--cluster", "local",
                        "--nodes", "2", f"cluster.runs_root={self.runs_root}",
-                       f"job.experiment={experiment}", f"job.run={run}", *SMALL, *self.data,
+                       f"job.experiment={experiment}", f"job.run={run}", *self.data[model],
                        *overrides)
         assert out.returncode == 0, out.stdout + out.stderr
         run_dir = self.runs_root / experiment / run
@@ -108,7 +122,11 @@ def shared(slurm, tmp_path_factory, request) -> Runs:
         data = tmp_path_factory.mktemp("backends-data")
         subprocess.run([sys.executable, "-m", "bionemo.data.sample", "--out", str(data),
                         "--clusters", "300", "--seed", "3"], check=True, capture_output=True)
-        runs = Runs(slurm, data, tmp_path_factory.mktemp("backends-runs"))
+        cells = tmp_path_factory.mktemp("backends-cells")
+        subprocess.run([sys.executable, "-m", "bionemo.data.cells_sample", "--out", str(cells),
+                        "--cells", "200", "--valid-cells", "20", "--genes", "2000",
+                        "--genes-per-cell", "300"], check=True, capture_output=True)
+        runs = Runs(slurm, data, cells, tmp_path_factory.mktemp("backends-runs"))
         request.config.add_cleanup(runs.close)
         _SHARED["runs"] = runs
     return _SHARED["runs"]
@@ -120,6 +138,9 @@ def slow_runs(runs: Runs) -> dict:
         slow = {"ref": runs.submit("sbatch", "reference", *TL_COMMON)}
         for backend in SLOW_BACKENDS:
             slow[backend] = runs.submit(backend, f"time-limit-{backend}", *TL_COMMON, *TL_LIMITED)
+        gf = dict(model="geneformer_10m", experiment="geneformer")
+        slow["geneformer-ref"] = runs.submit("sbatch", "reference", *TL_COMMON, **gf)
+        slow["geneformer"] = runs.submit("sbatch", "time-limit", *TL_COMMON, *TL_LIMITED, **gf)
         runs.slow = slow
     return runs.slow
 
@@ -171,12 +192,14 @@ def assert_finished(run_dir: Path, max_steps: int) -> None:
     assert rundir.latest_complete_step(run_dir) == max_steps
 
 
-def check_time_limit_run(runs: Runs, backend: str, tmp_path: Path) -> tuple[Path, dict]:
+def check_time_limit_run(runs: Runs, backend: str, tmp_path: Path, key: str | None = None,
+                         ref: str = "ref") -> tuple[Path, dict]:
     """The acceptance of one backend: the 2-node run hit its time limit, got the warning,
-    saved, was requeued, resumed and finished, with weights identical to the reference."""
+    saved, was requeued, resumed and finished, with weights identical to the reference.
+    `key`/`ref` pick another pair of the shared slow runs (default: the backend's, ESM-2's)."""
     slow = slow_runs(runs)
-    ref_dir, ref_job = slow["ref"]
-    run_dir, job_id = slow[backend]
+    ref_dir, ref_job = slow[ref]
+    run_dir, job_id = slow[key or backend]
     rec = runs.wait_final(ref_job, timeout=300)
     assert rec["JobState"] == "COMPLETED", logs(ref_dir)
     rec = runs.wait_final(job_id, timeout=600)
