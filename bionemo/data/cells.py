@@ -34,7 +34,7 @@ from bionemo.data.cells_tokenizer import (
     mask_genes,
     rank_value_encode,
 )
-from bionemo.data.dataset import EpochOrder, GlobalBatchSampler, collate
+from bionemo.data.dataset import EpochOrder, GlobalBatchSampler, collate, rank_loader
 
 PARQUET_COLUMN = "input_ids"
 _ROW_GROUP_CACHE = 4  # decoded parquet row groups kept per process (a few MB each)
@@ -258,17 +258,7 @@ def build_dataloader(
     dataset = CellMLMDataset(cells, vocab, data_cfg, seed=data_cfg.seed, shuffle=split == "train")
     sampler = GlobalBatchSampler(start_sample, micro_batch_size, dp_rank, dp_size,
                                  grad_accumulation)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=functools.partial(collate_cells, pad_id=vocab.pad_id, pad_to=pad_to,
-                                     seq_length=seq_length),
-        num_workers=data_cfg.num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=data_cfg.num_workers > 0,
-        # Each iter() draws a base seed for its workers from this generator; without one it
-        # would come from torch's global RNG, which dropout uses: an iterator created at resume
-        # (or for validation) would then shift every later dropout mask. Items draw their
-        # randomness from numpy rngs seeded per item, so the value of this seed is unused.
-        generator=torch.Generator().manual_seed(data_cfg.seed),
-    )
+    return rank_loader(dataset, sampler,
+                       functools.partial(collate_cells, pad_id=vocab.pad_id, pad_to=pad_to,
+                                         seq_length=seq_length),
+                       data_cfg.num_workers)

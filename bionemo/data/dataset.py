@@ -392,14 +392,24 @@ def build_dataloader(
     sampler = GlobalBatchSampler(
         start_sample, micro_batch_size, dp_rank, dp_size, grad_accumulation
     )
+    return rank_loader(dataset, sampler,
+                       functools.partial(collate, pad_to=pad_to, seq_length=seq_length),
+                       data_cfg.num_workers)
+
+
+def rank_loader(dataset: Dataset, sampler: GlobalBatchSampler, collate_fn, num_workers: int
+                ) -> DataLoader:
+    """The DataLoader of every data pipeline here (proteins, cells)."""
     return DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate, pad_to=pad_to, seq_length=seq_length),
-        num_workers=data_cfg.num_workers,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=data_cfg.num_workers > 0,
-        # Its own generator: iter(DataLoader) otherwise draws a base seed from torch's global RNG,
-        # which would shift every later dropout mask and break bit-exact resume.
+        persistent_workers=num_workers > 0,
+        # Its own generator: each iter() draws its workers' base seed from it; without one that
+        # draw comes from torch's global RNG, which dropout uses, so an iterator created at resume
+        # (or for validation) would shift every later dropout mask and break bit-exact resume.
+        # Items take their randomness from per-item numpy generators, so the seed is unused.
         generator=torch.Generator(),
     )

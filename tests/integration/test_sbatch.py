@@ -25,17 +25,9 @@ import torch
 
 from bionemo import rundir
 from launchers import cli, cluster, record
-from tests.integration._runs import hostnames, logs, wait_for, weights
+from tests.integration._runs import FINAL, REPO, SMALL, hostnames, logs, wait_for, weights
 
-REPO = Path(__file__).resolve().parents[2]
 MALFORMED_FILE = REPO / "tests" / "golden" / "malformed.yaml"
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-         "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-SMALL = ["trainer.model.num_layers=2", "trainer.model.seq_length=128",
-         "trainer.train.micro_batch_size=4", "trainer.train.log_every=5",
-         "trainer.train.val_every=1000", "trainer.train.limit_val_batches=0",
-         "trainer.optim.warmup_steps=5", "trainer.checkpoint.keep_last=2"]
-
 
 # ------------------------------------------------------------------------------------ fixtures
 
