@@ -4,12 +4,8 @@ and an exact resume of the real trainer with dropout on (2 ranks, gloo, SIGUSR2)
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +31,7 @@ from bionemo.data.cells_tokenizer import (
 from bionemo.data.masking import IGNORE_INDEX
 from bionemo.models import build_model
 from bionemo.models.geneformer import Geneformer, convert
+from tests.test_resume import assert_bitwise_equal, launch, wait_all
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("anndata")
@@ -377,26 +374,6 @@ def make_run(path: Path, sample: Path) -> Path:
     return path
 
 
-def launch(run_dir: Path, world: int, **extra_env) -> list[subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RANK=str(rank),
-                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), **extra_env)
-        log = open(run_dir / f"rank{rank}.log", "a")
-        procs.append(subprocess.Popen([sys.executable, "-m", "bionemo.train", str(run_dir)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
-    return procs
-
-
-def wait_all(procs, timeout=240) -> list[int]:
-    return [p.wait(timeout=timeout) for p in procs]
-
-
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(x) for x in (run_dir / rundir.METRICS).read_text().splitlines() if x]
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
@@ -408,21 +385,6 @@ def final_state(run_dir: Path, tmp: Path) -> dict:
     out = tmp / f"{run_dir.name}.pt"
     dcp_to_torch_save(rundir.step_dir(run_dir, MAX_STEPS), out)
     return torch.load(out, weights_only=False)
-
-
-def assert_bitwise_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"tensors differ at {where}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {where}"
-        for k in a:
-            assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"lengths differ at {where}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"values differ at {where}: {a} != {b}"
 
 
 def test_signal_stop_and_restart_is_bitwise_exact_with_dropout(tmp_path, sample):
