@@ -1,6 +1,7 @@
 """Atomic, resumable checkpoints over torch.distributed.checkpoint (DCP).
 
-A save writes into `step-N.partial/`: model and optimizer through DCP (each rank its shards),
+A save writes into `step-N.partial/`: model and optimizer through the engine (the torch engine:
+DCP; the megatron engine: dist_checkpointing; each rank its shards),
 each rank its RNG states, rank 0 the trainer state (step and consumed samples; the learning-rate
 schedule is a pure function of the step, so the step is its whole state). After a barrier (every
 rank finished writing) rank 0 writes the COMPLETE marker, fsyncs, and renames the folder to
@@ -28,9 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
     set_model_state_dict,
-    set_state_dict,
 )
 
 from bionemo import rundir
@@ -51,6 +50,9 @@ class TrainerState:
     consumed_samples: int = 0  # global sample position of the data stream
     world_size: int = 1
     wandb_id: str | None = None
+    engine: str = "torch"  # which engine wrote the model/optimizer state
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
 
 
 def _barrier() -> None:
@@ -93,7 +95,7 @@ class Checkpointer:
         self.rank = rank
 
     # ---------------------------------------------------------------- save
-    def save(self, model, optimizer, state: TrainerState) -> Path:
+    def save(self, engine, state: TrainerState) -> Path:
         final = rundir.step_dir(self.run_dir, state.step)
         tmp = final.with_name(final.name + ".partial")
         if self.rank == 0:
@@ -102,9 +104,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save(_rng_state(), tmp / f"rng-rank{self.rank:05d}.pt")
+        engine.save(tmp)
+        torch.save({**_rng_state(), "engine": engine.rng_state()}, tmp / f"rng-rank{self.rank:05d}.pt")
         if self.rank == 0:
             (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
         if os.environ.get(KILL_DURING_SAVE) == str(state.step):  # fault injection for tests
@@ -139,16 +140,25 @@ class Checkpointer:
                 log.warning("ignoring incomplete checkpoint %s (its save never finished)", d)
         return rundir.step_dir(self.run_dir, steps[-1]) if steps else None
 
-    def load(self, path: Path, model, optimizer) -> TrainerState:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    def load(self, path: Path, engine) -> TrainerState:
         state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        if state.engine != engine.name:
+            raise ValueError(
+                f"{path} was written by the {state.engine} engine and this run uses the "
+                f"{engine.name} engine (train.engine); keep train.engine={state.engine}, or start a "
+                f"new run with checkpoint.init_from={path} (weights only)"
+            )
+        engine.load(path)
         rng_file = path / f"rng-rank{self.rank:05d}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        else:  # resumed at a larger world size: this rank had no RNG state; the data stream is
-            # keyed by global sample index, so only non-data randomness is reseeded here.
+        # Another TP/PP layout reshards model and optimizer; RNG states are per rank of a layout.
+        same_layout = (state.tensor_parallel, state.pipeline_parallel) == (engine.tp, engine.pp)
+        if rng_file.is_file() and same_layout:
+            rng = torch.load(rng_file, weights_only=False)
+            _set_rng_state(rng)
+            engine.set_rng_state(rng.get("engine", {}))
+        else:  # resumed at a larger world size or another TP/PP layout: no RNG state for this
+            # rank; the data stream is keyed by global sample index, so only non-data randomness
+            # (dropout) is reseeded here.
             log.warning("no RNG state for rank %d in %s; reseeding", self.rank, path)
         return state
 

@@ -170,6 +170,10 @@ class TrainConfig(Section):
     memory_cap_gib: float | None = Field(None, gt=0)
     # The warning signal the scheduler sends before the time limit (SIGTERM is always handled too).
     stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = "USR2"
+    # "torch": our PyTorch modules, DDP, CPU or GPU (the default, and CI's). "megatron":
+    # megatron-core (CUDA only): tensor/pipeline parallel, distributed optimizer, sharded
+    # checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md).
+    engine: Literal["torch", "megatron"] = "torch"
 
     def grad_accumulation(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
@@ -194,8 +198,11 @@ class CheckpointConfig(Section):
 
 
 class ParallelConfig(Section):
-    tensor: int = Field(1, gt=0)
-    pipeline: int = Field(1, gt=0)
+    tensor: int = Field(1, gt=0)  # megatron engine only
+    pipeline: int = Field(1, gt=0)  # megatron engine only
+    # megatron engine: shard optimizer state (fp32 main weights, Adam moments) over data-parallel
+    # ranks (megatron-core's distributed optimizer); the torch engine keeps it replicated.
+    distributed_optimizer: bool = True
 
 
 class LoggingConfig(Section):
@@ -230,6 +237,29 @@ class TrainerConfig(Section):
                 )
                 raise ValueError(f"{problems} (model.family {family!r})") from None
         return raw
+
+    @model_validator(mode="after")
+    def _engine_supports(self) -> "TrainerConfig":
+        tp, pp = self.parallel.tensor, self.parallel.pipeline
+        if self.train.engine == "torch" and (tp, pp) != (1, 1):
+            raise ValueError(
+                f"parallel.tensor={tp} parallel.pipeline={pp} need train.engine=megatron; the "
+                f"torch engine is data-parallel only (set both to 1, or train.engine=megatron)"
+            )
+        if self.train.engine == "megatron":
+            if self.model.family != "esm2":
+                raise ValueError(f"train.engine=megatron builds ESM-2 only; model.family is "
+                                 f"{self.model.family!r}: use train.engine=torch")
+            if self.data.pad_to == "none":
+                raise ValueError("data.pad_to=none (packed rows) is a torch-engine feature; with "
+                                 "train.engine=megatron use data.pad_to=longest or max_length")
+            if self.model.num_layers % pp:
+                raise ValueError(f"model.num_layers {self.model.num_layers} is not divisible by "
+                                 f"parallel.pipeline {pp}; choose a pipeline size that divides it")
+            if self.train.device == "cpu":
+                raise ValueError("train.engine=megatron needs CUDA (megatron-core is GPU-only); "
+                                 "use train.device=auto/cuda, or train.engine=torch on CPU")
+        return self
 
     def check_parallel(self, world_size: int) -> int:
         """Validate the layout for a world size and return the data-parallel size."""

@@ -37,10 +37,13 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Tokens and FLOPs since the last report, per rank."""
+    """Tokens and FLOPs since the last report, per GPU. A batch seen by this rank is shared by
+    the `model_parallel` (TP x PP) GPUs of its model replica."""
 
-    def __init__(self, model: ModelConfig, world_size: int, device: torch.device):
+    def __init__(self, model: ModelConfig, world_size: int, device: torch.device,
+                 model_parallel: int = 1):
         self.model, self.world, self.device = model, world_size, device
+        self.mp = model_parallel
         self.peak = peak_tflops(device)
         self.reset()
 
@@ -63,7 +66,7 @@ class Throughput:
         self.flops += 6 * m.num_parameters * b * s + attention
 
     def report(self) -> dict:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
+        dt = max(time.perf_counter() - self.t0, 1e-9) * self.mp
         tflops = self.flops / dt / 1e12
         out = {
             "tokens_per_s_per_gpu": self.padded / dt,

@@ -10,35 +10,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from bionemo import rundir
-from bionemo.checkpoint import Checkpointer, TrainerState, load_weights
+from bionemo.checkpoint import Checkpointer, TrainerState
 from bionemo.config import OOM_EXIT_CODE, REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
 from bionemo.distributed import DistEnv
-from bionemo.distributed.parallel import wrap_for_training
+from bionemo.engines import build_engine
 from bionemo.lr import warmup_decay_hold
 from bionemo.metrics import MetricsLogger, Throughput, perplexity
-from bionemo.models import build_model
 from bionemo.stop import StopFlag
 
 log = logging.getLogger("bionemo.trainer")
-
-
-class MaskedLMLoss(nn.Module):
-    """Puts the loss inside forward() so DDP (and torch.compile) see the whole computation."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, labels, cu_seqlens=None, max_seqlen=None):
-        return self.model.loss(input_ids, attention_mask, labels, cu_seqlens, max_seqlen)
 
 
 def dataloader_builder(family: str):
@@ -48,12 +34,6 @@ def dataloader_builder(family: str):
     else:
         from bionemo.data.dataset import build_dataloader
     return build_dataloader
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to the device; host values (a packed batch's max_seqlen) stay where they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 def pick_device(cfg: TrainerConfig, env: DistEnv) -> torch.device:
@@ -68,17 +48,6 @@ def pick_device(cfg: TrainerConfig, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device):
-    # Megatron's convention: no weight decay on biases and LayerNorm parameters (1-D tensors).
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    o = cfg.optim
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and device.type == "cuda",
-    )
-
-
 def train(run_dir: Path, stop: StopFlag | None = None) -> int:
     """Train the run in `run_dir`; returns 0 when finished, REQUEUE_EXIT_CODE when stopped."""
     run_dir = Path(run_dir)
@@ -91,11 +60,6 @@ def train(run_dir: Path, stop: StopFlag | None = None) -> int:
     if rundir.is_finished(run_dir):
         log.info("%s is finished; nothing to do", run_dir)
         return 0
-    if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
-        raise ValueError(
-            "parallel.tensor/pipeline > 1 need the megatron engine; the torch engine is "
-            "data-parallel only (set parallel.tensor=1 parallel.pipeline=1)"
-        )
     cfg.data.check_files()
     device = pick_device(cfg, env)
     if env.world_size > 1:
@@ -125,30 +89,27 @@ def train(run_dir: Path, stop: StopFlag | None = None) -> int:
 
 def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
           stop: StopFlag) -> int:
-    dp = cfg.check_parallel(env.world_size)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
+    latest = ckpt.latest()
+    init_from = cfg.checkpoint.init_from if latest is None else None
+    engine = build_engine(cfg, env, device, init_from)
+    dp = engine.dp_size
     accum = cfg.train.grad_accumulation(dp)
     samples_per_step = cfg.train.micro_batch_size * dp * accum
-
-    torch.manual_seed(cfg.train.seed)  # same init on every rank
-    with device:  # initialise on the device: a 3B model's init on the host takes minutes
-        model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg, device)
-    ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
-    state = TrainerState(world_size=env.world_size)
-    if (latest := ckpt.latest()) is not None:
-        state = ckpt.load(latest, model, optimizer)
+    state = TrainerState(world_size=env.world_size, engine=engine.name,
+                         tensor_parallel=engine.tp, pipeline_parallel=engine.pp)
+    if latest is not None:
+        state = ckpt.load(latest, engine)
+        state.world_size, state.tensor_parallel, state.pipeline_parallel = (
+            env.world_size, engine.tp, engine.pp)
         log.info("resumed from %s (step %d, %d samples)", latest, state.step, state.consumed_samples)
-    elif cfg.checkpoint.init_from is not None:
-        load_weights(cfg.checkpoint.init_from, model)
-        log.info("initialised weights from %s", cfg.checkpoint.init_from)
-
-    step_fn = wrap_for_training(MaskedLMLoss(model), model, compile=cfg.train.compile, dp=dp,
-                                device=device)
+    elif init_from is not None:
+        log.info("initialised weights from %s", init_from)
 
     build_dataloader = dataloader_builder(cfg.model.family)
     loader_args = dict(
         data_cfg=cfg.data, seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size, dp_rank=env.rank, dp_size=dp,
+        micro_batch_size=cfg.train.micro_batch_size, dp_rank=engine.dp_rank, dp_size=dp,
         pad_to=cfg.data.pad_to,
     )
     if cfg.model.family == "geneformer":  # the gene vocabulary file must match the embedding
@@ -158,11 +119,7 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     metrics = MetricsLogger(run_dir, cfg.logging, env.is_main, state.wandb_id, cfg.model_dump(mode="json"))
     state.wandb_id = metrics.wandb_id
     metrics.rewind(state.step)
-    meter = Throughput(cfg.model, env.world_size, device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda" and cfg.train.precision == "bf16-mixed" else nullcontext()
-    )
+    meter = Throughput(cfg.model, env.world_size, device, engine.tp * engine.pp)
     decay_until = cfg.optim.decay_steps or cfg.train.max_steps
     step_sleep = float(os.environ.get("BIONEMO_STEP_SLEEP", "0"))  # test hook: a slow run
     loss_sum = torch.zeros((), device=device)
@@ -172,21 +129,10 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
         lr = cfg.optim.lr * warmup_decay_hold(
             state.step, cfg.optim.warmup_steps, decay_until, cfg.optim.min_lr_ratio
         )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(accum):
-            batch = next(batches)
+        micro_batches = [next(batches) for _ in range(accum)]
+        for batch in micro_batches:
             meter.add(batch)
-            batch = to_device(batch, device)
-            sync = micro == accum - 1 or dp == 1
-            with (nullcontext() if sync else step_fn.no_sync()), autocast:
-                loss = step_fn(**batch) / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.optim.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum += engine.train_step(micro_batches, lr)
         state.step += 1
         state.consumed_samples += samples_per_step
         steps_in_window += 1
@@ -204,15 +150,14 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
             loss_sum.zero_()
             steps_in_window = 0
         if cfg.data.validation_set and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
-            val = validate(model, cfg, build_dataloader(**loader_args, grad_accumulation=1,
-                                                        start_sample=0, split="valid"),
-                           device, autocast)
+            val = validate(engine, cfg, build_dataloader(**loader_args, grad_accumulation=1,
+                                                         start_sample=0, split="valid"), device)
             metrics.log(state.step, {"loss": val, "perplexity": perplexity(val)}, kind="valid")
 
         stopping = stop.agreed()
         last = state.step >= cfg.train.max_steps
         if cfg.checkpoint.enabled and (stopping or last or state.step % cfg.checkpoint.every_steps == 0):
-            path = ckpt.save(model, optimizer, state)
+            path = ckpt.save(engine, state)
             log.info("saved %s", path)
         if last:
             if env.is_main:
@@ -227,17 +172,13 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     return 0
 
 
-@torch.no_grad()
-def validate(model, cfg: TrainerConfig, loader, device, autocast) -> float:
-    model.eval()
+def validate(engine, cfg: TrainerConfig, loader, device) -> float:
     total = torch.zeros((), device=device)
     n = 0
     for batch, _ in zip(loader, range(cfg.train.limit_val_batches)):
-        with autocast:
-            total += model.loss(**to_device(batch, device)).float()
+        total += engine.eval_loss(batch)
         n += 1
     if dist.is_initialized():
         dist.all_reduce(total)
         total /= dist.get_world_size()
-    model.train()
     return total.item() / max(n, 1)

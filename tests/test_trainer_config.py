@@ -53,10 +53,24 @@ def test_global_batch_must_be_a_multiple():
 
 
 def test_tensor_parallel_must_divide_world_and_heads():
+    megatron = {"engine": "megatron", "micro_batch_size": 2}
     with pytest.raises(ValueError, match="does not divide the world size 3"):
-        TrainerConfig.model_validate(cfg(parallel={"tensor": 2})).check_parallel(3)
+        TrainerConfig.model_validate(cfg(parallel={"tensor": 2}, train=megatron)).check_parallel(3)
     with pytest.raises(ValueError, match="num_attention_heads 4 is not divisible by parallel.tensor 8"):
-        TrainerConfig.model_validate(cfg(parallel={"tensor": 8})).check_parallel(8)
+        TrainerConfig.model_validate(cfg(parallel={"tensor": 8}, train=megatron)).check_parallel(8)
+
+
+@pytest.mark.parametrize("sections, needle", [
+    ({"parallel": {"tensor": 2}}, "parallel.tensor=2 parallel.pipeline=1 need train.engine=megatron"),
+    ({"parallel": {"pipeline": 2}}, "need train.engine=megatron"),
+    ({"train": {"engine": "megatron", "device": "cpu"}}, "train.engine=megatron needs CUDA"),
+    ({"train": {"engine": "megatron"}, "data": {"pad_to": "none"}}, "data.pad_to=none"),
+    ({"train": {"engine": "megatron"}, "parallel": {"pipeline": 2}}, "num_layers 1 is not divisible"),
+    ({"train": {"engine": "megatron"}, "model": {"family": "geneformer"}}, "builds ESM-2 only"),
+])
+def test_engine_layout_checks(sections, needle):
+    with pytest.raises(ValueError, match=needle):
+        TrainerConfig.model_validate(cfg(**sections))
 
 
 def test_init_from_that_is_not_a_checkpoint(tmp_path):
