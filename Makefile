@@ -78,8 +78,15 @@ cancel: install
 resume: install
 	$(LAUNCH) resume $(RUN)
 
+# Without BACKEND: the sweep runs here (python -m benchmarks.sweep). With BACKEND=sbatch|submitit|
+# nemo_run: one job on CLUSTER whose allocation runs the sweep, every trial an srun step of it
+# (docs/sweep.md). ARGS takes the sweep's flags either way, e.g. ARGS="--memory-cap-gib 80".
 sweep: install data
+ifneq (,$(BACKEND))
+	$(LAUNCH) sweep $(JOB_ARGS)
+else
 	$(VPY) -m benchmarks.sweep --model $(MODEL) $(ARGS)
+endif
 
 cluster-up: install
 	$(LAUNCH) cluster up

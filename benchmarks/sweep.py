@@ -15,7 +15,8 @@ then bisect between the last size that fit and the first that did not. Recompute
 less memory than "none", so each later policy starts at the largest size the previous one fit.
 
 Trials run on this machine (one process per GPU, torchrun-style variables), or, with
---inside-allocation, as one `srun` job step each inside the current SLURM allocation.
+--inside-allocation, as one `srun` job step each inside the current SLURM allocation (what
+`python -m launchers sweep` submits: --base-config is then the run's resolved config.yaml).
 Results: <out>/<gpu>/<model>.json|csv|md and PNG plots; --write-table updates that model's row in
 configs/benchmarks/<gpu>.yaml. Details and the CPU memory-limit mode: docs/sweep.md.
 
@@ -97,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per trial")
     p.add_argument("--recompute", default=",".join(POLICIES),
                    help="comma-separated activation_checkpointing policies to sweep")
-    p.add_argument("--compile", action="store_true", help="train.compile=true in every trial")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="train.compile in every trial (default: the base config's value)")
     p.add_argument("--gpu-name", default=None,
                    help="table name, e.g. h100_80gb (default: detected; 'cpu' without a GPU)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
@@ -115,6 +117,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run each trial as an srun step of the current SLURM job")
     p.add_argument("--trial-timeout", type=float, default=1800,
                    help="seconds before a trial counts as hung (covers torch.compile start-up)")
+    # Set by `python -m launchers sweep` (docs/sweep.md, Through the launcher):
+    p.add_argument("--base-config", type=Path, default=None,
+                   help="a resolved config.yaml whose trainer section replaces the model preset")
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter of the trial processes (e.g. the container's)")
+    p.add_argument("--srun-arg", dest="srun_args", action="append", default=[],
+                   metavar="--FLAG[=VALUE]",
+                   help="extra flag for each trial's srun step, e.g. --srun-arg=--overlap")
+    p.add_argument("--copy-results", type=Path, default=None, metavar="DIR",
+                   help="also copy the result files into DIR (the launcher's run directory)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the results
     args.recompute = [x.strip() for x in args.recompute.split(",") if x.strip()]
@@ -129,6 +141,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.nodes > 1 and not args.inside_allocation:
         p.error("a trial on several nodes runs inside a SLURM allocation: add --inside-allocation")
     return args
+
+
+def load_base(args: argparse.Namespace) -> dict:
+    """The trainer section trials start from: --base-config's, else the model preset's."""
+    if args.base_config is None:
+        return load_preset(args.model)
+    raw = yaml.safe_load(args.base_config.read_text()) or {}
+    if not isinstance(raw.get("trainer"), dict):
+        raise ValueError(f"{args.base_config} has no trainer section")
+    return raw["trainer"]
 
 
 def load_preset(model: str) -> dict:
@@ -161,24 +183,27 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
 
 
 def trial_config(preset: dict, args: argparse.Namespace, policy: str, micro_batch: int) -> dict:
-    """The validated trainer section of one trial (preset < --set < the sweep's own settings)."""
+    """The validated trainer section of one trial (preset or base config < --set < the sweep's own
+    settings)."""
     cfg = json.loads(json.dumps(preset))  # deep copy
     for key, value in parse_overrides(args.overrides):
         set_dotted(cfg, key, value)
-    for key, value in {
+    own = {
         "train.micro_batch_size": micro_batch,
         "train.global_batch_size": None,  # one micro batch per rank per step: no accumulation
         "train.max_steps": args.warmup_steps + args.steps,
         "train.log_every": 1,  # one record per step, so the warm-up steps can be dropped
         "train.limit_val_batches": 0,
         "train.memory_cap_gib": args.memory_cap_gib,
-        "train.compile": args.compile,
         "checkpoint.enabled": False,
         "data.pad_to": "max_length",  # padded-token throughput, the figure tables quote
         "model.activation_checkpointing": policy,
         "parallel.tensor": args.tp,
         "logging.wandb_project": None,
-    }.items():
+    }
+    if args.compile is not None:  # else the preset's (or base config's) choice stands
+        own["train.compile"] = args.compile
+    for key, value in own.items():
         set_dotted(cfg, key, value)
     validated = TrainerConfig.model_validate(cfg)
     for name, value in validated.data:  # data paths relative to the repository, as `make` runs
@@ -283,7 +308,7 @@ def _address_space_limit(limit_bytes: int | None):
 
 
 def launch_local(run_dir: Path, world: int, env: dict, limit_bytes: int | None,
-                 timeout: float) -> tuple[list[int | None], bool]:
+                 timeout: float, python: str = sys.executable) -> tuple[list[int | None], bool]:
     """One process per rank on this machine; returns (exit codes, timed out)."""
     port = free_port()
     procs = []
@@ -295,7 +320,7 @@ def launch_local(run_dir: Path, world: int, env: dict, limit_bytes: int | None,
                         "MASTER_PORT": str(port)}
             with open(run_dir / f"rank{rank}.log", "w") as log:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "bionemo.train", str(run_dir)], cwd=REPO_ROOT,
+                    [python, "-m", "bionemo.train", str(run_dir)], cwd=REPO_ROOT,
                     env=rank_env, stdout=log, stderr=subprocess.STDOUT,
                     preexec_fn=_address_space_limit(limit_bytes)))
         deadline, grace_until = time.monotonic() + timeout, None
@@ -323,15 +348,18 @@ _SRUN_TASK = ('echo "[sweep] rank $SLURM_PROCID of $SLURM_NTASKS on $(hostname) 
 
 
 def launch_srun(run_dir: Path, nodes: int, per_node: int, env: dict, limit_bytes: int | None,
-                timeout: float) -> tuple[list[int | None], bool]:
-    """One srun job step in the current allocation; returns (exit codes, timed out)."""
+                timeout: float, python: str = sys.executable,
+                srun_args: list[str] = ()) -> tuple[list[int | None], bool]:
+    """One srun job step in the current allocation; returns (exit codes, timed out).
+    srun_args: the launcher's flags for the step (CPUs per task, pyxis, the profile's own;
+    --overlap when the sweep itself runs in a step, see docs/sweep.md)."""
     world = nodes * per_node
     env = {**env, "MASTER_PORT": str(free_port())}  # the batch script runs on the first node
     env.setdefault("MASTER_ADDR", first_node_address())
     limit = f"ulimit -v {limit_bytes // 1024}; " if limit_bytes else ""  # ulimit -v is in KiB
     cmd = ["srun", f"--nodes={nodes}", f"--ntasks={world}", f"--ntasks-per-node={per_node}",
-           "--kill-on-bad-exit=1", f"--output={run_dir}/rank%t.log",
-           "bash", "-c", _SRUN_TASK.format(limit=limit), str(run_dir), sys.executable]
+           "--kill-on-bad-exit=1", f"--output={run_dir}/rank%t.log", *srun_args,
+           "bash", "-c", _SRUN_TASK.format(limit=limit), str(run_dir), python]
     with open(run_dir / "srun.log", "w") as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
@@ -403,10 +431,11 @@ class Runner:
         t0 = time.monotonic()
         if a.inside_allocation:
             codes, timed_out = launch_srun(run_dir, a.nodes, a.gpus_per_trial, self.env,
-                                           self.limit_bytes, a.trial_timeout)
+                                           self.limit_bytes, a.trial_timeout, a.python,
+                                           a.srun_args)
         else:
             codes, timed_out = launch_local(run_dir, self.world, self.env, self.limit_bytes,
-                                            a.trial_timeout)
+                                            a.trial_timeout, a.python)
         seconds = time.monotonic() - t0
         trial = Trial(policy, micro_batch, fits=False, seconds=round(seconds, 2),
                       run_dir=str(run_dir))
@@ -636,7 +665,7 @@ def update_table(path: Path, gpu: str, model: str, row: dict) -> None:
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
-    preset = load_preset(args.model)
+    preset = load_base(args)
     world = args.gpus_per_trial * args.nodes
     first = trial_config(preset, args, args.recompute[0], args.min)  # fail early on a bad config
     TrainerConfig.model_validate(first).data.check_files()
@@ -675,8 +704,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "world_size": world, "gpus_per_trial": args.gpus_per_trial, "nodes": args.nodes,
         "tensor_parallel": args.tp, "seq_length": first["model"]["seq_length"],
         "memory_cap_gib": args.memory_cap_gib, "cpu_memory_limit_gib": args.cpu_memory_limit_gib,
-        "compile": args.compile, "warmup_steps": args.warmup_steps, "timed_steps": args.steps,
+        "compile": first["train"]["compile"], "warmup_steps": args.warmup_steps, "timed_steps": args.steps,
         "inside_allocation": args.inside_allocation,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID") if args.inside_allocation else None,
         "search": {"min": args.min, "max": args.max},
         "policies": policies,
         "best": {"recompute": ref, "micro_batch_size": policies[ref]["micro_batch_size"],
@@ -698,6 +728,11 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.out / result["gpu"]
     for path in write_results(result, folder, args.model):
         print(f"[sweep] wrote {path}")
+        if args.copy_results is not None:  # the run directory keeps its own copy
+            args.copy_results.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, args.copy_results / path.name)
+    if args.copy_results is not None:
+        print(f"[sweep] copied the results into {args.copy_results}")
     if args.write_table:
         if "none" not in result["policies"] or result["policies"]["none"]["micro_batch_size"] is None:
             print("[sweep] --write-table needs a fitting micro batch with recompute 'none' (the "

@@ -2,6 +2,7 @@
 
     submit  resolve + validate the config, write the run directory, submit it
     render  dry run: print the batch script and the resolved config; write and submit nothing
+    sweep   submit a micro-batch sweep that runs inside ONE allocation (--dry-run: print it)
     debug   run the trainer here, in the foreground: one process, sample data, ~50 steps
     status  backend, job ids, scheduler state, latest checkpoint, last requeue decision
     logs    print (or follow, -f) the run's newest logs
@@ -50,6 +51,7 @@ def _resolve(args, extra_layers=(), extra_overrides=()):
         model=args.model, cluster=args.cluster, nodes=args.nodes,
         backend=getattr(args, "backend", None), config_files=args.config or [],
         overrides=list(extra_overrides) + list(args.overrides), extra_layers=extra_layers,
+        options=getattr(args, "options", ()), kind=getattr(args, "kind", "train"),
     )
 
 
@@ -120,7 +122,7 @@ def cmd_render(args) -> int:
     text = backend.describe(spec)
     for w in spec.warnings:
         _warn(w)
-    what = {"sbatch": "train.sbatch", "submitit": "submitit's batch script",
+    what = {"sbatch": f"{spec.config.kind}.sbatch", "submitit": "submitit's batch script",
             "nemo_run": "NeMo-Run's batch script"}.get(spec.job.backend, "command")
     _out(f"# ==== {what} (dry run: nothing written, nothing submitted) ====")
     _out(text.rstrip("\n"))
@@ -141,7 +143,7 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
         _warn(w)
     _write_run_dir(spec, files)
     record.create(spec.run_dir, backend=backend.name, cluster=spec.cluster.name,
-                  policy=_policy(spec.config))
+                  policy=_policy(spec.config), kind=spec.config.kind)
     t_ready = time.perf_counter()
     try:
         sub = backend.submit(spec)
@@ -160,7 +162,43 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
         before_submit_s=round(t_ready - _T0[0], 4)))
     _out(f"submitted job {sub.job_id}: {spec.run_dir}")
     _out(f"  status: make status RUN={spec.run_dir}   logs: make logs RUN={spec.run_dir}")
+    if spec.config.kind == "sweep":
+        from launchers import sweep
+
+        _out(f"  results: {spec.config.sweep.out}/<gpu>/{sweep.model_name(spec)}.md, copied to "
+             f"{spec.run_dir / sweep.RESULTS}")
     return 0
+
+
+# The sweep's options (benchmarks/sweep.py's flags) and the keys they set: (flag, key, help).
+SWEEP_OPTIONS = (
+    ("--gpus-per-trial", "sweep.gpus_per_trial",
+     "ranks (GPUs) per node of each trial; default: the profile's ranks per node"),
+    ("--tp", "trainer.parallel.tensor", "tensor-parallel size of the trials"),
+    ("--memory-cap-gib", "trainer.train.memory_cap_gib", "cap each trial's GPU memory (GiB)"),
+    ("--min", "sweep.min", "smallest micro batch to try (default 1)"),
+    ("--max", "sweep.max", "largest micro batch to try (default 512)"),
+    ("--warmup-steps", "sweep.warmup_steps", "steps dropped before timing (default 3)"),
+    ("--steps", "sweep.steps", "timed steps per trial (default 10)"),
+    ("--recompute", "sweep.recompute", "policies to sweep, e.g. none,selective (default all)"),
+    ("--gpu-name", "sweep.gpu_name", "results and table name, e.g. h100_80gb (default detected)"),
+    ("--cpu-memory-limit-gib", "sweep.cpu_memory_limit_gib",
+     "CPU trials: address-space limit of every trial process (GiB)"),
+    ("--trial-timeout", "sweep.trial_timeout_s", "seconds before a trial counts as hung"),
+    ("--out", "sweep.out", "results folder, relative to the workdir (default benchmarks/results)"),
+    ("--tables", "sweep.tables", "benchmark tables for --write-table (default configs/benchmarks)"),
+)
+
+
+def cmd_sweep(args) -> int:
+    args.kind = "sweep"
+    args.options = [(flag, key, getattr(args, flag[2:].replace("-", "_")))
+                    for flag, key, _ in SWEEP_OPTIONS]
+    args.options += [("--compile", "trainer.train.compile", args.compile),
+                     ("--write-table", "sweep.write_table", args.write_table or None)]
+    if args.dry_run:
+        return cmd_render(args)
+    return cmd_submit(args, command="sweep")
 
 
 def cmd_debug(args) -> int:
@@ -210,12 +248,16 @@ def cmd_status(args) -> int:
     if ids and name in backends.SCHEDULED:
         for job_id, state in backends.get(name).states(run_dir, saved, ids[-1:]).items():
             _out(f"state     job {job_id}: {state}")
-    latest = rundir.latest_complete_step(run_dir)
-    max_steps = saved.get("trainer", {}).get("train", {}).get("max_steps", "?")
-    logged = _last_logged_step(run_dir)
-    _out(f"progress  latest complete checkpoint: {'none' if latest is None else f'step {latest}'}"
-         f"; last logged step: {'-' if logged is None else logged} of {max_steps}")
-    _out(f"finished  {'yes' if rundir.is_finished(run_dir) else 'no'}")
+    if saved.get("sweep"):
+        _sweep_status(run_dir, saved)
+    else:
+        latest = rundir.latest_complete_step(run_dir)
+        max_steps = saved.get("trainer", {}).get("train", {}).get("max_steps", "?")
+        logged = _last_logged_step(run_dir)
+        _out(f"progress  latest complete checkpoint: "
+             f"{'none' if latest is None else f'step {latest}'}"
+             f"; last logged step: {'-' if logged is None else logged} of {max_steps}")
+        _out(f"finished  {'yes' if rundir.is_finished(run_dir) else 'no'}")
     attempts = data.get("attempts", [])
     if attempts:
         a = attempts[-1]
@@ -227,6 +269,30 @@ def cmd_status(args) -> int:
     for e in data.get("events", [])[-3:]:
         _out(f"event     {e.get('time')} {e.get('event')} {e.get('detail', '')}".rstrip())
     return 0
+
+
+def _sweep_status(run_dir: Path, saved: dict) -> None:
+    """A sweep's progress: the trials started so far, then its result per recompute policy."""
+    import json
+
+    from launchers import sweep
+
+    sw = saved["sweep"]
+    trials = sorted((run_dir / sweep.TRIALS).glob("*/*/*-mbs*"))
+    _out(f"sweep     micro batch {sw.get('min')}..{sw.get('max')}, recompute "
+         f"{','.join(sw.get('recompute', []))}; trials started: {len(trials)}"
+         + (f" (latest {trials[-1].name})" if trials else ""))
+    model = Path(saved.get("job", {}).get("model", "?")).stem
+    result = run_dir / sweep.RESULTS / f"{model}.json"
+    if not result.is_file():
+        _out(f"results   none yet ({result})")
+        return
+    data = json.loads(result.read_text())
+    for policy, found in data.get("policies", {}).items():
+        _out(f"result    {policy}: largest micro batch {found.get('max_micro_batch_size')}, "
+             f"fastest {found.get('micro_batch_size')} ({found.get('tokens_per_s_per_gpu') or 0:,.0f}"
+             f" tokens/s/GPU)")
+    _out(f"results   {result.with_suffix('.md')} (and {sw.get('out')}/{data.get('gpu')}/)")
 
 
 def _last_logged_step(run_dir: Path):
@@ -309,7 +375,8 @@ def cmd_resume(args) -> int:
 
     run_dir = _find_run(args.run)
     saved = _saved(run_dir)
-    resolved = config.resolve(base=saved, overrides=args.overrides)
+    resolved = config.resolve(base=saved, overrides=args.overrides,
+                              kind="sweep" if saved.get("sweep") else "train")
     for key in ("experiment", "run"):
         if getattr(resolved.config.job, key) != saved.get("job", {}).get(key):
             raise ConfigError("command line", f"job.{key}", "cannot change on resume",
@@ -389,6 +456,20 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("render", help="dry run: print the script and the resolved config")
     _job_options(s)
     s.set_defaults(func=cmd_render)
+    s = sub.add_parser("sweep", help="submit a micro-batch sweep: one allocation, every trial "
+                       "an srun step of it (docs/sweep.md)")
+    _job_options(s)
+    for flag, _, text in SWEEP_OPTIONS:
+        s.add_argument(flag, help=text)
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="trainer.train.compile in the trials (default: the config's)")
+    s.add_argument("--write-table", action="store_true",
+                   help="update the model's row in <tables>/<gpu>.yaml")
+    s.add_argument("--set", metavar="KEY=VALUE", nargs="+", help="trainer overrides as for "
+                   "benchmarks.sweep (same as trainer.KEY=VALUE)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the batch script and the resolved config; submit nothing")
+    s.set_defaults(func=cmd_sweep)
     s = sub.add_parser("debug", help="run ~50 steps here, in the foreground (local backend)")
     _job_options(s, backend=False)
     s.add_argument("--nproc", type=int, help="processes (torchrun when > 1); default 1")
@@ -414,15 +495,24 @@ def parser() -> argparse.ArgumentParser:
 
 
 _VALUE_OPTIONS = {"--model", "--cluster", "--nodes", "--backend", "--config", "--nproc", "-n",
-                  "--lines"}
+                  "--lines", *(flag for flag, _, _ in SWEEP_OPTIONS)}
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """key=value words may come anywhere (argparse alone would refuse them after an option)."""
+    """key=value words may come anywhere (argparse alone would refuse them after an option).
+    For `sweep`, the words after --set are trainer overrides (benchmarks.sweep's spelling)."""
     rest, overrides = [], []
+    in_set = False
     for i, word in enumerate(argv):
         previous = argv[i - 1] if i else ""
+        if word == "--set" and argv[:1] == ["sweep"]:
+            in_set = True
+            continue
+        if word.startswith("-"):
+            in_set = False
         if "=" in word and not word.startswith("-") and previous not in _VALUE_OPTIONS:
+            if in_set and word.split(".")[0] not in ("job", "cluster", "sweep", "trainer"):
+                word = "trainer." + word
             overrides.append(word)
         else:
             rest.append(word)

@@ -6,6 +6,8 @@ A resolved configuration has three sections, written to `<run_dir>/config.yaml`:
     cluster:  the cluster profile: partition, GPUs per node, container, environment, ...
     trainer:  bionemo.config.TrainerConfig, what the trainer reads
 
+and a fourth, `sweep`, for a micro-batch sweep job (`python -m launchers sweep`; SweepConfig).
+
 Resolution order (later layers win, key by key):
 
     1. model preset         configs/models/<job.model>.yaml
@@ -38,7 +40,7 @@ from bionemo.config import TrainerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
-SECTIONS = ("job", "cluster", "trainer")
+SECTIONS = ("job", "cluster", "sweep", "trainer")
 
 # Short spellings accepted on the command line (documented in docs/launcher.md).
 ALIASES = {
@@ -373,14 +375,83 @@ class ClusterConfig(Section):
         return v
 
 
+# --------------------------------------------------------------------------------------------
+# The `sweep` section (a micro-batch sweep job)
+# --------------------------------------------------------------------------------------------
+
+POLICIES = ("none", "selective", "full")  # = benchmarks.sweep.POLICIES, most memory first
+
+
+class SweepConfig(Section):
+    """A micro-batch sweep in ONE allocation (`python -m launchers sweep`, docs/sweep.md): the
+    batch script runs `python -m benchmarks.sweep --inside-allocation` once, and every trial is an
+    srun step of the job. Trials start from the resolved `trainer` section; the sweep's
+    tensor-parallel size, memory cap and compile switch are trainer.parallel.tensor,
+    trainer.train.memory_cap_gib and trainer.train.compile (flags --tp, --memory-cap-gib,
+    --compile). A trial spans all job.nodes nodes."""
+
+    # Ranks per node of each trial (GPUs per node); default: the profile's ranks per node.
+    gpus_per_trial: int | None = Field(None, ge=1)
+    min: int = Field(1, ge=1)  # smallest micro batch tried
+    max: int = Field(512, ge=1)  # largest micro batch tried
+    warmup_steps: int = Field(3, ge=0)  # steps dropped before timing
+    steps: int = Field(10, ge=1)  # timed steps per trial
+    # activation_checkpointing policies swept, in this order (each starts where the last ended)
+    recompute: list[Literal["none", "selective", "full"]] = list(POLICIES)
+    gpu_name: str | None = None  # results and table name, e.g. h100_80gb; default: detected
+    write_table: bool = False  # update the model's row in <tables>/<gpu>.yaml
+    # CPU trials only: address-space limit (RLIMIT_AS) of every trial process, a real OOM
+    cpu_memory_limit_gib: float | None = Field(None, gt=0)
+    trial_timeout_s: float = Field(1800, gt=0)  # a trial running longer counts as hung
+    # Results: <out>/<gpu>/<model>.*, copied into <run_dir>/results. Relative to cluster.workdir.
+    out: str = "benchmarks/results"
+    tables: str = "configs/benchmarks"  # benchmark tables for write_table, relative to workdir
+
+    @field_validator("recompute", mode="before")
+    @classmethod
+    def _policies(cls, v):
+        if isinstance(v, str):  # --recompute none,selective
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("no policy given; list some of none, selective, full")
+            if len(set(v)) != len(v):
+                raise ValueError(f"{v} repeats a policy; list each of none, selective, full once")
+        return v
+
+    @field_validator("recompute")
+    @classmethod
+    def _order(cls, v):
+        return [x for x in POLICIES if x in v]  # most memory first: the search relies on it
+
+    @field_validator("gpu_name")
+    @classmethod
+    def _gpu_name(cls, v):
+        return _pattern_check(v, re.compile(r"^[a-z0-9_.-]+$"),
+                              "a table name (lower-case letters, digits, _.-)", "h100_80gb")
+
+    @field_validator("out", "tables")
+    @classmethod
+    def _folder(cls, v):
+        if not v or re.search(r"[\x00-\x1f]", v):
+            raise ValueError(f"{v!r} is empty or spans lines; give one folder")
+        return v
+
+
 class LaunchConfig(Section):
     """The resolved configuration, as written to <run_dir>/config.yaml."""
 
     job: JobConfig
     cluster: ClusterConfig
+    sweep: SweepConfig | None = None  # a sweep job (`python -m launchers sweep`); absent: training
     trainer: TrainerConfig
 
     # Derived values (not stored: recomputed from the sections).
+    @property
+    def kind(self) -> str:
+        """What the job runs: "train" (the trainer on every rank) or "sweep"."""
+        return "train" if self.sweep is None else "sweep"
+
     @property
     def tasks_per_node(self) -> int:
         c = self.cluster
@@ -402,6 +473,7 @@ class LaunchConfig(Section):
 
 class BenchmarkRow(Section):
     micro_batch_size: int = Field(gt=0)  # -> trainer.train.micro_batch_size
+    engine: Literal["torch", "megatron"] | None = None  # -> trainer.train.engine (TP/PP > 1: megatron)
     tensor_parallel: int = Field(1, gt=0)  # -> trainer.parallel.tensor
     pipeline_parallel: int = Field(1, gt=0)  # -> trainer.parallel.pipeline
     global_batch_size: int | None = Field(None, gt=0)  # -> trainer.train.global_batch_size
@@ -413,9 +485,12 @@ class BenchmarkRow(Section):
     notes: str | None = None
 
     def trainer_layer(self) -> dict:
+        train = {"micro_batch_size": self.micro_batch_size,
+                 "global_batch_size": self.global_batch_size}
+        if self.engine is not None:
+            train["engine"] = self.engine
         return {
-            "train": {"micro_batch_size": self.micro_batch_size,
-                      "global_batch_size": self.global_batch_size},
+            "train": train,
             "parallel": {"tensor": self.tensor_parallel, "pipeline": self.pipeline_parallel},
         }
 
@@ -527,7 +602,8 @@ def file_layer(path: Path, source_key: str) -> Layer:
     for k, v in raw.items():
         if k not in SECTIONS:
             raise ConfigError(src, str(k), "unknown section" + _did_you_mean(str(k), SECTIONS),
-                              "a config file has only the sections job, cluster, trainer")
+                              "a config file has only the sections job, cluster, trainer "
+                              "(and sweep, for `python -m launchers sweep`)")
         if not isinstance(v, dict):
             raise ConfigError(src, str(k), "must be a mapping", f"write `{k}:` followed by keys")
     return Layer(src, raw)
@@ -609,7 +685,7 @@ def parse_override(item: str) -> tuple[Key, Any]:
                           "write e.g. trainer.train.max_steps=100")
     if key[0] not in SECTIONS:
         raise ConfigError("command line", name, "unknown key" + _did_you_mean(key[0], SECTIONS),
-                          "keys start with job., cluster. or trainer. (aliases: "
+                          "keys start with job., cluster., trainer. or sweep. (aliases: "
                           + ", ".join(ALIASES) + ")")
     if len(key) == 1:
         raise ConfigError("command line", name, "a whole section cannot be set",
@@ -621,14 +697,20 @@ def parse_override(item: str) -> tuple[Key, Any]:
     return key, load_yaml_text(raw, "command line") if raw.strip() else None
 
 
-def cli_layer(flags: dict[str, Any], overrides: list[str]) -> Layer:
-    """The command line: flags (--model, ...) first, then key=value overrides in order."""
+def cli_layer(flags: dict[str, Any], overrides: list[str],
+              options: list[tuple[str, str, Any]] = ()) -> Layer:
+    """The command line: flags (--model, ...) first, then other options given as (flag, dotted
+    key, value) (the sweep's --min, --tp, ...), then key=value overrides in order."""
     data: dict = {}
     origins: dict[Key, str] = {}
     for name, value in flags.items():
         if value is not None:
             _set(data, ("job", name), value)
             origins[("job", name)] = f"--{name}"
+    for flag, dotted, value in options:
+        if value is not None:
+            _set(data, tuple(dotted.split(".")), value)
+            origins[tuple(dotted.split("."))] = flag
     for item in overrides:
         key, value = parse_override(item)
         _set(data, key, value)
@@ -687,20 +769,33 @@ def resolve(
     config_files: list[str | Path] = (),
     overrides: list[str] = (),
     extra_layers: list[Path] = (),
+    options: list[tuple[str, str, Any]] = (),
+    kind: str = "train",
     base: dict | None = None,
     now: datetime | None = None,
 ) -> Resolved:
     """Resolve the layers into one validated LaunchConfig (nothing is written).
 
     `base` replaces the preset/table/profile layers with an already resolved config (resume).
+    `kind` "sweep" adds the sweep section (its defaults); "train" refuses one.
     """
     user = [file_layer(Path(f), "--config") for f in config_files]
     user += [file_layer(Path(f), "(defaults)") for f in extra_layers]
     cli = cli_layer({"model": model, "cluster": cluster, "nodes": nodes, "backend": backend},
-                    list(overrides))
+                    list(overrides), list(options))
     upper = user + [cli]
+    if kind == "sweep":
+        upper.insert(0, Layer("(sweep defaults)", {"sweep": {}, "job": {"experiment": "sweep"}}))
+    else:
+        _, sweep_src = _highest(upper, ("sweep",))
+        if sweep_src is not None:
+            raise ConfigError(sweep_src, "sweep", "sweep settings belong to a sweep job",
+                              "run `python -m launchers sweep` (make sweep BACKEND=...), or "
+                              "remove them")
 
     if base is not None:
+        if kind == "sweep":
+            upper = upper[1:]  # the saved config has its sweep section
         lower = [Layer("config.yaml", base)]
         layers = lower + upper
         merged, origins = merge(layers)
@@ -785,6 +880,13 @@ def _fill_defaults(cfg: LaunchConfig, now: datetime) -> None:
         cl.container_workdir = cl.workdir
     root = Path(os.path.expanduser(cl.runs_root))
     cl.runs_root = str(root if root.is_absolute() else workdir / root)
+    sw = cfg.sweep
+    if sw is not None:
+        if sw.gpus_per_trial is None:
+            sw.gpus_per_trial = cfg.tasks_per_node
+        for name in ("out", "tables"):
+            folder = Path(os.path.expanduser(getattr(sw, name)))
+            setattr(sw, name, str(folder if folder.is_absolute() else workdir / folder))
 
 
 def _src(origins: dict[Key, str], key: Key, default: str = "resolved config") -> str:
@@ -830,9 +932,19 @@ def _check(cfg: LaunchConfig, origins, table: BenchmarkTable, row: BenchmarkRow 
             f"the lead ({cl.signal_lead_s} s) and the limit is {limit} s")
 
     # Backend
-    if job.backend == "local" and job.nodes != 1:
+    if job.backend == "local" and cfg.sweep is not None:
+        err("job.backend", "a sweep job runs in a SLURM allocation, not with the local backend",
+            "choose --backend sbatch, submitit or nemo_run; for a sweep on this machine run "
+            "`make sweep` without BACKEND (python -m benchmarks.sweep)")
+    elif job.backend == "local" and job.nodes != 1:
         err("job.nodes", f"the local backend runs on this machine only, not on {job.nodes} nodes",
             "use job.nodes=1 (--nodes 1) or --backend sbatch")
+
+    if cfg.sweep is not None:  # a sweep job: its trials, not the job, have a parallel layout
+        _check_sweep(cfg, err)
+        if errors:
+            raise ConfigError.many(errors)
+        return
 
     # Parallel layout and batch arithmetic
     world = cfg.world_size
@@ -879,11 +991,39 @@ def _check(cfg: LaunchConfig, origins, table: BenchmarkTable, row: BenchmarkRow 
         raise ConfigError.many(errors)
 
 
+def _check_sweep(cfg: LaunchConfig, err) -> None:
+    """A sweep job's settings against the allocation. The trials' global batch is null (one micro
+    batch per rank), so only their parallel layout is checked, at their own world size."""
+    sw, cl, tr = cfg.sweep, cfg.cluster, cfg.trainer
+    if sw.min > sw.max:
+        err("sweep.min", f"{sw.min} is above sweep.max {sw.max}",
+            "choose 1 <= --min <= --max")
+    if sw.gpus_per_trial > cfg.tasks_per_node:
+        err("sweep.gpus_per_trial",
+            f"{sw.gpus_per_trial} ranks per node, but the allocation has {cfg.tasks_per_node} "
+            f"per node (cluster {cl.name})",
+            f"use --gpus-per-trial {cfg.tasks_per_node} or less")
+    if sw.cpu_memory_limit_gib is not None and cl.gpus_per_node:
+        err("sweep.cpu_memory_limit_gib", "is for CPU trials: CUDA reserves far more address "
+            "space than any limit allows", "cap GPU memory with --memory-cap-gib instead")
+    if sw.write_table and "none" not in sw.recompute:
+        err("sweep.write_table", "tables describe the recompute policy 'none', which this sweep "
+            "leaves out", "add none to --recompute, or drop --write-table")
+    world = sw.gpus_per_trial * cfg.job.nodes
+    tp, pp = tr.parallel.tensor, tr.parallel.pipeline
+    if world % (tp * pp) or tr.model.num_attention_heads % tp:
+        err("trainer.parallel.tensor",
+            f"tensor x pipeline = {tp} x {pp} must divide a trial's world size {world} "
+            f"({cfg.job.nodes} nodes x {sw.gpus_per_trial} ranks) and tensor the head count "
+            f"{tr.model.num_attention_heads}", "choose --tp (and --gpus-per-trial) to fit")
+
+
 # --------------------------------------------------------------------------------------------
 # pydantic errors -> ConfigError
 # --------------------------------------------------------------------------------------------
 
 
+_KEY_FIRST = re.compile(r"^([a-z_]+\.[a-z_]+)\b")
 _NESTED = re.compile(r"(?:^|; |Value error, )(data\.[\w.]+): (.+?)(?= \(model\.family|; data\.|$)")
 
 
@@ -945,6 +1085,11 @@ def _translate(exc: ValidationError, origins, default_source: str = "resolved co
             text = msg.removeprefix("Value error, ")
             problem, _, fix = text.partition("; ")
             fix = fix or f"fix {key}"
+            # The trainer's cross-section checks start with the key they are about
+            # ("parallel.tensor=2 ..."): name it in full.
+            if (first := _KEY_FIRST.match(problem)) and loc == ("trainer",):
+                key = f"trainer.{first.group(1)}"
+                source = _src(origins, loc + tuple(first.group(1).split(".")), default_source)
             if "time limit" in problem or problem.endswith("is zero"):
                 fix = TIME_FIX
         else:
@@ -980,8 +1125,8 @@ def dump(cfg: LaunchConfig, layers: list[str] = ()) -> str:
     head = "# Resolved by `python -m launchers`; the trainer reads the `trainer` section.\n"
     if layers:
         head += "# Layers, lowest first: " + " < ".join(layers) + "\n"
-    body = yaml.dump(cfg.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False,
-                     default_flow_style=False, width=100)
+    data = cfg.model_dump(mode="json", exclude={"sweep"} if cfg.sweep is None else None)
+    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
     return head + body
 
 

@@ -2,7 +2,8 @@
 
     {
       "version": 1,
-      "run_dir": "...", "backend": "sbatch", "cluster": "local", "created": "...",
+      "run_dir": "...", "backend": "sbatch", "cluster": "local", "kind": "train",
+      "created": "...",
       "policy": {"max_restarts": 50, "time_limit_s": 1800, "signal_lead_s": 60},
       "jobs": [{"job_id": "12", "command": "submit", "time": "...", "timings": {...}}],
       "attempts": [{"job_id": "12", "restart": 0, "host": "node1", "exit_code": 75,
@@ -84,10 +85,10 @@ def update(run_dir, change) -> dict:
         return data
 
 
-def create(run_dir, *, backend: str, cluster: str, policy: dict) -> dict:
+def create(run_dir, *, backend: str, cluster: str, policy: dict, kind: str = "train") -> dict:
     def change(data):
         data.update(version=VERSION, run_dir=str(run_dir), backend=backend, cluster=cluster,
-                    created=now(), policy=policy)
+                    kind=kind, created=now(), policy=policy)
     return update(run_dir, change)
 
 

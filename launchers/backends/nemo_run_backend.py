@@ -42,6 +42,12 @@ Mapping:
   backend's environment (quoting filters): templates/slurm/_environment.j2 (environment, setup
   lines, rendezvous) and _requeue.j2, installed as an EXIT trap that runs after NeMo-Run's srun
   with its exit code, plus a SIGTERM trap (the batch shell notes SIGTERM and waits for srun).
+
+A sweep job (`python -m launchers sweep`, launchers/sweep.py) has one task, `sweep`: NeMo-Run's
+srun step is ONE task on the first node (srun flags --nodes=1 --ntasks=1, after NeMo-Run's own),
+outside any container, running `python -m benchmarks.sweep --inside-allocation ...`; the trials
+are srun steps of the same job with --overlap. The allocation is the profile's; no warning
+signal, no requeue trap (a sweep is run again, not resumed), retries=0.
 """
 
 from __future__ import annotations
@@ -120,10 +126,26 @@ def _quiet_logging():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_SWEEP_SETUP = """\
+# ---- rendered by launchers.backends.nemo_run_backend into NeMo-Run's setup_lines hook from the
+# ---- native script's partial templates/slurm/_environment.j2 (a sweep: no requeue)
+cd {{ workdir | q }} || exit 1
+echo "[launcher] $(date -u +%FT%TZ) sweep job $SLURM_JOB_ID on $SLURM_JOB_NODELIST"
+
+{% include "slurm/_environment.j2" %}
+"""
+SWEEP_TASK = "sweep"
+
+
 def setup_lines(spec: JobSpec) -> str:
     from launchers.backends import sbatch
 
-    return sbatch.environment().from_string(_SETUP).render(**sbatch.context(spec)).rstrip("\n")
+    source = _SWEEP_SETUP if spec.config.kind == "sweep" else _SETUP
+    return sbatch.environment().from_string(source).render(**sbatch.context(spec)).rstrip("\n")
+
+
+def task_name(kind: str) -> str:
+    return SWEEP_TASK if kind == "sweep" else TASK
 
 
 def _sbatch_arg_pairs(flags: list[str]) -> dict:
@@ -150,15 +172,22 @@ def make_executor(spec: JobSpec, run):
     from nemo_run.core.execution.slurm import SlurmJobDetails
 
     cl, job, tr = spec.cluster, spec.job, spec.trainer
+    sweeping = spec.config.kind == "sweep"
     extra = _sbatch_arg_pairs(cl.sbatch_args)
-    extra["requeue"] = True
+    if not sweeping:
+        extra["requeue"] = True
     if job.dependency:
         extra["dependency"] = job.dependency
     if job.hold:
         extra["hold"] = True
-    srun_args = sbatch.srun_flags(spec) + ["--kill-on-bad-exit=0"]
-    if not cl.container_image:
-        srun_args.append(f"--chdir={cl.workdir}")
+    if sweeping:  # the orchestrator: one task on the first node, outside any container
+        srun_args = ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
+                     f"--cpus-per-task={cl.cpus_per_task}", "--kill-on-bad-exit=0",
+                     f"--chdir={cl.workdir}"]
+    else:
+        srun_args = sbatch.srun_flags(spec) + ["--kill-on-bad-exit=0"]
+        if not cl.container_image:
+            srun_args.append(f"--chdir={cl.workdir}")
     name = sbatch.job_name(spec)
     return run.SlurmExecutor(
         account=cl.account,
@@ -173,7 +202,7 @@ def make_executor(spec: JobSpec, run):
         exclusive=True if cl.exclusive else None,
         constraint=job.constraint,
         exclude=job.exclude,
-        signal=f"{tr.train.stop_signal}@{cl.signal_lead_s}",
+        signal=None if sweeping else f"{tr.train.stop_signal}@{cl.signal_lead_s}",
         open_mode="append",
         additional_parameters=extra,
         srun_args=srun_args,
@@ -191,6 +220,20 @@ def trainer_script(spec: JobSpec, run):
     command with spaces, so they are quoted here)."""
     return run.Script(path="bionemo.train", m=True, args=[shlex.quote(str(spec.run_dir))],
                       entrypoint=shlex.quote(spec.cluster.python))
+
+
+def sweep_script(spec: JobSpec, run):
+    """`python -m benchmarks.sweep --inside-allocation ...` (launchers/sweep.py) as a Script."""
+    from launchers import sweep
+
+    words = sweep.command(spec, in_step=True)
+    assert words[1:3] == ["-m", "benchmarks.sweep"], words
+    return run.Script(path="benchmarks.sweep", m=True, args=[shlex.quote(w) for w in words[3:]],
+                      entrypoint=shlex.quote(words[0]))
+
+
+def task_script(spec: JobSpec, run):
+    return sweep_script(spec, run) if spec.config.kind == "sweep" else trainer_script(spec, run)
 
 
 def _check_paths(spec: JobSpec, home: Path) -> None:
@@ -232,7 +275,7 @@ def script(spec: JobSpec) -> str:
         run = nemo_run(tmp)
         _quiet_logging()
         with _no_stdin(), _experiment(run, spec, make_executor(spec, run)) as exp:
-            exp.add(trainer_script(spec, run), name=TASK)
+            exp.add(task_script(spec, run), name=task_name(spec.config.kind))
             exp.dryrun(log=False, delete_exp_dir=False)
             found = sorted(Path(exp._exp_dir).glob("*_sbatch.sh"))
             if not found:
@@ -292,7 +335,7 @@ class NemoRunBackend(Backend):
                 if os.environ.get(SSH_ENV):
                     _mirror_to_remote(spec, executor.tunnel)
                 with _experiment(run, spec, executor) as exp:
-                    exp.add(trainer_script(spec, run), name=TASK)
+                    exp.add(task_script(spec, run), name=task_name(spec.config.kind))
                     t0 = time.perf_counter()
                     exp.run(detach=True)
                     took = time.perf_counter() - t0
@@ -305,8 +348,9 @@ class NemoRunBackend(Backend):
         job_id = handle.rpartition("/")[2] if handle else ""
         if not job_id.isdigit():
             raise BackendError(f"NeMo-Run returned no SLURM job id (handle {handle!r})")
+        task = task_name(spec.config.kind)
         record.update(spec.run_dir, lambda d: d.setdefault("nemo_run", {}).update(
-            {job_id: dict(experiment=exp_id, task=TASK, handle=handle, home=str(home))}))
+            {job_id: dict(experiment=exp_id, task=task, handle=handle, home=str(home))}))
         return Submission(job_id=job_id, notes=[f"NeMo-Run experiment {exp_id}, {took:.3f} s"])
 
     def resubmit(self, run_dir: Path, saved: dict) -> Submission:
@@ -332,8 +376,9 @@ class NemoRunBackend(Backend):
                 _, exp = self._experiment_of(run_dir, job_id)
                 if exp is None:
                     continue
+                task = _handles(run_dir).get(str(job_id), {}).get("task", TASK)
                 with _silenced(), _no_stdin():
-                    own = exp.status(return_dict=True)[TASK]["status"]
+                    own = exp.status(return_dict=True)[task]["status"]
                 own = str(getattr(own, "name", own))
                 seen = "" if own == "UNKNOWN" else f": {own}"  # UNKNOWN: no accounting (sacct)
                 states[job_id] = f"{states.get(job_id, '?')} (NeMo-Run experiment {exp._id}{seen})"
@@ -357,14 +402,15 @@ class NemoRunBackend(Backend):
             if exp is None:
                 leftover.append(job_id)
                 continue
+            task = _handles(run_dir).get(str(job_id), {}).get("task", TASK)
             with _silenced(), _no_stdin():
-                exp.cancel(TASK)
+                exp.cancel(task)
             state = SbatchBackend().states(run_dir, saved, [job_id])[job_id]
             if state.split(",")[0].split(" ")[0] in ("PENDING", "RUNNING", "REQUEUED",
                                                       "CONFIGURING", "SUSPENDED"):
                 leftover.append(job_id)
             else:
-                via.append(f"{job_id}: Experiment.cancel({TASK!r}) of {exp._id}")
+                via.append(f"{job_id}: Experiment.cancel({task!r}) of {exp._id}")
         if leftover:
             SbatchBackend().cancel(run_dir, saved, leftover)
             via += [f"{job_id}: scancel" for job_id in leftover]

@@ -27,6 +27,7 @@ from launchers.spec import JobSpec
 TEMPLATES = REPO_ROOT / "templates"
 TEMPLATE = "slurm/train.sbatch.j2"
 SCRIPT = "train.sbatch"  # = bionemo.rundir.SCRIPT
+SWEEP_TEMPLATE = "slurm/sweep.sbatch.j2"  # a sweep job (launchers/sweep.py)
 
 
 # ------------------------------------------------------------------------------------ quoting
@@ -63,6 +64,11 @@ def sbq(value) -> Quoted:
     if _SBATCH_PLAIN.match(text):
         return Quoted(text)
     return Quoted('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+
+
+def qw(words) -> Quoted:
+    """Several shell words, each quoted, separated by spaces."""
+    return Quoted(" ".join(shlex.quote(_text(w)) for w in words))
 
 
 def c(value) -> Quoted:
@@ -107,7 +113,7 @@ def environment() -> jinja2.Environment:
             keep_trailing_newline=True,
             autoescape=False,
         )
-        _ENV.filters.update(q=q, sbq=sbq, c=c)
+        _ENV.filters.update(q=q, sbq=sbq, c=c, qw=qw)
     return _ENV
 
 
@@ -165,7 +171,9 @@ def context(spec: JobSpec) -> dict:
         qos=cl.qos,
         exclusive=cl.exclusive,
         batch_log=f"{run_dir}/logs/slurm-%j.out",
-        signal=f"{tr.train.stop_signal}@{cl.signal_lead_s}",
+        # a training job saves on the warning signal and requeues itself; a sweep does neither
+        requeue=spec.config.kind == "train",
+        signal=f"{tr.train.stop_signal}@{cl.signal_lead_s}" if spec.config.kind == "train" else None,
         dependency=job.dependency,
         constraint=job.constraint,
         exclude=job.exclude,
@@ -184,8 +192,26 @@ def context(spec: JobSpec) -> dict:
     )
 
 
+def sweep_context(spec: JobSpec) -> dict:
+    from launchers import sweep
+
+    return dict(context(spec), sweep_lines=sweep.lines(sweep.command(spec)),
+                sweep_summary=sweep.summary(spec))
+
+
 def render(spec: JobSpec) -> str:
+    if spec.config.kind == "sweep":
+        return environment().get_template(SWEEP_TEMPLATE).render(**sweep_context(spec))
     return environment().get_template(TEMPLATE).render(**context(spec))
+
+
+def script_name(kind: str) -> str:
+    """The batch script's file in the run directory."""
+    if kind == "sweep":
+        from launchers import sweep
+
+        return sweep.SCRIPT
+    return SCRIPT
 
 
 # ------------------------------------------------------------------------------------ SLURM clients
@@ -277,18 +303,19 @@ class SbatchBackend(Backend):
     name = "sbatch"
 
     def files(self, spec: JobSpec) -> dict[str, str]:
-        return {SCRIPT: render(spec)}
+        return {script_name(spec.config.kind): render(spec)}
 
     def describe(self, spec: JobSpec) -> str:
         return render(spec)
 
     def submit(self, spec: JobSpec) -> Submission:
         env = client_env(spec.cluster.model_dump(), start=True)
-        return _sbatch(spec.run_dir / SCRIPT, env)
+        return _sbatch(spec.run_dir / script_name(spec.config.kind), env)
 
     def resubmit(self, run_dir: Path, saved: dict) -> Submission:
         env = client_env(saved.get("cluster", {}), start=True)
-        return _sbatch(Path(run_dir) / SCRIPT, env)
+        kind = "sweep" if saved.get("sweep") else "train"
+        return _sbatch(Path(run_dir) / script_name(kind), env)
 
     def states(self, run_dir: Path, saved: dict, job_ids: list[str]) -> dict[str, str]:
         env = client_env(saved.get("cluster", {}))

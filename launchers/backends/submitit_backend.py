@@ -48,6 +48,13 @@ interrupted. As a child:
 The trainer child is reaped by a thread; the main thread (and the signal handlers that run in it)
 only polls an attribute, since Popen.wait holds a non-reentrant lock that a nested wait from a
 handler would deadlock on.
+
+A sweep job (`python -m launchers sweep`, launchers/sweep.py) is a `SweepJob` instead: the
+allocation is the profile's (nodes x ranks per node), but submitit's srun step is ONE task on the
+first node, outside any container, which runs the sweep's orchestrator; the trials are srun steps
+of the same job with --overlap. No requeue: a sweep is run again, not resumed. (submitit always
+adds `--signal=USR2@<delay>`; near the limit the trials would get it and stop the sweep, which
+the time limit would end a minute later anyway.)
 """
 
 from __future__ import annotations
@@ -216,6 +223,31 @@ class TrainerJob(Checkpointable):
                                  elapsed_s=elapsed, via=via)
 
 
+class SweepFailed(RuntimeError):
+    """The sweep's orchestrator exited non-zero (its output is in this task's log)."""
+
+
+class SweepJob:
+    """A sweep job's one task: run the orchestrator (`python -m benchmarks.sweep
+    --inside-allocation ...`) in the workdir and fail the job when it fails."""
+
+    def __init__(self, command: list[str], workdir: str):
+        self.command, self.workdir = list(command), workdir
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> "SweepJob":
+        from launchers import sweep
+
+        return cls(sweep.command(spec, in_step=True), spec.cluster.workdir)
+
+    def __call__(self) -> int:
+        print("[launcher] sweep: " + shlex.join(self.command), flush=True)
+        rc = subprocess.run(self.command, cwd=self.workdir).returncode
+        if rc:
+            raise SweepFailed(f"the sweep exited {rc}")
+        return 0
+
+
 def decide_and_record(run_dir, exit_code: int, *, terminated: bool, elapsed_s, via: str) -> dict:
     """launchers.requeue.decide() on what the run directory and SLURM say, recorded in
     submission.json before anything is requeued (what `python -m launchers.requeue` does for the
@@ -246,10 +278,18 @@ def _amend(run_dir, **fields) -> None:
 # ------------------------------------------------------------------------------------ executor
 
 
+_SWEEP_SETUP = """\
+# ---- rendered by launchers/backends/submitit_backend.py (templates/slurm/_environment.j2)
+cd {{ workdir | q }} || exit 1
+{% include "slurm/_environment.j2" %}
+"""
+
+
 def setup_lines(spec: JobSpec) -> list[str]:
     from launchers.backends import sbatch
 
-    text = sbatch.environment().from_string(_SETUP).render(**sbatch.context(spec))
+    source = _SWEEP_SETUP if spec.config.kind == "sweep" else _SETUP
+    text = sbatch.environment().from_string(source).render(**sbatch.context(spec))
     return text.rstrip("\n").split("\n")
 
 
@@ -268,11 +308,13 @@ def parameters(spec: JobSpec) -> dict:
     from launchers.backends import sbatch
 
     cl, job, tr = spec.cluster, spec.job, spec.trainer
+    sweeping = spec.config.kind == "sweep"
     extra = _sbatch_arg_pairs(cl.sbatch_args)
     # exact time (timeout_min is whole minutes) and the project's signal (submitit's default
     # is USR2@<signal_delay_s>, the same shape); --requeue so that SLURM requeues preempted jobs
-    extra.update(time=spec.time_limit, signal=f"{tr.train.stop_signal}@{cl.signal_lead_s}",
-                 requeue=True)
+    extra["time"] = spec.time_limit
+    if not sweeping:
+        extra.update(signal=f"{tr.train.stop_signal}@{cl.signal_lead_s}", requeue=True)
     if job.hold:
         extra["hold"] = True
     params = dict(
@@ -291,12 +333,19 @@ def parameters(spec: JobSpec) -> dict:
         slurm_dependency=job.dependency,
         slurm_signal_delay_s=cl.signal_lead_s,
         slurm_setup=setup_lines(spec),
-        slurm_srun_args=sbatch.srun_flags(spec),
+        slurm_srun_args=_sweep_step_flags(spec) if sweeping else sbatch.srun_flags(spec),
         slurm_additional_parameters=extra,
     )
     if cl.gpus_per_node:
         params["gpus_per_node"] = cl.gpus_per_node
     return params
+
+
+def _sweep_step_flags(spec: JobSpec) -> list[str]:
+    """submitit's srun step of a sweep: one task on the first node, outside any container (the
+    orchestrator calls srun); the trial steps overlap it."""
+    return ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
+            f"--cpus-per-task={spec.cluster.cpus_per_task}"]
 
 
 @contextlib.contextmanager
@@ -316,8 +365,11 @@ def _without_srun_check():
 def make_executor(spec: JobSpec) -> submitit.AutoExecutor:
     """The AutoExecutor of the run: folder <run_dir>/submitit, the profile's interpreter,
     job.max_restarts as submitit's timeout budget (the project's policy decides first)."""
+    from launchers import sweep
+
+    python = sweep.orchestrator_python(spec) if spec.config.kind == "sweep" else spec.cluster.python
     ex = submitit.AutoExecutor(folder=str(Path(spec.run_dir) / FOLDER), cluster="slurm",
-                               slurm_python=shlex.quote(spec.cluster.python),
+                               slurm_python=shlex.quote(python),
                                slurm_max_num_timeout=spec.job.max_restarts)
     ex.update_parameters(**parameters(spec))
     return ex
@@ -382,8 +434,9 @@ class SubmititBackend(Backend):
         _use_cluster(spec.cluster.model_dump(), start=True)
         try:
             executor = make_executor(spec)
+            task = SweepJob.of(spec) if spec.config.kind == "sweep" else TrainerJob.of(spec)
             t0 = time.perf_counter()
-            job = executor.submit(TrainerJob.of(spec))
+            job = executor.submit(task)
             took = time.perf_counter() - t0
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             raise BackendError(f"submitit could not submit: {str(e).strip()}") from None
@@ -430,6 +483,8 @@ class SubmititBackend(Backend):
         cl = saved.get("cluster", {})
         per_node = cl.get("gpus_per_node") or cl.get("tasks_per_node") or 1
         tasks = int(saved.get("job", {}).get("nodes", 1)) * int(per_node)
+        if saved.get("sweep"):
+            tasks = 1  # the orchestrator's one task
         job = _slurm_job(run_dir, job_ids[-1], tasks)
         paths = [job.task(k).paths.stdout for k in range(tasks)]
         return [p for p in paths if p.exists()]
