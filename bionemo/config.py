@@ -253,6 +253,10 @@ class TrainerConfig(Section):
             if self.data.pad_to == "none":
                 raise ValueError("data.pad_to=none (packed rows) is a torch-engine feature; with "
                                  "train.engine=megatron use data.pad_to=longest or max_length")
+            if pp > 1 and self.data.pad_to != "max_length":
+                raise ValueError("data.pad_to must be max_length with parallel.pipeline > 1 "
+                                 "(pipeline stages exchange fixed-shape activations); set "
+                                 "data.pad_to=max_length")
             if self.model.num_layers % pp:
                 raise ValueError(f"model.num_layers {self.model.num_layers} is not divisible by "
                                  f"parallel.pipeline {pp}; choose a pipeline size that divides it")

@@ -65,7 +65,9 @@ def test_tensor_parallel_must_divide_world_and_heads():
     ({"parallel": {"pipeline": 2}}, "need train.engine=megatron"),
     ({"train": {"engine": "megatron", "device": "cpu"}}, "train.engine=megatron needs CUDA"),
     ({"train": {"engine": "megatron"}, "data": {"pad_to": "none"}}, "data.pad_to=none"),
-    ({"train": {"engine": "megatron"}, "parallel": {"pipeline": 2}}, "num_layers 1 is not divisible"),
+    ({"train": {"engine": "megatron"}, "parallel": {"pipeline": 2}, "data": {"pad_to": "max_length"}},
+     "num_layers 1 is not divisible"),
+    ({"train": {"engine": "megatron"}, "parallel": {"pipeline": 2}}, "data.pad_to must be max_length"),
     ({"train": {"engine": "megatron"}, "model": {"family": "geneformer"}}, "builds ESM-2 only"),
 ])
 def test_engine_layout_checks(sections, needle):
