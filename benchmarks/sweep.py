@@ -340,10 +340,14 @@ def launch_local(run_dir: Path, world: int, env: dict, limit_bytes: int | None,
     return [p.returncode for p in procs], timed_out  # negative: killed by that signal
 
 
-# Each srun task records its own exit code: srun's reports only the largest, and with
-# --kill-on-bad-exit the ranks killed after one rank's OOM would hide that rank's 12.
+# Each srun task records its own exit code: srun's reports only the largest, and a rank killed
+# while it exits would record none. So no --kill-on-bad-exit: the rank that ran out of memory may
+# still be exiting (with 12) when the others already failed at the broken connection to it (with
+# 1); killing the step then would hide its 12. --wait gives the remaining ranks FAILURE_GRACE_S
+# after the first one ended (they may be stuck in a collective), then srun kills them.
 _SRUN_TASK = ('echo "[sweep] rank $SLURM_PROCID of $SLURM_NTASKS on $(hostname) '
-              '(node $SLURMD_NODENAME)"; {limit}"$1" -m bionemo.train "$0"; rc=$?; '
+              '(node $SLURMD_NODENAME, step $SLURM_JOB_ID.$SLURM_STEP_ID)"; '
+              '{limit}"$1" -m bionemo.train "$0"; rc=$?; '
               'echo $rc > "$0/rank$SLURM_PROCID.rc"; exit $rc')
 
 
@@ -358,7 +362,8 @@ def launch_srun(run_dir: Path, nodes: int, per_node: int, env: dict, limit_bytes
     env.setdefault("MASTER_ADDR", first_node_address())
     limit = f"ulimit -v {limit_bytes // 1024}; " if limit_bytes else ""  # ulimit -v is in KiB
     cmd = ["srun", f"--nodes={nodes}", f"--ntasks={world}", f"--ntasks-per-node={per_node}",
-           "--kill-on-bad-exit=1", f"--output={run_dir}/rank%t.log", *srun_args,
+           "--kill-on-bad-exit=0", f"--wait={FAILURE_GRACE_S}",
+           f"--output={run_dir}/rank%t.log", *srun_args,
            "bash", "-c", _SRUN_TASK.format(limit=limit), str(run_dir), python]
     with open(run_dir / "srun.log", "w") as log:
         log.write(shlex.join(cmd) + "\n")

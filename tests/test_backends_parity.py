@@ -196,6 +196,65 @@ def test_same_requeue_policy(scripts):
     assert exports(texts["submitit"])["SUBMITIT_PREEMPT_SIGNAL"] == spec.trainer.train.stop_signal
 
 
+# ------------------------------------------------------------------------------------ sweep jobs
+
+
+@pytest.fixture(scope="module", params=sorted(JOBS))
+def sweep_scripts(request):
+    j = JOBS[request.param]
+    resolved = config.resolve(model=j["model"], cluster=j["cluster"], nodes=j["nodes"],
+                              overrides=j["overrides"], kind="sweep", now=NOW,
+                              options=[("--max", "sweep.max", "48"),
+                                       ("--recompute", "sweep.recompute", "none,selective")])
+    spec = specs.build(resolved, strict=False)
+    return spec, {"sbatch": sbatch.render(spec), "submitit": submitit_backend.script(spec),
+                  "nemo_run": nemo_run_backend.script(spec)}
+
+
+def test_sweep_runs_one_orchestrator_in_the_same_allocation(sweep_scripts):
+    """A sweep job: the profile's allocation, no requeue, the same environment, and the same
+    orchestrator command -- in the batch shell (sbatch) or in a one-task step on the first node,
+    outside any container, whose trials then overlap it (submitit, NeMo-Run)."""
+    from launchers import sweep
+
+    spec, texts = sweep_scripts
+    for name, text in texts.items():
+        head = header(text)
+        assert head["--nodes"] == str(spec.job.nodes), name
+        assert head["--ntasks-per-node"] == str(spec.tasks_per_node), name
+        assert head.get("--gpus-per-node") == (str(spec.cluster.gpus_per_node)
+                                               if spec.cluster.gpus_per_node else None), name
+        assert "--requeue" not in head, name
+        assert "bionemo.train" not in text and "launchers.requeue" not in text, name
+    assert "--signal" not in header(texts["sbatch"]) and "--signal" not in header(texts["nemo_run"])
+    native_env = exports(texts["sbatch"])
+    for name in ("submitit", "nemo_run"):
+        assert {k: exports(texts[name]).get(k) for k in native_env} == native_env, name
+
+    in_shell = sweep.command(spec, in_step=False)
+    in_step = sweep.command(spec, in_step=True)
+    assert in_step == in_shell + ["--srun-arg=--overlap"]
+    assert in_shell[:4] == [sweep.orchestrator_python(spec), "-m", "benchmarks.sweep",
+                            "--inside-allocation"]
+    joined = texts["sbatch"].replace("\\\n", " ")
+    (line,) = [ln for ln in joined.splitlines() if "-m benchmarks.sweep" in ln]
+    assert shlex.split(line) == in_shell
+
+    one_task = ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1"]
+    words = srun_words(texts["nemo_run"])
+    flags = srun_flags(words)
+    it = iter(flags)
+    assert all(f in it for f in one_task), flags
+    assert not [f for f in flags if f.startswith("--container")]
+    assert words[words.index(in_step[0]):] == in_step
+
+    words = srun_words(texts["submitit"])
+    flags = srun_flags(words)
+    assert all(f in flags for f in one_task) and not [f for f in flags if "container" in f]
+    assert words[-5:-3] == [sweep.orchestrator_python(spec), "-u"]
+    assert submitit_backend.SweepJob.of(spec).command == in_step
+
+
 # ------------------------------------------------------------------------------------ submitit job
 
 

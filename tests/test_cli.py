@@ -169,7 +169,7 @@ def test_malformed_is_rejected_before_sbatch(case, tmp_path, data_dir, fake_slur
     for name, text in case.get("files", {}).items():
         (tmp_path / name).write_text(text)
     args = [a.replace("{tmp}", str(tmp_path)) for a in case["args"]]
-    rc = cli.main(["submit", *base_args(tmp_path, data_dir), *args])
+    rc = cli.main([case.get("command", "submit"), *base_args(tmp_path, data_dir), *args])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert fake_slurm.calls() == []

@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 import stat
 import subprocess
 from datetime import datetime, timezone
@@ -58,6 +59,50 @@ def test_golden_h100_example():
 def test_golden_local():
     text = render().replace(str(REPO), "<REPO>")
     check_golden("local_esm2_8m_2n.sbatch", text)
+
+
+# A sweep job (`python -m launchers sweep`): the flags as the CLI maps them (launchers/cli.py).
+SWEEP_OPTIONS = [("--min", "sweep.min", "2"), ("--max", "sweep.max", "64"),
+                 ("--recompute", "sweep.recompute", "none,full"),
+                 ("--memory-cap-gib", "trainer.train.memory_cap_gib", "1.5"),
+                 ("--write-table", "sweep.write_table", True)]
+
+
+def render_sweep(model="esm2_8m", cluster="local", overrides=(), options=SWEEP_OPTIONS) -> str:
+    resolved = config.resolve(model=model, cluster=cluster, overrides=list(overrides),
+                              options=options, kind="sweep", now=NOW)
+    return sbatch.render(spec.build(resolved, strict=False))
+
+
+def test_golden_local_sweep():
+    check_golden("local_esm2_8m_sweep.sbatch", render_sweep().replace(str(REPO), "<REPO>"))
+
+
+def test_sweep_script_runs_the_sweep_once_without_signal_or_requeue():
+    text = render_sweep(model="esm2_650m", cluster="h100_example", overrides=["job.nodes=2"],
+                        options=[("--gpus-per-trial", "sweep.gpus_per_trial", "4")])
+    h = header(text)
+    assert "--requeue" not in h and "--signal" not in h  # a sweep is run again, not resumed
+    assert h["--nodes"] == "2" and h["--ntasks-per-node"] == h["--gpus-per-node"] == "8"
+    assert "bionemo.train" not in text and "launchers.requeue" not in text
+    joined = text.replace("\\\n", " ")
+    (line,) = [ln for ln in joined.splitlines() if "-m benchmarks.sweep" in ln]
+    words = shlex.split(line)
+    assert words[:4] == ["python3", "-m", "benchmarks.sweep", "--inside-allocation"]  # host side
+    assert words[words.index("--python") + 1] == "python"  # trials: the container's interpreter
+    assert words[words.index("--nodes") + 1] == "2"
+    assert words[words.index("--gpus-per-trial") + 1] == "4"
+    assert words[words.index("--out") + 1] == "/lustre/fsw/bionemo/bionemo-hpc/benchmarks/results"
+    run_dir = "/lustre/fsw/bionemo/runs/sweep/esm2_650m-2n-20250101T000000Z"
+    assert words[words.index("--base-config") + 1] == f"{run_dir}/config.yaml"
+    assert words[words.index("--work-dir") + 1] == f"{run_dir}/trials"
+    assert "--compile" in words  # the profile's trainer.train.compile
+    srun = [w.partition("=")[2] for w in words if w.startswith("--srun-arg=")]
+    assert "--container-image=/lustre/fsw/bionemo/images/bionemo-hpc.sqsh" in srun
+    assert "--cpus-per-task=16" in srun and "--overlap" not in srun  # the batch shell is no step
+    assert not [f for f in srun if f.startswith(("--nodes", "--ntasks"))]  # the sweep's own
+    out = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
 
 
 def header(text: str) -> dict[str, str]:

@@ -160,33 +160,41 @@ def test_table_row_keeps_global_batch_only_when_divisible():
 
 # Runs the trainer exactly as a trial does, and records its peak address space (VmPeak) at exit.
 _MEASURE = """
-import atexit, sys
+import atexit, os, sys
 from pathlib import Path
 run_dir = Path(sys.argv[1])
 def peak():
     line = next(l for l in open("/proc/self/status") if l.startswith("VmPeak:"))
-    (run_dir / "vmpeak_kib").write_text(line.split()[1])
+    (run_dir / f"vmpeak_kib.{os.environ.get('RANK', '0')}").write_text(line.split()[1])
 atexit.register(peak)
 from bionemo.train import main
 sys.exit(main([str(run_dir)]))
 """
 
 
-def vm_peaks(tmp: Path, args, sizes) -> dict[int, int]:
-    """Peak address space in bytes of a trial of each size, measured concurrently."""
-    preset, env, procs = sweep.load_preset(args.model), sweep.trial_environment(args), {}
+def vm_peaks(tmp: Path, args, sizes, world: int = 1, env: dict | None = None) -> dict[int, int]:
+    """Peak address space in bytes of a trial of each size (the largest over its `world`
+    ranks), all measured concurrently. `env` is added to the trials' environment."""
+    preset = sweep.load_base(args)
+    env, procs = {**sweep.trial_environment(args), **(env or {})}, {}
     for m in sizes:
         run_dir = tmp / f"calibrate-{m}"
         run_dir.mkdir()
         cfg = sweep.trial_config(preset, args, "none", m)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": cfg}))
-        procs[m] = subprocess.Popen([sys.executable, "-c", _MEASURE, str(run_dir)], env=env,
-                                    cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-    for m, p in procs.items():
-        _, err = p.communicate(timeout=120)
+        port = sweep.free_port()
+        for rank in range(world):
+            rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(world),
+                        "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}
+            procs[m, rank] = subprocess.Popen(
+                [sys.executable, "-c", _MEASURE, str(run_dir)], env=rank_env,
+                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for p in procs.values():
+        _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
-    return {m: int((tmp / f"calibrate-{m}" / "vmpeak_kib").read_text()) * 1024 for m in sizes}
+    return {m: max(int((tmp / f"calibrate-{m}" / f"vmpeak_kib.{r}").read_text()) * 1024
+                   for r in range(world)) for m in sizes}
 
 
 def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch):

@@ -127,7 +127,7 @@ def test_malformed_are_rejected_before_sbatch_and_the_queue_stays_empty(launcher
         for name, text in case.get("files", {}).items():
             (tmp_path / name).write_text(text)
         args = [a.replace("{tmp}", str(tmp_path)) for a in case["args"]]
-        rc = cli.main(["submit", "--model", "esm2_8m", "--cluster", "local",
+        rc = cli.main([case.get("command", "submit"), "--model", "esm2_8m", "--cluster", "local",
                        f"cluster.runs_root={tmp_path}/runs", "job.experiment=malformed",
                        *launcher.data, *args])
         err = capsys.readouterr().err
