@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.sweep import free_port, git_commit, load_preset, set_dotted  # noqa: E402
+from bionemo import rundir  # noqa: E402
 from bionemo.config import REQUEUE_EXIT_CODE, TrainerConfig, dump_trainer_config  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "megatron"
@@ -199,7 +200,7 @@ def check_tp(args, root: Path) -> dict:
         shutil.rmtree(resumed)
     resumed.mkdir()
     (resumed / "checkpoints").mkdir()
-    shutil.copytree(tp2 / "checkpoints" / f"step-{half}", resumed / "checkpoints" / f"step-{half}")
+    shutil.copytree(rundir.step_dir(tp2, half), rundir.step_dir(resumed, half))
     cfg = yaml.safe_load((tp2 / "config.yaml").read_text())
     cfg["trainer"]["parallel"]["tensor"] = 1
     (resumed / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -231,7 +232,7 @@ def check_stop(args, root: Path) -> dict:
     for p in procs:  # what SLURM's --signal does: every task gets the warning signal
         p.send_signal(signal.SIGUSR2)
     first = wait(procs, stopped)
-    saved = sorted(int(d.name.split("-")[1]) for d in (stopped / "checkpoints").glob("step-*"))
+    saved, _ = rundir.checkpoint_steps(stopped)
     second = train(stopped, gpus)
     ls, li = losses(straight), losses(stopped)
     after = range(saved[-1] + 1, args.steps + 1)
@@ -251,8 +252,11 @@ def check_convert(args, root: Path) -> dict:
     out = root / "convert-torch-ckpt"
     if out.exists():
         shutil.rmtree(out)
-    subprocess.run([sys.executable, "-m", "bionemo.engines.convert",
-                    str(mrun / "checkpoints" / "step-5"), str(out)], cwd=REPO, check=True)
+    conv = subprocess.run([sys.executable, "-m", "bionemo.engines.convert",
+                           str(rundir.step_dir(mrun, 5)), str(out)], cwd=REPO,
+                          capture_output=True, text=True)
+    if conv.returncode:
+        raise RuntimeError(f"convert failed ({conv.returncode}):\n{conv.stderr[-3000:]}")
     # A torch run initialised from the converted weights, evaluated before any update: one step
     # with lr 0 leaves the weights as they are, and validation runs after it.
     trun = make_run(root, "convert-torch", args.model, {

@@ -43,7 +43,7 @@ def megatron_state_to_torch(ckpt: Path, model_cfg) -> dict:
         tconfig = esm2_megatron.transformer_config(model_cfg, tp=1, pp=1, bf16=True, cpu_init=True)
         model = esm2_megatron.MegatronESM2(model_cfg, tconfig, use_te=False)
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt))
-        model.load_state_dict(state["model"])
+        esm2_megatron.load_model_state(model, state["model"])
         sd = esm2_megatron.megatron_to_torch(model.state_dict(), model_cfg)
         return {k: v.float() for k, v in sd.items()}  # the torch engine keeps fp32 weights
     finally:

@@ -7,7 +7,7 @@ weights and Adam moments sharded over data-parallel ranks); a step is megatron's
 forward-backward schedule over the step's micro batches (1F1B across pipeline stages), then the
 optimizer's step (global grad-norm clip across TP/PP included); checkpoints are megatron's
 dist_checkpointing, saved in the run directory's atomic step folders and loadable at another
-TP/PP layout (the distributed optimizer's 'fully_sharded_model_space' format).
+TP/PP layout (the distributed optimizer's 'fully_reshardable' format).
 
 Data, masking, learning-rate schedule, metrics, stop protocol and run directory are the trainer's.
 Every rank of one tensor/pipeline group reads the same micro batches (data-parallel rank from
@@ -28,6 +28,12 @@ from bionemo.config import TrainerConfig
 from bionemo.distributed import DistEnv
 
 log = logging.getLogger(__name__)
+
+
+def esm2_megatron():
+    from bionemo.models.esm2 import megatron
+
+    return megatron
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -75,6 +81,9 @@ class MegatronEngine:
         self.uses_te = esm2_megatron.has_transformer_engine()
         if init_from is not None:
             self._init_weights(model, Path(init_from))
+        # Checkpoints hold the bare model's keys ("decoder.layers..."), whatever wraps it here, so
+        # the conversion tool and other layouts read them.
+        self.inner = model
         if bf16:
             model = Float16Module(self.tconfig, model)
         ddp_config = DistributedDataParallelConfig(
@@ -141,22 +150,42 @@ class MegatronEngine:
             self.model.train()
 
     # ------------------------------------------------------------ checkpoint I/O
+    # 'fully_reshardable': the distributed optimizer's state is saved in the model's parameter
+    # space (gathered per data-parallel group), so a checkpoint loads at another TP/PP/DP layout.
+    CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
     def _sharded(self, loading: bool) -> dict:
-        model_sd = self.model.sharded_state_dict()
+        model_sd = self.inner.sharded_state_dict(metadata=self.CKPT_METADATA)
         return {"model": model_sd,
-                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading,
+                                                               metadata=self.CKPT_METADATA)}
 
     def save(self, path) -> None:
         from megatron.core import dist_checkpointing
 
         dist_checkpointing.save(self._sharded(False), str(path))
 
+    def _materialize_optimizer_state(self) -> None:
+        """A fresh optimizer has no state tensors (and, with torch's Adam, no 'step'), which the
+        distributed optimizer's loading path reads; one step with zero gradients and lr 0 creates
+        them without changing any weight (the loaded state replaces them all)."""
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.optimizer.step()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
     def load(self, path) -> None:
         from megatron.core import dist_checkpointing
 
+        self._materialize_optimizer_state()
         state = dist_checkpointing.load(self._sharded(True), str(path))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        esm2_megatron().load_model_state(self.inner, state["model"])
+        with _torch_adam_step_kept(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
 
     def rng_state(self) -> dict:
         from megatron.core import tensor_parallel
@@ -185,11 +214,39 @@ class MegatronEngine:
             from megatron.core import dist_checkpointing
 
             state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
-            model.load_state_dict(state["model"])
+            esm2_megatron.load_model_state(model, state["model"])
             return
         full = load_torch_weights(path, self.cfg.model)
         esm2_megatron.load_full_state(model, esm2_megatron.torch_to_megatron(
             full, self.cfg.model, model.vocab_size, te=self.uses_te))
+
+
+class _torch_adam_step_kept:
+    """Work around megatron-core (0.19) loading a 'fully_reshardable' distributed-optimizer state
+    into torch's Adam (no Transformer Engine/Apex): it restores the common 'step' first, then
+    copies every tensor of each parameter's state from the checkpoint, 'step' included, which
+    the checkpoint does not hold per parameter (KeyError: 'step'). While loading, each
+    parameter's source tensors get a non-tensor 'step', which the copy skips; the step restored
+    from the checkpoint's param groups stays."""
+
+    def __init__(self, optimizer):
+        self.targets = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+                        if hasattr(o, "_set_main_param_and_optimizer_states")]
+
+    def __enter__(self):
+        for opt in self.targets:
+            original = opt._set_main_param_and_optimizer_states
+
+            def setter(model_param, tensors, _original=original):
+                return _original(model_param, {"step": None, **tensors})
+
+            opt._set_main_param_and_optimizer_states = setter
+        return self
+
+    def __exit__(self, *exc):
+        for opt in self.targets:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+        return False
 
 
 def load_torch_weights(path: Path, model_cfg) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.enums import AttnMaskType
@@ -209,6 +210,7 @@ class MegatronESM2(LanguageModule):
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = True
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         tp = config.tensor_model_parallel_size
         self.vocab_size = padded_vocab_size(cfg.vocab_size, tp)
         if pre_process:
@@ -406,3 +408,15 @@ def load_full_state(model: MegatronESM2, full: dict[str, Tensor]) -> None:
         param.copy_(value)
     if missing:
         raise KeyError(f"weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def load_model_state(module: torch.nn.Module, state: dict) -> None:
+    """load_state_dict of a dist_checkpointing result: strict, except for the linear layers'
+    `_extra_state` entries (FP8 metadata slots), which a checkpoint need not hold."""
+    # nn.Module's own method: megatron's wrappers return nothing from theirs
+    missing, unexpected = torch.nn.Module.load_state_dict(module, state, strict=False)
+    missing = [k for k in missing if not k.endswith("._extra_state")]
+    unexpected = [k for k in unexpected if not k.endswith("._extra_state")]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
