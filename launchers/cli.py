@@ -442,22 +442,7 @@ def _job_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                         "job.time_limit=01:00:00")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m launchers",
-        description="Render, submit and manage training runs (docs/launcher.md).",
-        epilog="Resolution order: model preset < benchmark table (cluster GPU type) < cluster "
-               "profile < --config files < command line.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("submit", help="validate, write the run directory and submit")
-    _job_options(s)
-    s.set_defaults(func=cmd_submit)
-    s = sub.add_parser("render", help="dry run: print the script and the resolved config")
-    _job_options(s)
-    s.set_defaults(func=cmd_render)
-    s = sub.add_parser("sweep", help="submit a micro-batch sweep: one allocation, every trial "
-                       "an srun step of it (docs/sweep.md)")
+def _sweep_options(s: argparse.ArgumentParser) -> None:
     _job_options(s)
     for flag, _, text in SWEEP_OPTIONS:
         s.add_argument(flag, help=text)
@@ -469,16 +454,16 @@ def parser() -> argparse.ArgumentParser:
                    "benchmarks.sweep (same as trainer.KEY=VALUE)")
     s.add_argument("--dry-run", action="store_true",
                    help="print the batch script and the resolved config; submit nothing")
-    s.set_defaults(func=cmd_sweep)
-    s = sub.add_parser("debug", help="run ~50 steps here, in the foreground (local backend)")
+
+
+def _debug_options(s: argparse.ArgumentParser) -> None:
     _job_options(s, backend=False)
     s.add_argument("--nproc", type=int, help="processes (torchrun when > 1); default 1")
-    s.set_defaults(func=cmd_debug, model=None)
-    for name, func, text in (("status", cmd_status, "what the run is doing, and why it stopped"),
-                             ("logs", cmd_logs, "the run's newest logs"),
-                             ("cancel", cmd_cancel, "cancel the run's jobs"),
-                             ("resume", cmd_resume, "submit an existing run again")):
-        s = sub.add_parser(name, help=text)
+    s.set_defaults(model=None)
+
+
+def _run_options(name: str):
+    def add(s: argparse.ArgumentParser) -> None:
         s.add_argument("run", nargs="?", metavar="RUN",
                        help="run directory (default: the newest under runs/)")
         if name == "logs":
@@ -487,10 +472,39 @@ def parser() -> argparse.ArgumentParser:
         if name == "resume":
             s.add_argument("overrides", nargs="*", metavar="key=value",
                            help="changes to the saved config (e.g. trainer.train.max_steps=2000)")
+    return add
+
+
+# name: (function, help, options)
+COMMANDS = {
+    "submit": (cmd_submit, "validate, write the run directory and submit", _job_options),
+    "render": (cmd_render, "dry run: print the script and the resolved config", _job_options),
+    "sweep": (cmd_sweep, "submit a micro-batch sweep: one allocation, every trial an srun step "
+              "of it (docs/sweep.md)", _sweep_options),
+    "debug": (cmd_debug, "run ~50 steps here, in the foreground (local backend)", _debug_options),
+    "status": (cmd_status, "what the run is doing, and why it stopped", _run_options("status")),
+    "logs": (cmd_logs, "the run's newest logs", _run_options("logs")),
+    "cancel": (cmd_cancel, "cancel the run's jobs", _run_options("cancel")),
+    "resume": (cmd_resume, "submit an existing run again", _run_options("resume")),
+    "cluster": (cmd_cluster, "the bundled local SLURM cluster",
+                lambda s: s.add_argument("action", choices=["up", "down", "status"])),
+}
+
+
+def parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `only`: build just that command's options (each costs start-up time)."""
+    p = argparse.ArgumentParser(
+        prog="python -m launchers",
+        description="Render, submit and manage training runs (docs/launcher.md).",
+        epilog="Resolution order: model preset < benchmark table (cluster GPU type) < cluster "
+               "profile < --config files < command line.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, text, options) in COMMANDS.items():
+        if only in COMMANDS and name != only:
+            continue
+        s = sub.add_parser(name, help=text)
+        options(s)
         s.set_defaults(func=func)
-    s = sub.add_parser("cluster", help="the bundled local SLURM cluster")
-    s.add_argument("action", choices=["up", "down", "status"])
-    s.set_defaults(func=cmd_cluster)
     return p
 
 
@@ -523,11 +537,12 @@ def main(argv: list[str] | None = None, t0: float | None = None) -> int:
     if t0 is not None:
         _T0[0] = t0
     rest, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args = parser().parse_args(rest)
+    p = parser(only=rest[0] if rest else None)
+    args = p.parse_args(rest)
     if hasattr(args, "overrides"):
         args.overrides = list(args.overrides or []) + overrides
     elif overrides:
-        parser().error(f"{args.command} takes no key=value overrides: {' '.join(overrides)}")
+        p.error(f"{args.command} takes no key=value overrides: {' '.join(overrides)}")
     if args.command == "debug" and not args.model:
         args.model = "esm2_8m"
     from launchers.backends.base import BackendError
