@@ -97,5 +97,12 @@ cluster-down: install
 bench-submit: install data
 	$(VPY) benchmarks/submit_latency.py $(ARGS)
 
+# The trainer's container image for GPU clusters (Dockerfile; README.md, Container), e.g.
+# make docker IMAGE=bionemo-hpc:latest MEGATRON=1
+IMAGE ?= bionemo-hpc:latest
+.PHONY: docker
+docker:
+	docker build -t $(IMAGE) $(if $(filter 1,$(MEGATRON)),--build-arg MEGATRON=1) .
+
 clean:
 	rm -rf runs
