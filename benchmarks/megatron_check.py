@@ -236,11 +236,19 @@ def check_stop(args, root: Path) -> dict:
     second = train(stopped, gpus)
     ls, li = losses(straight), losses(stopped)
     after = range(saved[-1] + 1, args.steps + 1)
-    return {"check": "stop", "model": args.model, "tp": args.tp, "signal_after_step": at,
+    extra = {}
+    if args.repeat:  # run-to-run noise of the GPU kernels: the same run twice, uninterrupted
+        again = make_run(root, "stop-uninterrupted-again", args.model, common)
+        train(again, gpus)
+        la = losses(again)
+        extra = {"uninterrupted_run_to_run_after": compare(la, ls, after),
+                 "uninterrupted_run_to_run_before": compare(la, ls, range(1, saved[-1] + 1))}
+        extra_losses = {"uninterrupted_again": la}
+    return {**extra, "check": "stop", "model": args.model, "tp": args.tp, "signal_after_step": at,
             "first_exit_codes": first, "saved_steps": saved, "second_exit_codes": second,
             "after_restart_vs_uninterrupted": compare(li, ls, after),
             "before_stop_vs_uninterrupted": compare(li, ls, range(1, saved[-1] + 1)),
-            "losses": {"uninterrupted": ls, "interrupted": li}}
+            "losses": {"uninterrupted": ls, "interrupted": li, **(extra_losses if extra else {})}}
 
 
 def check_convert(args, root: Path) -> dict:
@@ -283,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mbs", type=int, default=16)
     p.add_argument("--tp", type=int, default=1, help="stop/convert: tensor-parallel size")
     p.add_argument("--gpus", type=int, default=None)
+    p.add_argument("--repeat", action="store_true",
+                   help="stop: also run the uninterrupted run twice (run-to-run noise)")
     p.add_argument("--compile", action="store_true", help="torch engine with train.compile")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "megatron_check")
     p.add_argument("--out", type=Path, default=OUT)

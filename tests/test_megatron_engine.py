@@ -43,6 +43,40 @@ def test_qkv_layout_roundtrip():
     assert torch.equal(_qkv_from_megatron(m, heads), w)
 
 
+def test_resumed_adam_steps_are_not_shared():
+    """The megatron-core loader puts one 'step' tensor into every parameter's Adam state; torch's
+    AdamW then advances it once per parameter. The engine's load wrapper un-shares them, so one
+    optimizer step after a resume advances each parameter's count by exactly one."""
+    import torch
+
+    from bionemo.engines.megatron_engine import _torch_adam_step_kept
+
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(4)]
+    adam = torch.optim.AdamW(params, lr=0.1)
+
+    class Holder:  # the attributes of megatron's DistributedOptimizer that the wrapper touches
+        optimizer = adam
+
+        def _set_main_param_and_optimizer_states(self, model_param, tensors):
+            return tensors
+
+    holder = Holder()
+    for p in params:
+        p.grad = torch.ones(3)
+    adam.step()
+    with _torch_adam_step_kept(holder):
+        # what megatron's load does for torch Adam: one tensor object for every parameter
+        saved = adam.state_dict()
+        step = torch.tensor(5.0)
+        for st in saved["state"].values():
+            st["step"] = step
+        adam.load_state_dict(saved)
+        assert holder._set_main_param_and_optimizer_states(None, {"param": 1})["step"] is None
+    adam.step()
+    assert [float(adam.state[p]["step"]) for p in params] == [6.0] * 4
+    assert "_set_main_param_and_optimizer_states" not in vars(holder)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

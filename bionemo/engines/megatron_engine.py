@@ -222,12 +222,13 @@ class MegatronEngine:
 
 
 class _torch_adam_step_kept:
-    """Work around megatron-core (0.19) loading a 'fully_reshardable' distributed-optimizer state
-    into torch's Adam (no Transformer Engine/Apex): it restores the common 'step' first, then
-    copies every tensor of each parameter's state from the checkpoint, 'step' included, which
-    the checkpoint does not hold per parameter (KeyError: 'step'). While loading, each
-    parameter's source tensors get a non-tensor 'step', which the copy skips; the step restored
-    from the checkpoint's param groups stays."""
+    """Work around two faults of megatron-core (0.19) loading a 'fully_reshardable'
+    distributed-optimizer state into torch's Adam (no Transformer Engine/Apex).
+    1. It restores the common 'step' first, then copies every tensor of each parameter's state
+       from the checkpoint, 'step' included, which the checkpoint does not hold per parameter
+       (KeyError: 'step'). While loading, each parameter's source tensors get a non-tensor
+       'step', which the copy skips; the step restored from the param groups stays.
+    2. That restored step is one tensor shared by all parameters (see __exit__)."""
 
     def __init__(self, optimizer):
         self.targets = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
@@ -246,6 +247,15 @@ class _torch_adam_step_kept:
     def __exit__(self, *exc):
         for opt in self.targets:
             del opt._set_main_param_and_optimizer_states  # back to the class's method
+            # The same loader puts ONE 'step' tensor object into every parameter's state; torch's
+            # Adam increments it in place once per parameter, so after a resume the step count
+            # ran ahead by the number of parameters each step and the bias corrections were
+            # wrong (losses diverged from the uninterrupted run from the second step on,
+            # benchmarks/results/megatron/stop-*.json). Give every parameter its own copy.
+            inner = getattr(opt, "optimizer", None)
+            for state in getattr(inner, "state", {}).values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         return False
 
 
