@@ -20,7 +20,8 @@ ARGS ?=
 
 LAUNCH = $(VPY) -m launchers
 JOB_ARGS = --model $(MODEL) --cluster $(CLUSTER) $(if $(NODES),--nodes $(NODES)) \
-	$(if $(BACKEND),--backend $(BACKEND)) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
+	$(if $(BACKEND),--backend $(BACKEND)) $(if $(CONFIG),--config $(CONFIG)) \
+	$(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
 
 .PHONY: install test test-unit test-cluster data debug submit render status logs cancel resume \
 	sweep cluster-up cluster-down bench-submit clean
@@ -58,7 +59,7 @@ test-unit: install data/sample/.built data/geneformer_sample/.built
 	$(VPY) -m pytest -q tests -m "not cluster"
 
 debug: install data
-	$(LAUNCH) debug --model $(MODEL) $(ARGS)
+	$(LAUNCH) debug --model $(MODEL) $(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
 
 submit: install data
 	$(LAUNCH) submit $(JOB_ARGS)
@@ -85,7 +86,7 @@ sweep: install data
 ifneq (,$(BACKEND))
 	$(LAUNCH) sweep $(JOB_ARGS)
 else
-	$(VPY) -m benchmarks.sweep --model $(MODEL) $(ARGS)
+	$(VPY) -m benchmarks.sweep --model $(MODEL) $(if $(ENGINE),--set train.engine=$(ENGINE)) $(ARGS)
 endif
 
 cluster-up: install
