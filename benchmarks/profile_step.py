@@ -74,7 +74,7 @@ def to_device(batch: dict, device) -> dict:
 
 def build(cfg: ModelConfig, device, baseline: str | None, compile_: bool, *,
           recompute_pointwise: bool | None = None, fp8: bool = False, fp32_residual: bool = False):
-    from bionemo.trainer import MaskedLMLoss, build_optimizer
+    from bionemo.engines.torch_engine import MaskedLMLoss, build_optimizer
 
     if baseline:
         spec = importlib.util.spec_from_file_location("baseline_esm2", baseline)
