@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints over torch.distributed.checkpoint (DCP).
+"""Atomic, resumable checkpoints; the engine writes the model and optimizer shards.
 
 A save writes into `step-N.partial/`: model and optimizer through the engine (the torch engine:
 DCP; the megatron engine: dist_checkpointing; each rank its shards),

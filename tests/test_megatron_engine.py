@@ -164,3 +164,37 @@ def _rank_main(tp: int) -> None:
 
 if __name__ == "__main__":
     _rank_main(int(sys.argv[1]))
+
+
+def _tiny_trainer_config():
+    from bionemo.config import TrainerConfig
+
+    return TrainerConfig.model_validate({
+        "model": {"name": "t", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                  "ffn_hidden_size": 64},
+        "train": {"micro_batch_size": 2, "device": "cpu"}})
+
+
+def test_engines_refuse_each_others_checkpoints(tmp_path):
+    """A megatron checkpoint is not resumed by the torch engine (nor used as its init weights):
+    the errors say which engine wrote it and how to go on."""
+    import torch
+
+    from bionemo import rundir
+    from bionemo.checkpoint import Checkpointer
+    from bionemo.distributed import DistEnv
+    from bionemo.engines.torch_engine import TorchEngine
+
+    run = tmp_path / "run"
+    ckpt = rundir.step_dir(run, 3)
+    ckpt.mkdir(parents=True)
+    (ckpt / rundir.COMPLETE).write_text("3\n")
+    (ckpt / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    (ckpt / "trainer_state.json").write_text('{"step": 3, "engine": "megatron", "tensor_parallel": 2}')
+
+    env = DistEnv.from_environ("USR2", {})
+    with pytest.raises(ValueError, match="python -m bionemo.engines.convert"):
+        TorchEngine(_tiny_trainer_config(), env, torch.device("cpu"), init_from=ckpt)
+    engine = TorchEngine(_tiny_trainer_config(), env, torch.device("cpu"))
+    with pytest.raises(ValueError, match="written by the megatron engine .* train.engine=megatron"):
+        Checkpointer(run, keep_last=2, rank=0).load(ckpt, engine)

@@ -64,6 +64,13 @@ class TorchEngine:
         with device:  # initialise on the device: a 3B model's init on the host takes minutes
             self.model = build_model(cfg.model)
         if init_from is not None:
+            from bionemo.engines import checkpoint_engine
+
+            if checkpoint_engine(init_from) == "megatron":
+                raise ValueError(
+                    f"checkpoint.init_from: {init_from} holds megatron-engine weights; convert "
+                    f"them first (python -m bionemo.engines.convert {init_from} OUT) and point "
+                    f"checkpoint.init_from at OUT, or use train.engine=megatron")
             load_weights(init_from, self.model)
         self.optimizer = build_optimizer(self.model, cfg, device)
         self.step_fn = wrap_for_training(MaskedLMLoss(self.model), self.model,
