@@ -30,12 +30,6 @@ from bionemo.distributed import DistEnv
 log = logging.getLogger(__name__)
 
 
-def esm2_megatron():
-    from bionemo.models.esm2 import megatron
-
-    return megatron
-
-
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()
             if k in ("input_ids", "attention_mask", "labels")}
@@ -137,8 +131,8 @@ class MegatronEngine:
         ok, _grad_norm, _ = self.optimizer.step()
         if not ok:
             log.warning("optimizer step skipped (non-finite gradients)")
-        # The loop sums over all ranks and divides by the world size: scale by 1/accum here as
-        # the torch engine's loss (a mean over the step's micro batches) already is.
+        # The step's mean loss over its micro batches (x PP on the last stage, 0 elsewhere), so the
+        # loop's sum over all ranks / world size is the mean over data-parallel replicas.
         return loss.detach()
 
     @torch.no_grad()
@@ -183,7 +177,9 @@ class MegatronEngine:
 
         self._materialize_optimizer_state()
         state = dist_checkpointing.load(self._sharded(True), str(path))
-        esm2_megatron().load_model_state(self.inner, state["model"])
+        from bionemo.models.esm2.megatron import load_model_state
+
+        load_model_state(self.inner, state["model"])
         with _torch_adam_step_kept(self.optimizer):
             self.optimizer.load_state_dict(state["optimizer"])
 

@@ -81,7 +81,7 @@ def has_transformer_engine() -> bool:
 
 
 def transformer_config(cfg: ModelConfig, *, tp: int, pp: int, bf16: bool,
-                       cpu_init: bool, distributed_optimizer_dtype=torch.float32) -> TransformerConfig:
+                       cpu_init: bool) -> TransformerConfig:
     """megatron-core's TransformerConfig for an ESM-2 preset."""
     recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
                  "full": dict(recompute_granularity="full", recompute_method="uniform",
