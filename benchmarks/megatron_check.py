@@ -36,7 +36,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.sweep import free_port, git_commit, load_preset, set_dotted  # noqa: E402
+from benchmarks.sweep import (  # noqa: E402
+    absolute_data_paths,
+    free_port,
+    git_commit,
+    load_preset,
+    set_dotted,
+)
 from bionemo import rundir  # noqa: E402
 from bionemo.config import REQUEUE_EXIT_CODE, TrainerConfig, dump_trainer_config  # noqa: E402
 
@@ -52,10 +58,7 @@ def make_run(root: Path, name: str, model: str, overrides: dict) -> Path:
     }
     for key, value in {**base, **overrides}.items():
         set_dotted(cfg, key, value)
-    validated = TrainerConfig.model_validate(cfg)
-    for field, value in validated.data:
-        if isinstance(value, Path) and not value.is_absolute():
-            setattr(validated.data, field, REPO / value)
+    validated = absolute_data_paths(TrainerConfig.model_validate(cfg))
     run = root / name
     if run.exists():
         shutil.rmtree(run)

@@ -182,6 +182,14 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, object]]:
     return out
 
 
+def absolute_data_paths(cfg: TrainerConfig) -> TrainerConfig:
+    """Data paths relative to the repository (as `make` runs), made absolute in place."""
+    for name, value in cfg.data:
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(cfg.data, name, REPO_ROOT / value)
+    return cfg
+
+
 def trial_config(preset: dict, args: argparse.Namespace, policy: str, micro_batch: int) -> dict:
     """The validated trainer section of one trial (preset or base config < --set < the sweep's own
     settings)."""
@@ -205,10 +213,7 @@ def trial_config(preset: dict, args: argparse.Namespace, policy: str, micro_batc
         own["train.compile"] = args.compile
     for key, value in own.items():
         set_dotted(cfg, key, value)
-    validated = TrainerConfig.model_validate(cfg)
-    for name, value in validated.data:  # data paths relative to the repository, as `make` runs
-        if isinstance(value, Path) and not value.is_absolute():
-            setattr(validated.data, name, REPO_ROOT / value)
+    validated = absolute_data_paths(TrainerConfig.model_validate(cfg))
     validated.check_parallel(args.gpus_per_trial * args.nodes)
     return dump_trainer_config(validated)
 

@@ -11,7 +11,6 @@ collectives), and weights convert between the two layouts without loss.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,16 +76,12 @@ def test_resumed_adam_steps_are_not_shared():
     assert "_set_main_param_and_optimizer_states" not in vars(holder)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 def test_megatron_model_matches_torch_model(tp, tmp_path):
     """Same weights -> same loss and same gradients (fp32, CPU), gathered over TP ranks."""
-    port = _free_port()
+    from benchmarks.sweep import free_port
+
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(Path(__file__)), str(tp), str(tmp_path)],

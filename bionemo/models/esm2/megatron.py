@@ -50,8 +50,8 @@ from bionemo.models.esm2.model import (
     MASK_ID,
     MASK_RATIO_TRAIN,
     PAD_ID,
-    ROPE_BASE,
     padded_segments,
+    rotary_angles,
 )
 
 VOCAB_MULTIPLE = 64  # padded vocab: a multiple of this times the TP size
@@ -60,16 +60,6 @@ VOCAB_MULTIPLE = 64  # padded vocab: a multiple of this times the TP size
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     m = VOCAB_MULTIPLE * tp
     return -(-vocab_size // m) * m
-
-
-def rotary_angles(seq_len: int, head_dim: int, device) -> Tensor:
-    """Rotary angles [S, 1, 1, head_dim] (fp32, "rotate half" layout), the form megatron's
-    attention applies; computed here rather than by megatron's RotaryEmbedding, which puts its
-    table on the current CUDA device."""
-    dims = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-    inv_freq = 1.0 / (ROPE_BASE ** (dims / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
 def has_transformer_engine() -> bool:
@@ -259,7 +249,9 @@ class MegatronESM2(LanguageModule):
         attention_mask = attention_mask.bool()
         B, S = input_ids.shape
         x = self._embed(input_ids, attention_mask) if self.pre_process else None
-        rotary = rotary_angles(S, self.config.kv_channels, input_ids.device)
+        # The torch model's angles in the [S, 1, 1, head_dim] form megatron's attention applies
+        # (megatron's RotaryEmbedding would put its table on the current CUDA device).
+        rotary = rotary_angles(S, self.config.kv_channels, input_ids.device)[:, None, None, :]
         hidden = self.decoder(hidden_states=x, attention_mask=~attention_mask[:, None, None, :],
                               rotary_pos_emb=rotary)
         if not self.post_process:

@@ -55,8 +55,9 @@ class Layout(NamedTuple):
     flash: bool  # variable-length flash attention (CUDA, half precision)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [S, head_dim] in fp32 for positions 0..S-1.
+def rotary_angles(seq_len: int, head_dim: int, device) -> torch.Tensor:
+    """Rotary angles [S, head_dim] in fp32 for positions 0..S-1, "rotate half" layout (first and
+    second halves pair up).
 
     Computed on every forward (S x head_dim/2 multiplies, negligible) rather than kept in a buffer,
     so nothing depends on buffers surviving meta-device initialization or checkpoints.
@@ -64,7 +65,12 @@ def rotary_cos_sin(seq_len: int, head_dim: int, device) -> tuple[torch.Tensor, t
     dims = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
     inv_freq = 1.0 / (ROPE_BASE ** (dims / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # "rotate half" layout: first and second halves pair up
+    return torch.cat((freqs, freqs), dim=-1)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [S, head_dim] in fp32 for positions 0..S-1."""
+    emb = rotary_angles(seq_len, head_dim, device)
     return emb.cos(), emb.sin()
 
 
