@@ -10,7 +10,7 @@ from bionemo.models.esm2 import ESM2
 from bionemo.models.esm2 import convert
 from bionemo.models.esm2.model import IGNORE_INDEX, MASK_ID, PAD_ID
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (test extra: a missing install fails, never skips)
 
 SMALL = dict(
     name="esm2_tiny", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
