@@ -4,6 +4,7 @@ one process per GPU, the sweep's launcher); results go to benchmarks/results/meg
 
     python -m benchmarks.megatron_check parity  [--model esm2_650m] [--steps 50] [--mbs 16]
     python -m benchmarks.megatron_check tp      [--model esm2_650m] [--steps 50] [--mbs 8]   # 2 GPUs
+    python -m benchmarks.megatron_check pp      [--model esm2_650m] [--steps 40] [--mbs 8]   # 2 GPUs
     python -m benchmarks.megatron_check stop    [--model esm2_650m] [--steps 30]
     python -m benchmarks.megatron_check convert [--model esm2_8m]
 
@@ -11,6 +12,7 @@ parity:  the same initial weights (a torch-engine init checkpoint, `checkpoint.i
          50 steps in each engine at TP=1 on one GPU; per-step losses side by side, tokens/s of each.
 tp:      megatron TP=2 (2 GPUs) vs TP=1 (1 GPU) from the same weights and data; then the TP=2
          run's checkpoint at half-way resumes at TP=1 and its remaining losses are compared.
+pp:      the same with pipeline parallelism (PP=2: two stages of the layers) instead of TP.
 stop:    a run gets the warning signal (SIGUSR2) mid-run, saves, exits 75, restarts and finishes;
          its losses after the restart are compared with an uninterrupted run's.
 convert: a megatron checkpoint -> torch-engine checkpoint (bionemo.engines.convert) -> the torch
@@ -68,12 +70,19 @@ def make_run(root: Path, name: str, model: str, overrides: dict) -> Path:
 
 
 def start(run: Path, gpus: int, first_gpu: int = 0) -> list[subprocess.Popen]:
+    """`gpus` ranks on the GPUs first_gpu.. of those this process sees (an outer
+    CUDA_VISIBLE_DEVICES is honoured, so two checks can share one machine)."""
     port = free_port()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(first_gpu + gpus)]
+    if len(ids) < first_gpu + gpus:
+        raise RuntimeError(f"{run.name} needs GPUs {first_gpu}..{first_gpu + gpus - 1} of "
+                           f"CUDA_VISIBLE_DEVICES={visible}")
     procs = []
     for rank in range(gpus):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(gpus), "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1",
-               "CUDA_VISIBLE_DEVICES": ",".join(str(first_gpu + i) for i in range(gpus))}
+               "CUDA_VISIBLE_DEVICES": ",".join(ids[first_gpu:first_gpu + gpus])}
         log = open(run / f"rank{rank}.log", "a")
         procs.append(subprocess.Popen([sys.executable, "-m", "bionemo.train", str(run)], cwd=REPO,
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -168,53 +177,75 @@ def environment() -> dict:
 def check_parity(args, root: Path) -> dict:
     init = init_checkpoint(root, args.model)
     common = {"train.max_steps": args.steps, "train.micro_batch_size": args.mbs,
-              "checkpoint.init_from": str(init), "checkpoint.enabled": False}
+              "checkpoint.init_from": str(init), "checkpoint.enabled": False,
+              "train.precision": args.precision}
+    variants = [("torch", "torch", {"train.compile": args.compile}), ("megatron", "megatron", {})]
+    if args.compile:
+        # The scale of "bf16 tolerance": the same engine and weights with other kernels (eager
+        # instead of compiled) differ too, most in the early high-learning-rate transient.
+        variants.append(("torch_eager", "torch", {"train.compile": False}))
     runs = {}
-    for engine, extra in (("torch", {"train.compile": args.compile}), ("megatron", {})):
-        run = make_run(root, f"parity-{engine}", args.model, {**common, **extra, "train.engine": engine})
+    for name, engine, extra in variants:
+        run = make_run(root, f"parity-{name}", args.model, {**common, **extra, "train.engine": engine})
         train(run)
-        runs[engine] = run
-    lt, lm = losses(runs["torch"]), losses(runs["megatron"])
+        runs[name] = run
+    ls = {name: losses(run) for name, run in runs.items()}
+    lt, lm = ls["torch"], ls["megatron"]
+    reference = {}
+    if "torch_eager" in ls:
+        reference = {"torch_compiled_vs_eager": compare(lt, ls["torch_eager"]),
+                     "megatron_vs_torch_eager": compare(lm, ls["torch_eager"])}
     return {"check": "parity", "model": args.model, "micro_batch_size": args.mbs, "steps": args.steps,
-            "torch_compile": args.compile,
-            "loss_agreement": compare(lm, lt), "losses": {"torch": lt, "megatron": lm},
-            "speed": {"torch": speed(runs["torch"]), "megatron": speed(runs["megatron"])}}
+            "torch_compile": args.compile, "precision": args.precision, "loss_agreement": compare(lm, lt), **reference,
+            "losses": ls, "speed": {name: speed(run) for name, run in runs.items()}}
 
 
 def check_tp(args, root: Path) -> dict:
+    return check_layout(args, root, "tensor")
+
+
+def check_pp(args, root: Path) -> dict:
+    return check_layout(args, root, "pipeline")
+
+
+def check_layout(args, root: Path, key: str) -> dict:
+    """megatron at parallel.<key>=2 (2 GPUs) vs 1 (1 GPU) from the same weights and data; then the
+    size-2 run's half-way checkpoint resumed at size 1."""
+    tag = {"tensor": "tp", "pipeline": "pp"}[key]
     init = init_checkpoint(root, args.model)
     half = args.steps // 2
     common = {"train.max_steps": args.steps, "train.micro_batch_size": args.mbs,
               "checkpoint.init_from": str(init), "checkpoint.every_steps": half,
               "train.engine": "megatron"}
-    tp2 = make_run(root, "tp2", args.model, {**common, "parallel.tensor": 2})
-    tp1 = make_run(root, "tp1", args.model, {**common, "parallel.tensor": 1})
+    two = make_run(root, f"{tag}2", args.model, {**common, f"parallel.{key}": 2})
+    one = make_run(root, f"{tag}1", args.model, {**common, f"parallel.{key}": 1})
     if args.gpus >= 3:  # side by side
-        p2, p1 = start(tp2, 2, first_gpu=0), start(tp1, 1, first_gpu=2)
-        wait(p2, tp2)
-        wait(p1, tp1)
+        p2, p1 = start(two, 2, first_gpu=0), start(one, 1, first_gpu=2)
+        wait(p2, two)
+        wait(p1, one)
     else:
-        train(tp2, 2)
-        train(tp1, 1)
-    # The TP=2 checkpoint at half-way, resumed at TP=1: a copy of the run directory holding only
-    # that checkpoint, with parallel.tensor set to 1.
-    resumed = root / "tp2-resumed-at-tp1"
+        train(two, 2)
+        train(one, 1)
+    # The size-2 checkpoint at half-way, resumed at size 1: a copy of the run directory holding
+    # only that checkpoint, with parallel.<key> set to 1.
+    resumed = root / f"{tag}2-resumed-at-{tag}1"
     if resumed.exists():
         shutil.rmtree(resumed)
     resumed.mkdir()
     (resumed / "checkpoints").mkdir()
-    shutil.copytree(rundir.step_dir(tp2, half), rundir.step_dir(resumed, half))
-    cfg = yaml.safe_load((tp2 / "config.yaml").read_text())
-    cfg["trainer"]["parallel"]["tensor"] = 1
+    shutil.copytree(rundir.step_dir(two, half), rundir.step_dir(resumed, half))
+    cfg = yaml.safe_load((two / "config.yaml").read_text())
+    cfg["trainer"]["parallel"][key] = 1
     (resumed / "config.yaml").write_text(yaml.safe_dump(cfg))
     train(resumed, 1)
-    l2, l1, lr = losses(tp2), losses(tp1), losses(resumed)
-    return {"check": "tp", "model": args.model, "micro_batch_size": args.mbs, "steps": args.steps,
-            "tp2_vs_tp1": compare(l2, l1),
-            "resumed_at_tp1_vs_tp2": compare(lr, l2, range(half + 1, args.steps + 1)),
-            "resumed_at_tp1_vs_tp1": compare(lr, l1, range(half + 1, args.steps + 1)),
-            "losses": {"tp2": l2, "tp1": l1, "tp2_resumed_at_tp1": lr},
-            "speed": {"tp2": speed(tp2), "tp1": speed(tp1)}}
+    l2, l1, lr = losses(two), losses(one), losses(resumed)
+    after = range(half + 1, args.steps + 1)
+    return {"check": tag, "model": args.model, "micro_batch_size": args.mbs, "steps": args.steps,
+            f"{tag}2_vs_{tag}1": compare(l2, l1),
+            f"resumed_at_{tag}1_vs_{tag}2": compare(lr, l2, after),
+            f"resumed_at_{tag}1_vs_{tag}1": compare(lr, l1, after),
+            "losses": {f"{tag}2": l2, f"{tag}1": l1, f"{tag}2_resumed_at_{tag}1": lr},
+            "speed": {f"{tag}2": speed(two), f"{tag}1": speed(one)}}
 
 
 def check_stop(args, root: Path) -> dict:
@@ -283,7 +314,7 @@ def check_convert(args, root: Path) -> dict:
             "abs_diff": abs(m_val - t_val)}
 
 
-CHECKS = {"parity": check_parity, "tp": check_tp, "stop": check_stop, "convert": check_convert}
+CHECKS = {"parity": check_parity, "tp": check_tp, "pp": check_pp, "stop": check_stop, "convert": check_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", action="store_true",
                    help="stop: also run the uninterrupted run twice (run-to-run noise)")
     p.add_argument("--compile", action="store_true", help="torch engine with train.compile")
+    p.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "fp32"],
+                   help="parity: train.precision of both engines (fp32 separates implementation "
+                        "from bf16 rounding)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "megatron_check")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -315,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
         result.update(environment=env, wall_s=round(time.time() - t0, 1),
                       command="python -m benchmarks.megatron_check " + " ".join(sys.argv[1:] if argv is None else argv))
-        path = args.out / f"{name}-{args.model}{'-tp' + str(args.tp) if args.tp > 1 else ''}.json"
+        path = args.out / (f"{name}-{args.model}{'-tp' + str(args.tp) if args.tp > 1 else ''}"
+                           f"{'-fp32' if args.precision == 'fp32' else ''}.json")
         path.write_text(json.dumps(result, indent=1))
         brief = {k: v for k, v in result.items() if k not in ("losses", "environment")}
         print(json.dumps(brief, indent=1), flush=True)

@@ -76,6 +76,45 @@ def test_resumed_adam_steps_are_not_shared():
     assert "_set_main_param_and_optimizer_states" not in vars(holder)
 
 
+def test_saved_optimizer_state_keeps_bucket_padding():
+    """megatron-core gathers the distributed optimizer's state with the buckets back to back but
+    slices it with offsets in the padded buffer; the engine's save wrapper puts each bucket's
+    segment back at its offset, so parameter i reads its own state."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bionemo.engines.megatron_engine import _bucket_padding_kept, repad_buckets
+
+    # Two buckets as pipeline parallelism makes them: 5 elements padded to 8, then 3 (the tied
+    # embedding's bucket of its own).
+    buckets = [SimpleNamespace(offset=0, numel_unpadded=5), SimpleNamespace(offset=8, numel_unpadded=3)]
+    flat = torch.arange(1.0, 9.0)
+    out = repad_buckets(flat, buckets)
+    assert out.tolist() == [1, 2, 3, 4, 5, 0, 0, 0, 6, 7, 8]
+    with pytest.raises(RuntimeError, match="does not match its buckets"):
+        repad_buckets(torch.arange(7.0), buckets)
+
+    class Holder:  # the attributes of megatron's DistributedOptimizer that the wrapper touches
+        buffers = [SimpleNamespace(buckets=buckets)]
+
+        def get_parameter_state_dp_zero(self, use_gloo_comm=True, empty_data=False,
+                                        return_on_all_ranks=False):
+            world = {"param": flat.clone(), "exp_avg": -flat.clone(), "numel_unpadded": 8}
+            return {"buckets_coalesced": True, 0: {torch.float32: world}}
+
+    holder = Holder()
+    with _bucket_padding_kept(holder):
+        world = holder.get_parameter_state_dp_zero(empty_data=False)[0][torch.float32]
+        # the tied weight (second bucket, offset 8) gets its own values, not the padding's
+        assert world["param"][8:11].tolist() == [6, 7, 8]
+        assert world["exp_avg"][8:11].tolist() == [-6, -7, -8]
+        assert world["numel_unpadded"] == 8
+        # loading asks for shapes only (empty_data): untouched
+        assert holder.get_parameter_state_dp_zero(empty_data=True)[0][torch.float32]["param"].numel() == 8
+    assert "get_parameter_state_dp_zero" not in vars(holder)
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_megatron_model_matches_torch_model(tp, tmp_path):
     """Same weights -> same loss and same gradients (fp32, CPU), gathered over TP ranks."""

@@ -157,7 +157,9 @@ class MegatronEngine:
     def save(self, path) -> None:
         from megatron.core import dist_checkpointing
 
-        dist_checkpointing.save(self._sharded(False), str(path))
+        with _bucket_padding_kept(self.optimizer):
+            sharded = self._sharded(False)
+        dist_checkpointing.save(sharded, str(path))
 
     def _materialize_optimizer_state(self) -> None:
         """A fresh optimizer has no state tensors (and, with torch's Adam, no 'step'), which the
@@ -252,6 +254,63 @@ class _torch_adam_step_kept:
             for state in getattr(inner, "state", {}).values():
                 if torch.is_tensor(state.get("step")):
                     state["step"] = state["step"].clone()
+        return False
+
+
+def repad_buckets(flat: torch.Tensor, buckets) -> torch.Tensor:
+    """`flat`: the buckets' unpadded segments back to back; returns them at their buffer offsets
+    (`bucket.offset`), zeros in the padding between buckets."""
+    unpadded = sum(b.numel_unpadded for b in buckets)
+    if unpadded != flat.numel():
+        raise RuntimeError(f"optimizer state of {flat.numel()} elements does not match its "
+                           f"buckets ({unpadded} unpadded elements)")
+    out = flat.new_zeros(buckets[-1].offset + buckets[-1].numel_unpadded)
+    cursor = 0
+    for b in buckets:
+        out[b.offset:b.offset + b.numel_unpadded] = flat[cursor:cursor + b.numel_unpadded]
+        cursor += b.numel_unpadded
+    return out
+
+
+class _bucket_padding_kept:
+    """Work around a fault of megatron-core (0.16-0.19) saving a 'fully_reshardable'
+    distributed-optimizer state: the gathered state (`get_parameter_state_dp_zero`) holds the
+    buckets back to back WITHOUT the padding at each bucket's end, but is then sliced with each
+    parameter's offsets in the PADDED buffer. With one bucket (our DDP runs without
+    overlap_grad_reduce) nothing shifts; with pipeline parallelism the tied embedding/output
+    weight gets a bucket of its own, and every parameter after the first bucket's padding was
+    saved with another parameter's main weights and Adam moments (found by
+    benchmarks/resume_probe.py: a PP=2 checkpoint resumed with the second stage's optimizer
+    state shifted). While saving, the gathered state is put back at the padded offsets."""
+
+    def __init__(self, optimizer):
+        self.targets = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+                        if hasattr(o, "get_parameter_state_dp_zero")]
+
+    def __enter__(self):
+        for opt in self.targets:
+            original = opt.get_parameter_state_dp_zero
+
+            def gather(*args, _original=original, _opt=opt, **kwargs):
+                state = _original(*args, **kwargs)
+                if state is None or kwargs.get("empty_data"):
+                    return state
+                for gbuf_idx, per_dtype in state.items():
+                    if not isinstance(gbuf_idx, int):  # e.g. "buckets_coalesced": True
+                        continue
+                    buckets = _opt.buffers[gbuf_idx].buckets
+                    for world in per_dtype.values():
+                        for key, t in world.items():
+                            if torch.is_tensor(t) and t.dim() == 1:
+                                world[key] = repad_buckets(t, buckets)
+                return state
+
+            opt.get_parameter_state_dp_zero = gather
+        return self
+
+    def __exit__(self, *exc):
+        for opt in self.targets:
+            del opt.get_parameter_state_dp_zero  # back to the class's method
         return False
 
 
