@@ -237,3 +237,29 @@ def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch):
         assert (out / "cpu" / f"esm2_8m_{plot}.png").read_bytes()[:4] == b"\x89PNG"
     assert result["best"]["config"]["train"]["micro_batch_size"] == \
         result["policies"]["none"]["micro_batch_size"]
+
+
+def test_cpu_scaling_runs_each_world_size(tmp_path, data_dir, monkeypatch):
+    """benchmarks/scaling.py: a real trainer run per world size (1 and 2 gloo ranks), the same
+    micro batch per rank, efficiency relative to the smallest."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out, work = tmp_path / "out", tmp_path / "work"
+    tiny = [s for s in TINY_MODEL if not s.startswith("model.seq_length")] + ["model.seq_length=128"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaling", "--model", "esm2_8m", "--gpus", "2,1",
+         "--mbs", "2", "--steps", "2", "--warmup-steps", "1", "--out", str(out),
+         "--work-dir", str(work), "--set", *tiny, *data_overrides(data_dir)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((out / "cpu" / "scaling-esm2_8m.json").read_text())
+    points = result["points"]
+    assert [p["gpus"] for p in points] == [1, 2]  # sorted, smallest is the reference
+    assert points[0]["efficiency"] == 1.0
+    for p in points:
+        assert p["tokens_per_s_per_gpu"] > 0
+        assert p["tokens_per_s"] == pytest.approx(p["tokens_per_s_per_gpu"] * p["gpus"])
+        assert p["efficiency"] == pytest.approx(
+            p["tokens_per_s_per_gpu"] / points[0]["tokens_per_s_per_gpu"], abs=1e-4)
+        # each point really ran at its world size: one rank log per rank
+        assert len(list(Path(p["run_dir"]).glob("rank*.log"))) == p["gpus"]
+    assert "| 2 |" in (out / "cpu" / "scaling-esm2_8m.md").read_text()
