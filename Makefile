@@ -23,7 +23,7 @@ JOB_ARGS = --model $(MODEL) --cluster $(CLUSTER) $(if $(NODES),--nodes $(NODES))
 	$(if $(BACKEND),--backend $(BACKEND)) $(if $(CONFIG),--config $(CONFIG)) \
 	$(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
 
-.PHONY: install test test-unit test-cluster data debug submit render status logs cancel resume \
+.PHONY: install test test-unit test-gpu test-cluster data debug submit render status logs cancel resume \
 	sweep cluster-up cluster-down bench-submit clean
 
 install: $(VENV)/.installed
@@ -53,10 +53,13 @@ data/geneformer_sample/.built: | install
 	touch $@
 
 test: install data/sample/.built data/geneformer_sample/.built
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests -m "not gpu"
+
+test-gpu: install data/sample/.built  # on a GPU machine with megatron-core: the megatron engine's checks
+	$(VPY) -m pytest -q tests -m gpu
 
 test-unit: install data/sample/.built data/geneformer_sample/.built
-	$(VPY) -m pytest -q tests -m "not cluster"
+	$(VPY) -m pytest -q tests -m "not cluster and not gpu"
 
 debug: install data
 	$(LAUNCH) debug --model $(MODEL) $(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
