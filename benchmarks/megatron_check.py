@@ -4,7 +4,7 @@ one process per GPU, the sweep's launcher); results go to benchmarks/results/meg
 
     python -m benchmarks.megatron_check parity  [--model esm2_650m] [--steps 50] [--mbs 16]
     python -m benchmarks.megatron_check tp      [--model esm2_650m] [--steps 50] [--mbs 8]   # 2 GPUs
-    python -m benchmarks.megatron_check pp      [--model esm2_650m] [--steps 40] [--mbs 8]   # 2 GPUs
+    python -m benchmarks.megatron_check pp      --model esm2_3b [--steps 30] [--mbs 4]     # 2 GPUs; layers % 2 == 0
     python -m benchmarks.megatron_check stop    [--model esm2_650m] [--steps 30]
     python -m benchmarks.megatron_check convert [--model esm2_8m]
 
