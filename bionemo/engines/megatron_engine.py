@@ -19,6 +19,7 @@ CUDA only: megatron-core allocates its gradient buffers and RNG tracker on the c
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -219,42 +220,44 @@ class MegatronEngine:
             full, self.cfg.model, model.vocab_size, te=self.uses_te))
 
 
-class _torch_adam_step_kept:
+@contextmanager
+def _optimizer_method_replaced(optimizer, name: str, wrap):
+    """For the block, each (chained) megatron optimizer that has method `name` calls
+    `wrap(opt, original)` instead; yields those optimizers. The two workarounds below use it."""
+    targets = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(o, name)]
+    for opt in targets:
+        setattr(opt, name, wrap(opt, getattr(opt, name)))
+    try:
+        yield targets
+    finally:
+        for opt in targets:
+            delattr(opt, name)  # back to the class's method
+
+
+@contextmanager
+def _torch_adam_step_kept(optimizer):
     """Work around two faults of megatron-core (0.19) loading a 'fully_reshardable'
     distributed-optimizer state into torch's Adam (no Transformer Engine/Apex).
     1. It restores the common 'step' first, then copies every tensor of each parameter's state
        from the checkpoint, 'step' included, which the checkpoint does not hold per parameter
        (KeyError: 'step'). While loading, each parameter's source tensors get a non-tensor
        'step', which the copy skips; the step restored from the param groups stays.
-    2. That restored step is one tensor shared by all parameters (see __exit__)."""
+    2. That restored step is ONE tensor object shared by all parameters; torch's Adam increments
+       it in place once per parameter, so after a resume the step count ran ahead by the number
+       of parameters each step and the bias corrections were wrong (losses diverged from the
+       uninterrupted run from the second step on, benchmarks/results/megatron/). After loading,
+       every parameter gets its own copy."""
 
-    def __init__(self, optimizer):
-        self.targets = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
-                        if hasattr(o, "_set_main_param_and_optimizer_states")]
+    def wrap(opt, original):
+        return lambda model_param, tensors: original(model_param, {"step": None, **tensors})
 
-    def __enter__(self):
-        for opt in self.targets:
-            original = opt._set_main_param_and_optimizer_states
-
-            def setter(model_param, tensors, _original=original):
-                return _original(model_param, {"step": None, **tensors})
-
-            opt._set_main_param_and_optimizer_states = setter
-        return self
-
-    def __exit__(self, *exc):
-        for opt in self.targets:
-            del opt._set_main_param_and_optimizer_states  # back to the class's method
-            # The same loader puts ONE 'step' tensor object into every parameter's state; torch's
-            # Adam increments it in place once per parameter, so after a resume the step count
-            # ran ahead by the number of parameters each step and the bias corrections were
-            # wrong (losses diverged from the uninterrupted run from the second step on,
-            # benchmarks/results/megatron/stop-*.json). Give every parameter its own copy.
-            inner = getattr(opt, "optimizer", None)
-            for state in getattr(inner, "state", {}).values():
-                if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
-        return False
+    with _optimizer_method_replaced(optimizer, "_set_main_param_and_optimizer_states",
+                                    wrap) as targets:
+        yield
+    for opt in targets:
+        for state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def repad_buckets(flat: torch.Tensor, buckets) -> torch.Tensor:
@@ -272,7 +275,7 @@ def repad_buckets(flat: torch.Tensor, buckets) -> torch.Tensor:
     return out
 
 
-class _bucket_padding_kept:
+def _bucket_padding_kept(optimizer):
     """Work around a fault of megatron-core (0.16-0.19) saving a 'fully_reshardable'
     distributed-optimizer state: the gathered state (`get_parameter_state_dp_zero`) holds the
     buckets back to back WITHOUT the padding at each bucket's end, but is then sliced with each
@@ -283,35 +286,22 @@ class _bucket_padding_kept:
     benchmarks/resume_probe.py: a PP=2 checkpoint resumed with the second stage's optimizer
     state shifted). While saving, the gathered state is put back at the padded offsets."""
 
-    def __init__(self, optimizer):
-        self.targets = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
-                        if hasattr(o, "get_parameter_state_dp_zero")]
-
-    def __enter__(self):
-        for opt in self.targets:
-            original = opt.get_parameter_state_dp_zero
-
-            def gather(*args, _original=original, _opt=opt, **kwargs):
-                state = _original(*args, **kwargs)
-                if state is None or kwargs.get("empty_data"):
-                    return state
-                for gbuf_idx, per_dtype in state.items():
-                    if not isinstance(gbuf_idx, int):  # e.g. "buckets_coalesced": True
-                        continue
-                    buckets = _opt.buffers[gbuf_idx].buckets
-                    for world in per_dtype.values():
-                        for key, t in world.items():
-                            if torch.is_tensor(t) and t.dim() == 1:
-                                world[key] = repad_buckets(t, buckets)
+    def wrap(opt, original):
+        def gather(*args, **kwargs):
+            state = original(*args, **kwargs)
+            if state is None or kwargs.get("empty_data"):  # loading asks for shapes only
                 return state
+            for gbuf_idx, per_dtype in state.items():
+                if isinstance(gbuf_idx, int):  # skips e.g. "buckets_coalesced": True
+                    buckets = opt.buffers[gbuf_idx].buckets
+                    for world in per_dtype.values():
+                        world.update({k: repad_buckets(t, buckets) for k, t in world.items()
+                                      if torch.is_tensor(t) and t.dim() == 1})
+            return state
 
-            opt.get_parameter_state_dp_zero = gather
-        return self
+        return gather
 
-    def __exit__(self, *exc):
-        for opt in self.targets:
-            del opt.get_parameter_state_dp_zero  # back to the class's method
-        return False
+    return _optimizer_method_replaced(optimizer, "get_parameter_state_dp_zero", wrap)
 
 
 def load_torch_weights(path: Path, model_cfg) -> dict[str, torch.Tensor]:
