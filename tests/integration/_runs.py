@@ -192,20 +192,27 @@ def assert_finished(run_dir: Path, max_steps: int) -> None:
     assert rundir.latest_complete_step(run_dir) == max_steps
 
 
+def wait_time_limit_pair(waiter, ref: tuple[Path, str], limited: tuple[Path, str]) -> dict:
+    """The uninterrupted reference and the time-limited run, each (run_dir, job_id), both end
+    COMPLETED with all TL_STEPS steps done; returns the time-limited job's final record.
+    `waiter`: anything with `wait_final(job_id, timeout)`."""
+    for (run_dir, job_id), timeout in ((ref, 300), (limited, 600)):
+        rec = waiter.wait_final(job_id, timeout=timeout)
+        assert rec["JobState"] == "COMPLETED", logs(run_dir)
+    assert_finished(ref[0], TL_STEPS)
+    assert_finished(limited[0], TL_STEPS)
+    return rec
+
+
 def check_time_limit_run(runs: Runs, backend: str, tmp_path: Path, key: str | None = None,
                          ref: str = "ref") -> tuple[Path, dict]:
     """The acceptance of one backend: the 2-node run hit its time limit, got the warning,
     saved, was requeued, resumed and finished, with weights identical to the reference.
     `key`/`ref` pick another pair of the shared slow runs (default: the backend's, ESM-2's)."""
     slow = slow_runs(runs)
-    ref_dir, ref_job = slow[ref]
-    run_dir, job_id = slow[key or backend]
-    rec = runs.wait_final(ref_job, timeout=300)
-    assert rec["JobState"] == "COMPLETED", logs(ref_dir)
-    rec = runs.wait_final(job_id, timeout=600)
-    assert rec["JobState"] == "COMPLETED", logs(run_dir)
-    assert_finished(ref_dir, TL_STEPS)
-    assert_finished(run_dir, TL_STEPS)
+    ref_dir, _ = slow[ref]
+    run_dir, _ = slow[key or backend]
+    rec = wait_time_limit_pair(runs, slow[ref], slow[key or backend])
     # a 2-node run: both ranks saved (their RNG states), on two nodes
     assert len(set(hostnames(runs.slurm, rec["NodeList"]))) == 2
     step = rundir.step_dir(run_dir, TL_STEPS)

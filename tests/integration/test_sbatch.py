@@ -17,15 +17,15 @@ import json
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-import torch
 
 from bionemo import rundir
 from launchers import cli, cluster, record
-from tests.integration._runs import FINAL, REPO, SMALL, hostnames, logs, wait_for, weights
+from tests.integration._runs import (FINAL, REPO, SMALL, TL_COMMON, TL_LIMITED, TL_STEPS, Releaser,
+                                     assert_finished, assert_same_weights, hostnames, logs, wait_for,
+                                     wait_time_limit_pair)
 
 MALFORMED_FILE = REPO / "tests" / "golden" / "malformed.yaml"
 
@@ -45,33 +45,12 @@ def runs_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-class Releaser(threading.Thread):
-    """Makes requeued jobs of this module eligible as soon as they are pending again."""
-
-    def __init__(self, slurm):
-        super().__init__(daemon=True)
-        self.slurm, self.jobs, self.stop = slurm, set(), threading.Event()
-
-    def watch(self, job_id: str) -> None:
-        self.jobs.add(str(job_id))
-
-    def run(self) -> None:
-        while not self.stop.wait(1.0):
-            for job_id in list(self.jobs):
-                rec = self.slurm.job(job_id)
-                if rec.get("JobState") == "PENDING" and int(rec.get("Restarts", "0") or 0) > 0:
-                    try:
-                        self.slurm.release(job_id)
-                    except AssertionError:
-                        pass  # raced with the scheduler; next round
-
-
 @pytest.fixture(scope="module")
 def releaser(slurm_cluster):
     thread = Releaser(slurm_cluster)
     thread.start()
     yield thread
-    thread.stop.set()
+    thread.done.set()
     for job_id in thread.jobs:
         slurm_cluster.cancel(job_id)
 
@@ -95,7 +74,7 @@ class Launcher:
         assert out.returncode == 0, out.stdout + out.stderr
         run_dir = self.runs_root / experiment / run
         job_id = record.job_ids(record.load(run_dir))[-1]
-        self.releaser.watch(job_id)
+        self.releaser.jobs.add(job_id)
         return run_dir, job_id
 
     def wait_final(self, job_id: str, timeout: float) -> dict:
@@ -105,11 +84,6 @@ class Launcher:
 @pytest.fixture(scope="module")
 def launcher(slurm_cluster, releaser, data_dir, runs_root) -> Launcher:
     return Launcher(slurm_cluster, releaser, data_dir, runs_root)
-
-
-def assert_finished(run_dir: Path, max_steps: int) -> None:
-    assert rundir.is_finished(run_dir), logs(run_dir)
-    assert rundir.latest_complete_step(run_dir) == max_steps
 
 
 # ------------------------------------------------------------------------------------ rejected early
@@ -182,18 +156,11 @@ def test_node_failure_requeues_and_resumes_on_healthy_nodes(launcher):
 
 # ------------------------------------------------------------------------------------ time limit (background)
 
-TL_STEPS = 40
-TL_COMMON = [f"max_steps={TL_STEPS}", "trainer.checkpoint.every_steps=10"]
-
-
 @pytest.fixture(scope="module")
 def time_limit_runs(launcher):
     """Submitted once, by the first test that asks; checked by test_time_limit_..."""
     ref = launcher.submit("uninterrupted", *TL_COMMON)
-    # 2-minute limit, USR2 30 s before it: slurmctld's 30 s tick sends it 60-90 s into the job,
-    # while the slowed-down run (~2.7 s per step) is still going.
-    limited = launcher.submit("time-limit", *TL_COMMON, "job.time_limit=00:02:00",
-                              "cluster.signal_lead_s=30", "cluster.env.BIONEMO_STEP_SLEEP=2.5")
+    limited = launcher.submit("time-limit", *TL_COMMON, *TL_LIMITED)  # see TL_LIMITED's comment
     return {"ref": ref, "limited": limited}
 
 
@@ -269,22 +236,14 @@ def test_crash_loop_stops_and_status_says_why(launcher, time_limit_runs, data_di
 
 def test_time_limit_requeues_itself_and_matches_an_uninterrupted_run(launcher, time_limit_runs,
                                                                     tmp_path):
-    ref_dir, ref_job = time_limit_runs["ref"]
-    run_dir, job_id = time_limit_runs["limited"]
-    rec = launcher.wait_final(ref_job, timeout=300)
-    assert rec["JobState"] == "COMPLETED", logs(ref_dir)
-    rec = launcher.wait_final(job_id, timeout=600)
-    assert rec["JobState"] == "COMPLETED", logs(run_dir)
-    assert_finished(ref_dir, TL_STEPS)
-    assert_finished(run_dir, TL_STEPS)
+    ref_dir, _ = time_limit_runs["ref"]
+    run_dir, _ = time_limit_runs["limited"]
+    rec = wait_time_limit_pair(launcher, time_limit_runs["ref"], time_limit_runs["limited"])
     attempts = record.load(run_dir)["attempts"]
     signalled = [a for a in attempts if a["outcome"] == "stopped" and a["decision"] == "requeue"]
     assert signalled, attempts
     assert "warning signal" in signalled[0]["reason"]
     assert int(rec["Restarts"]) == len(signalled)
     assert attempts[-1]["outcome"] == "finished"
-    a = weights(rundir.step_dir(ref_dir, TL_STEPS), tmp_path)
-    b = weights(rundir.step_dir(run_dir, TL_STEPS), tmp_path)
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_weights(rundir.step_dir(ref_dir, TL_STEPS), rundir.step_dir(run_dir, TL_STEPS),
+                        tmp_path)
