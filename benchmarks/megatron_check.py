@@ -317,7 +317,7 @@ def check_convert(args, root: Path) -> dict:
 CHECKS = {"parity": check_parity, "tp": check_tp, "pp": check_pp, "stop": check_stop, "convert": check_convert}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("check", nargs="+", choices=sorted(CHECKS))
     p.add_argument("--model", default="esm2_650m")
@@ -333,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                         "from bf16 rounding)")
     p.add_argument("--work-dir", type=Path, default=REPO / "runs" / "megatron_check")
     p.add_argument("--out", type=Path, default=OUT)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
 
     args.gpus = args.gpus or torch.cuda.device_count()

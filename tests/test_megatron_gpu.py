@@ -24,17 +24,19 @@ def _gpus(needed: int) -> int:
     return have
 
 
-def _args(tmp_path, **kw) -> argparse.Namespace:
-    base = dict(model="esm2_8m", steps=12, mbs=8, tp=1, gpus=None, repeat=False, compile=False,
-                precision="bf16-mixed", work_dir=tmp_path)
-    return argparse.Namespace(**{**base, **kw})
+def _args(tmp_path, check: str, *flags: str, gpus: int) -> argparse.Namespace:
+    """megatron_check's own arguments: ESM-2 8M, 12 steps, micro batch 8 unless `flags` say."""
+    from benchmarks.megatron_check import parse_args
+
+    return parse_args([check, "--model", "esm2_8m", "--steps", "12", "--mbs", "8",
+                       "--gpus", str(gpus), "--work-dir", str(tmp_path), *flags])
 
 
 def test_engines_agree_in_fp32(tmp_path):
     from benchmarks.megatron_check import check_parity
 
     gpus = _gpus(1)
-    r = check_parity(_args(tmp_path, precision="fp32", gpus=gpus), tmp_path)
+    r = check_parity(_args(tmp_path, "parity", "--precision", "fp32", gpus=gpus), tmp_path)
     assert r["loss_agreement"]["steps"] == 12
     assert r["loss_agreement"]["max_abs_diff"] < 1e-3, r["loss_agreement"]
 
@@ -44,7 +46,7 @@ def test_two_way_split_matches_and_resumes_unsplit(check, tmp_path):
     from benchmarks import megatron_check
 
     gpus = _gpus(2)
-    r = megatron_check.CHECKS[check](_args(tmp_path, gpus=gpus), tmp_path)
+    r = megatron_check.CHECKS[check](_args(tmp_path, check, gpus=gpus), tmp_path)
     assert r[f"{check}2_vs_{check}1"]["max_abs_diff"] < 1e-2, r
     assert r[f"resumed_at_{check}1_vs_{check}2"]["steps"] == 6
     assert r[f"resumed_at_{check}1_vs_{check}2"]["max_abs_diff"] < 5e-3, r
@@ -55,7 +57,7 @@ def test_warning_signal_saves_and_restart_continues(tmp_path):
 
     gpus = _gpus(1)
     # 8M steps take milliseconds: enough of them that the signal (after a third) lands mid-run
-    r = check_stop(_args(tmp_path, gpus=gpus, repeat=True, steps=300), tmp_path)
+    r = check_stop(_args(tmp_path, "stop", "--repeat", "--steps", "300", gpus=gpus), tmp_path)
     assert r["first_exit_codes"] == [75] and r["second_exit_codes"] == [0], r
     assert r["saved_steps"] and r["saved_steps"][-1] >= r["signal_after_step"]
     noise = r["uninterrupted_run_to_run_after"]["max_abs_diff"]
@@ -66,5 +68,5 @@ def test_megatron_checkpoint_converts_to_torch_weights(tmp_path):
     from benchmarks.megatron_check import check_convert
 
     gpus = _gpus(1)
-    r = check_convert(_args(tmp_path, gpus=gpus), tmp_path)
+    r = check_convert(_args(tmp_path, "convert", gpus=gpus), tmp_path)
     assert r["abs_diff"] < 2e-3, r
