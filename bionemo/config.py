@@ -13,11 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# The trainer's exit code for "I saved because I was told to stop; requeue me" (EX_TEMPFAIL from
-# sysexits.h: a temporary failure, retrying is invited). 0 means finished; anything else is a crash.
-REQUEUE_EXIT_CODE = 75
-# Exit code for "ran out of memory" (ENOMEM): the micro-batch sweep reads it as a finding, not a bug.
-OOM_EXIT_CODE = 12
+# The trainer's exit codes are defined once, in the torch-free run-directory contract.
+from bionemo.rundir import OOM_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: E402,F401
 
 
 class Section(BaseModel):

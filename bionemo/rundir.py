@@ -6,13 +6,19 @@
       submission.json      the launcher's record: backend, job ids, attempts and decisions
       logs/                scheduler and trainer output
       metrics.jsonl        one JSON object per logged step / validation
+      events.jsonl         the trainer's faults, one JSON object a line (checkpoint rejected, rank
+                           hung, disk full): what `status` and the requeue decision read
       checkpoints/step-00000040/   complete only once its COMPLETE marker exists
       finished             written by the trainer after the last step; never requeue after it
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import time
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -23,6 +29,13 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINISHED = "finished"
 COMPLETE = "COMPLETE"  # marker inside a checkpoint folder, written last, after every rank finished
+EVENTS = "events.jsonl"
+
+# The trainer's exit codes: the contract read by the requeue decision (launchers/requeue.py).
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: told to stop, every rank saved; requeue me
+OOM_EXIT_CODE = 12  # ENOMEM: out of memory (a finding for the micro-batch sweep)
+HUNG_EXIT_CODE = 124  # timeout(1)'s: the watchdog saw no progress within its limit
+DISK_FULL_EXIT_CODE = 28  # ENOSPC: a save found no space left on the device
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -53,3 +66,39 @@ def latest_complete_step(run_dir: Path) -> int | None:
 
 def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / FINISHED).is_file()
+
+
+def append_event(run_dir: Path, event: str, **fields) -> dict:
+    """Append one fault record to `events.jsonl` (any rank, any time; one short O_APPEND write, so
+    lines from several processes do not interleave). Never raises: on a full disk the record is
+    lost but the caller's own error handling goes on; the record is returned for logging."""
+    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event,
+           "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID"),
+           "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0), **fields}
+    try:
+        line = (json.dumps(rec, default=str) + "\n").encode()
+        fd = os.open(Path(run_dir) / EVENTS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return rec
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    """Every record of `events.jsonl` (oldest first); unreadable lines are skipped."""
+    out = []
+    try:
+        text = (Path(run_dir) / EVENTS).read_text(errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out

@@ -35,7 +35,7 @@ from pathlib import Path
 from bionemo import rundir
 from launchers import record
 
-REQUEUE_EXIT_CODE = 75  # bionemo.config.REQUEUE_EXIT_CODE (also in the record's policy)
+REQUEUE_EXIT_CODE = rundir.REQUEUE_EXIT_CODE
 TIME_LIMIT_SLACK_S = 30  # SIGTERM this close to the time limit is the time limit
 
 

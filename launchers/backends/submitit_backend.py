@@ -74,11 +74,12 @@ from pathlib import Path
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from bionemo import rundir
 from launchers.backends.base import Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
 FOLDER = "submitit"  # <run_dir>/submitit: submitit's pickles, batch scripts and per-task logs
-REQUEUE_EXIT_CODE = 75  # = bionemo.config.REQUEUE_EXIT_CODE (kept here: the task imports no torch)
+REQUEUE_EXIT_CODE = rundir.REQUEUE_EXIT_CODE
 
 # Rendered with the native backend's Jinja environment (quoting filters, StrictUndefined), so
 # the environment, setup lines and rendezvous are the native script's own partial.
