@@ -60,9 +60,31 @@ class ModelConfig(Section):
         return v * h + L * block + 2 * h + head  # ESM-2: rotary, final LN
 
     @property
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token, 6N + 12*L*h*s (the anchors' formula, padded tokens)."""
-        return 6 * self.num_parameters + 12 * self.num_layers * self.hidden_size * self.seq_length
+    def block_matmul_parameters(self) -> int:
+        """Weights one token is multiplied by in the transformer blocks (qkv, out, two MLP)."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        return self.num_layers * (4 * h * h + 2 * h * f)
+
+    @property
+    def head_matmul_parameters(self) -> int:
+        """Weights of the LM head's GEMMs: its dense layer and the (tied) decoder."""
+        return self.hidden_size * self.hidden_size + self.vocab_size * self.hidden_size
+
+    @property
+    def head_on_every_token(self) -> bool:
+        """ESM-2 runs the LM head on every position; Geneformer only on the ~15% masked ones
+        (its 25k-gene decoder on every position would cost more than the blocks)."""
+        return self.family != "geneformer"
+
+    def training_flops(self, tokens: float, scored: float, attention_pairs: float) -> float:
+        """FLOPs of a training step (3 x forward) counting what is multiplied: 6 x the matmul
+        weights per token through the blocks, 6 x the head's for each token it runs on, 12*L*h
+        per attended (query, key) pair. Not 6N: N includes embedding and position tables, which
+        are looked up, not multiplied (for Geneformer 106M 6N overstates by 1.15x, 10M 1.59x)."""
+        head_tokens = tokens if self.head_on_every_token else scored
+        return (6 * self.block_matmul_parameters * tokens
+                + 6 * self.head_matmul_parameters * head_tokens
+                + 12 * self.num_layers * self.hidden_size * attention_pairs)
 
 
 class DataConfig(Section):
@@ -141,11 +163,15 @@ class OptimConfig(Section):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     weight_decay: float = Field(0.01, ge=0)
-    # warmup-anneal-decay-hold: linear warmup, linear decay to min_lr_ratio*lr at decay_steps
-    # (default: train.max_steps), then hold.
+    # Learning-rate schedule (bionemo/lr.py has the formulas): "warmup_anneal_decay_hold" is
+    # BioNeMo's ESM-2 schedule exactly, "cosine" BioNeMo's Geneformer schedule (NeMo's cosine
+    # annealing), "linear" this project's earlier shape. decay_steps is the schedule's last step
+    # (default: train.max_steps); min_lr = min_lr_ratio * lr.
+    schedule: Literal["warmup_anneal_decay_hold", "cosine", "linear"] = "warmup_anneal_decay_hold"
     warmup_steps: int = Field(2000, ge=0)
     decay_steps: int | None = Field(None, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    hold_steps: int = Field(0, ge=0)  # cosine: steps held at min_lr at the end (BioNeMo: 5%)
     clip_grad: float | None = Field(1.0, gt=0)  # global grad-norm clip (Megatron's default)
     fused: bool = True  # fused AdamW kernel on GPU; ignored on CPU
 

@@ -1,8 +1,11 @@
 """Step metrics: JSONL in the run directory, a console line, and W&B when a project is named.
 
 Throughput is counted on the host from batch shapes (no device sync); the only sync is the loss
-read at log steps. FLOPs per token follow the anchors' formula 6N + 12*L*h*s with s the padded
-length actually trained, so MFU is comparable with BioNeMo's padded-token figures.
+read at log steps. FLOPs count what is multiplied (ModelConfig.training_flops): the blocks' and
+the LM head's GEMM weights x 6 per token they run on, plus 12*L*h per attended pair at the padded
+length actually trained. For ESM-2 this is the anchors' 6N + 12*L*h*s within 0.3% (0.08% at
+650M; N's only non-matmul parts are biases and LayerNorms), so MFU stays comparable with BioNeMo's figures; for
+Geneformer 6N would count the gene embedding and the position table as GEMMs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from bionemo import rundir
 from bionemo.config import LoggingConfig, ModelConfig
+from bionemo.data.masking import IGNORE_INDEX
 
 # Dense bf16 peak, TFLOP/s, by substring of the device name.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0}
@@ -57,13 +61,12 @@ class Throughput:
         b, s = mask.shape
         self.padded += b * s
         self.useful += int(mask.sum())
-        m = self.model
         if "cu_seqlens" in batch:  # packed: a token attends over its own sequence only
-            lengths = batch["cu_seqlens"].diff().double()
-            attention = 12 * m.num_layers * m.hidden_size * float((lengths**2).sum())
+            pairs = float((batch["cu_seqlens"].diff().double() ** 2).sum())
         else:
-            attention = 12 * m.num_layers * m.hidden_size * s * b * s
-        self.flops += 6 * m.num_parameters * b * s + attention
+            pairs = float(b * s * s)
+        scored = int((batch["labels"] != IGNORE_INDEX).sum()) if "labels" in batch else b * s
+        self.flops += self.model.training_flops(b * s, scored, pairs)
 
     def report(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9) * self.mp

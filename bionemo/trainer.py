@@ -20,7 +20,7 @@ from bionemo.checkpoint import Checkpointer, TrainerState
 from bionemo.config import OOM_EXIT_CODE, REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
 from bionemo.distributed import DistEnv
 from bionemo.engines import build_engine
-from bionemo.lr import warmup_decay_hold
+from bionemo.lr import lr_multiplier
 from bionemo.metrics import MetricsLogger, Throughput, perplexity
 from bionemo.stop import StopFlag
 
@@ -126,9 +126,9 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     steps_in_window = 0
 
     while state.step < cfg.train.max_steps:
-        lr = cfg.optim.lr * warmup_decay_hold(
-            state.step, cfg.optim.warmup_steps, decay_until, cfg.optim.min_lr_ratio
-        )
+        lr = cfg.optim.lr * lr_multiplier(
+            state.step, cfg.optim.schedule, warmup=cfg.optim.warmup_steps, last=decay_until,
+            min_ratio=cfg.optim.min_lr_ratio, hold=cfg.optim.hold_steps)
         micro_batches = [next(batches) for _ in range(accum)]
         for batch in micro_batches:
             meter.add(batch)

@@ -9,7 +9,6 @@ import pytest
 from pydantic import ValidationError
 
 from bionemo.config import TrainerConfig
-from bionemo.lr import warmup_decay_hold
 
 MODEL = {"name": "t", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64}
 
@@ -89,11 +88,3 @@ def test_train_entry_point_without_config(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bionemo.train", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "config.yaml does not exist" in out.stderr
-
-
-def test_warmup_decay_hold_shape():
-    lr = [warmup_decay_hold(s, warmup=10, decay_until=110, min_ratio=0.1) for s in range(200)]
-    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warmup
-    assert lr[60] == pytest.approx(1 - 0.9 * 0.5)  # halfway down the linear decay
-    assert all(v == pytest.approx(0.1) for v in lr[110:])  # hold at 10% of peak
-    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
