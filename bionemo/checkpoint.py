@@ -6,8 +6,18 @@ each rank its RNG states, rank 0 the trainer state (step and consumed samples; t
 schedule is a pure function of the step, so the step is its whole state). After a barrier (every
 rank finished writing) rank 0 writes the COMPLETE marker, fsyncs, and renames the folder to
 `step-N/`. A process killed at any point leaves either no `step-N/` or a complete one,
-so a start never resumes from a half-written save (BioNeMo's recipes could). Loading takes the
-newest complete checkpoint and warns about the rest.
+so a start never resumes from a half-written save (BioNeMo's recipes could).
+
+Before the marker, the ranks checksum every file in the folder (each rank a share) and rank 0
+writes `manifest.json`: whichever engine wrote the shards, bytes that rot, get truncated or
+overwritten later are caught at load time. Resuming verifies the newest complete checkpoint the
+same way (each rank a share, one verdict for all ranks), loads it, and on a mismatch, a missing
+file or a load error renames it `step-N.corrupt`, records a `checkpoint_rejected` event and tries
+the next older one; with none left it stops with CheckpointError rather than start from step 0.
+
+RNG states are tensors, lists and numbers, read with `torch.load(weights_only=True)`: loading a
+checkpoint never runs code from an RNG file. (DCP's `.metadata` is still a pickle: checkpoint
+folders must come from a trusted source; see docs/design.md.)
 """
 
 from __future__ import annotations
@@ -19,6 +29,9 @@ import random
 import shutil
 import signal
 import warnings
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from bionemo import rundir
+from bionemo.savefail import WRITE_ERRORS, agree_written, one_line
 
 log = logging.getLogger(__name__)
 # A single process saves and loads without a process group on purpose; DCP warns about it each time.
@@ -42,6 +57,13 @@ TRAINER_STATE = "trainer_state.json"
 # Tests set this to a step number: the process SIGKILLs itself after writing that step's data but
 # before the checkpoint is committed, which is the worst moment for a real node failure.
 KILL_DURING_SAVE = "BIONEMO_KILL_DURING_SAVE"
+REJECTED_SUFFIX = ".corrupt"  # a rejected step-N folder is renamed step-N.corrupt: never tried again
+# Not in the manifest: the marker is written after it; the manifest cannot hold its own checksum.
+_UNLISTED = (rundir.COMPLETE, rundir.MANIFEST)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none is intact: the run stops instead of training from step 0."""
 
 
 @dataclass
@@ -61,9 +83,13 @@ def _barrier() -> None:
 
 
 def _rng_state() -> dict:
+    """Every RNG state as tensors, tuples and numbers only: what torch.load(weights_only=True) reads
+    without an allowlist (numpy's key array becomes an int64 tensor; uint32 fits exactly)."""
+    name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, 625 ints, gauss_next float or None)
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -73,10 +99,115 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]  # key: a tensor, or an ndarray (older files)
+    np.random.set_state((name, np.asarray(key).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_payload(engine) -> dict:
+    """What rng-rank*.pt holds. An engine state that weights_only cannot read back (a
+    torch.Generator, say) fails here, at the first save, not as a "damaged" file at every resume."""
+    payload = {**_rng_state(), "engine": engine.rng_state()}
+
+    def check(x, where):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                check(v, f"{where}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                check(v, f"{where}[{i}]")
+        elif not isinstance(x, (torch.Tensor, str, int, float, bool, type(None))):
+            raise TypeError(f"RNG state {where} is a {type(x).__name__}; RNG files hold tensors, "
+                            f"numbers, strings, lists, tuples and dicts only (weights_only load)")
+
+    check(payload, "rng")
+    return payload
+
+
+# Files written before the manifest existed hold numpy's key as an ndarray. These four rebuild a
+# plain array and nothing else; any other global (os.system, builtins.open, ...) is still refused.
+_LEGACY_RNG_TYPES = [np.ndarray((0,)).__reduce__()[0],  # numpy's _reconstruct (module moved in 2.0)
+                     np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_rng(path: Path) -> dict:
+    with torch.serialization.safe_globals(_LEGACY_RNG_TYPES):
+        return torch.load(path, weights_only=True)
+
+
+# ------------------------------------------------------------------------ manifest
+# zlib.crc32: the fastest checksum in the standard library here (3.5 GB/s on one core of this
+# project's CI VM, blake2b 0.8, sha256 1.6; benchmarks/results/checkpoint_manifest.md), and both it
+# and file reads release the GIL, so threads overlap. It catches every burst error of up to 32
+# bits and misses random damage with probability 2**-32. It is no defence against deliberate
+# tampering, which a checkpoint folder must not be exposed to anyway (DCP's .metadata is a pickle).
+_READ_BLOCK = 8 << 20
+_HASH_THREADS = 4
+
+
+def _checksum(path: Path) -> dict:
+    crc, size, buf = 0, 0, bytearray(_READ_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def _files(folder: Path) -> dict[str, int]:
+    """Every file under the folder (relative name -> size), whichever engine wrote it."""
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        name = f.relative_to(folder).as_posix()
+        if f.is_file() and name not in _UNLISTED:
+            out[name] = f.stat().st_size
+    return out
+
+
+def _share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
+    """This rank's files: largest first, each to the rank with the fewest bytes so far, so the
+    ranks read about equal amounts (the same answer on every rank: the input is the same)."""
+    load, mine = [0] * world, []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = load.index(min(load))
+        load[r] += max(sizes[name], 1)
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
+def _checksums(folder: Path, names: list[str]) -> dict[str, dict]:
+    if not names:
+        return {}
+    with ThreadPoolExecutor(min(_HASH_THREADS, len(names))) as pool:
+        return dict(zip(names, pool.map(lambda n: _checksum(folder / n), names)))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_rank0(obj):
+    """Rank 0's `obj` on every rank."""
+    if _world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gathered(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if _world()[1] == 1:
+        return [obj]
+    out = [None] * _world()[1]
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,6 +224,7 @@ class Checkpointer:
         self.root = self.run_dir / rundir.CHECKPOINTS
         self.keep_last = keep_last
         self.rank = rank
+        self._warned_unverified = False  # checkpoints without a manifest: warn once
 
     # ---------------------------------------------------------------- save
     def save(self, engine, state: TrainerState) -> Path:
@@ -104,13 +236,19 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        engine.save(tmp)
-        torch.save({**_rng_state(), "engine": engine.rng_state()}, tmp / f"rng-rank{self.rank:05d}.pt")
-        if self.rank == 0:
-            (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+        error = None
+        try:  # a write error (a full disk) must reach every rank, or the others hang below
+            engine.save(tmp)
+            torch.save(_rng_payload(engine), tmp / f"rng-rank{self.rank:05d}.pt")
+            if self.rank == 0:
+                (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
+        except WRITE_ERRORS as e:
+            error = e
         if os.environ.get(KILL_DURING_SAVE) == str(state.step):  # fault injection for tests
             os.kill(os.getpid(), signal.SIGKILL)
+        agree_written(error, tmp, state.step, self.rank)  # any rank failed: SaveFailed on every rank
         _barrier()  # every rank has finished writing its part
+        self._write_manifest(tmp, state.step)
         if self.rank == 0:
             marker = tmp / rundir.COMPLETE
             marker.write_text(f"{state.step}\n")
@@ -125,6 +263,21 @@ class Checkpointer:
         _barrier()
         return final
 
+    def _write_manifest(self, folder: Path, step: int) -> None:
+        """Every rank checksums a share of the folder's files; rank 0 writes the manifest."""
+        rank, world = _world()
+        sizes = _from_rank0(_files(folder) if rank == 0 else None)
+        parts = _gathered(_checksums(folder, _share(sizes, rank, world)))
+        error = None
+        if rank == 0:
+            files = {name: entry for part in parts for name, entry in part.items()}
+            try:
+                (folder / rundir.MANIFEST).write_text(json.dumps(
+                    {"checksum": "crc32", "files": dict(sorted(files.items()))}, indent=1))
+            except WRITE_ERRORS as e:
+                error = e
+        agree_written(error, folder, step, rank)  # a full disk here too: SaveFailed on every rank
+
     def _prune(self) -> None:
         steps, incomplete = rundir.checkpoint_steps(self.run_dir)
         for step in steps[: -self.keep_last]:
@@ -134,33 +287,175 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- load
     def latest(self) -> Path | None:
+        """The newest complete checkpoint (not yet verified: resume() does that), or None for a
+        new run. Raises CheckpointError when every checkpoint was rejected by an earlier start."""
         steps, incomplete = rundir.checkpoint_steps(self.run_dir)
+        rejected = [d for d in incomplete if d.name.endswith(REJECTED_SUFFIX)]
         if self.rank == 0:
             for d in incomplete:
-                log.warning("ignoring incomplete checkpoint %s (its save never finished)", d)
+                why = "rejected as corrupt by an earlier start" if d in rejected else \
+                    "its save never finished"
+                log.warning("ignoring incomplete checkpoint %s (%s)", d, why)
+        if not steps and rejected:
+            names = sorted(d.name for d in rejected)
+            if self.rank == 0:
+                rundir.append_event(self.run_dir, "no_intact_checkpoint", rejected=names)
+            raise CheckpointError(self._no_intact_message(names))
         return rundir.step_dir(self.run_dir, steps[-1]) if steps else None
 
+    def _no_intact_message(self, rejected: list[str]) -> str:
+        return (f"no intact checkpoint in {self.root}: every complete checkpoint was rejected "
+                f"({', '.join(rejected)}; the reasons are in the log and in "
+                f"{self.run_dir / rundir.EVENTS}); refusing to train from step 0. Restore a "
+                f"checkpoint folder from a copy, or delete the *{REJECTED_SUFFIX} folders to "
+                f"start this run over")
+
+    def resume(self, engine) -> tuple[Path, TrainerState]:
+        """Load the newest intact complete checkpoint: verify it against its manifest, load it,
+        and on any failure reject it and try the next older one. Every rank takes the same path
+        (rank 0's listing, verdicts gathered from all ranks)."""
+        steps = _from_rank0(rundir.checkpoint_steps(self.run_dir)[0] if self.rank == 0 else None)
+        rejected = []
+        for step in reversed(steps):
+            path = rundir.step_dir(self.run_dir, step)
+            problem = self._verify(path)
+            if problem is None:
+                state, problem = self._load_agreed(path, engine)
+                if problem is None:
+                    return path, state
+            self._reject(path, step, *problem)
+            rejected.append(path.name)
+        if self.rank == 0:
+            rundir.append_event(self.run_dir, "no_intact_checkpoint", rejected=rejected)
+        raise CheckpointError(self._no_intact_message(rejected))
+
+    def _verify(self, path: Path) -> tuple[str, str] | None:
+        """(file, reason) of the first problem, the same on every rank, or None when every file
+        matches its manifest entry. Checkpoints written before manifests pass (warned once)."""
+        plan = _from_rank0(self._manifest_plan(path) if self.rank == 0 else None)
+        if "problem" in plan:
+            return plan["problem"]
+        if "files" not in plan:
+            if self.rank == 0 and not self._warned_unverified:
+                log.warning("%s has no %s (written by an older version): loading it unverified",
+                            path, rundir.MANIFEST)
+                self._warned_unverified = True
+            return None
+        files = plan["files"]
+        rank, world = _world()
+        mine = _share({name: e["size"] for name, e in files.items()}, rank, world)
+        found = []
+        try:
+            sums = _checksums(path, mine)
+        except OSError as e:
+            found.append((Path(e.filename or "?").name, f"unreadable: {e.strerror or e}"))
+            sums = {}
+        for name, got in sums.items():
+            want = files[name]
+            if got["size"] != want["size"]:
+                found.append((name, f"{got['size']} bytes, the manifest says {want['size']}"))
+            elif got["crc32"] != want["crc32"]:
+                found.append((name, f"crc32 {got['crc32']}, the manifest says {want['crc32']}"))
+        problems = sorted(p for part in _gathered(found) for p in part)
+        return problems[0] if problems else None
+
+    @staticmethod
+    def _manifest_plan(path: Path) -> dict:
+        """Rank 0: {"files": manifest entries}, {"problem": (file, reason)} or {} (no manifest)."""
+        try:
+            files = json.loads((path / rundir.MANIFEST).read_text())["files"]
+            for entry in files.values():  # every rank indexes these: a bad entry fails here
+                int(entry["size"]), int(entry["crc32"], 16)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return {"problem": (rundir.MANIFEST, f"unreadable: {type(e).__name__}: {e}")}
+        present = _files(path)
+        for name in sorted(files):
+            if name not in present:
+                return {"problem": (name, "missing")}
+        for name in sorted(present):
+            if name not in files:
+                return {"problem": (name, "not in the manifest (added after the save)")}
+        return {"files": files}
+
+    def _load_agreed(self, path: Path, engine) -> tuple[TrainerState | None, tuple[str, str] | None]:
+        """load() on every rank; one rank's failure is every rank's failure. A run that uses the
+        other engine and running out of memory are not damage: those propagate. (DCP reports a
+        read error on every rank; an engine whose load raised on one rank only inside its own
+        collectives could still hang: the manifest check before catches damage first.)"""
+        problem = None
+        try:
+            state = self.load(path, engine)
+        except _Damaged as e:
+            state, problem = None, (e.file, e.reason)
+        problems = sorted(p for p in _gathered(problem) if p)
+        return state, (tuple(problems[0]) if problems else None)
+
+    def _reject(self, path: Path, step: int, file: str, reason: str) -> None:
+        if self.rank != 0:
+            return
+        target = path.with_name(path.name + REJECTED_SUFFIX)
+        log.error("checkpoint %s rejected: %s: %s; renaming it %s and trying the next older one",
+                  path, file, reason, target.name)
+        rundir.append_event(self.run_dir, "checkpoint_rejected", step=step, file=file,
+                            reason=reason, path=str(path))
+        try:
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(path, target)
+        except OSError as e:  # e.g. a read-only copy: the next start verifies and rejects it again
+            log.error("could not rename %s: %s", path, e)
+
     def load(self, path: Path, engine) -> TrainerState:
-        state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+        """One checkpoint folder into the engine and this process's RNGs. Raises EngineMismatch
+        (the run's configuration is wrong) or _Damaged (this folder is), nothing else."""
+        with _blame(TRAINER_STATE):
+            state = TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
         if state.engine != engine.name:
-            raise ValueError(
+            raise EngineMismatch(
                 f"{path} was written by the {state.engine} engine and this run uses the "
                 f"{engine.name} engine (train.engine); keep train.engine={state.engine}, or start a "
                 f"new run with checkpoint.init_from={path} (weights only)"
             )
-        engine.load(path)
+        with _blame(f"model/optimizer shards ({engine.name} engine)"):
+            engine.load(path)
         rng_file = path / f"rng-rank{self.rank:05d}.pt"
         # Another TP/PP layout reshards model and optimizer; RNG states are per rank of a layout.
         same_layout = (state.tensor_parallel, state.pipeline_parallel) == (engine.tp, engine.pp)
         if rng_file.is_file() and same_layout:
-            rng = torch.load(rng_file, weights_only=False)
-            _set_rng_state(rng)
-            engine.set_rng_state(rng.get("engine", {}))
+            with _blame(rng_file.name):
+                rng = _load_rng(rng_file)
+                _set_rng_state(rng)
+                engine.set_rng_state(rng.get("engine", {}))
         else:  # resumed at a larger world size or another TP/PP layout: no RNG state for this
             # rank; the data stream is keyed by global sample index, so only non-data randomness
             # (dropout) is reseeded here.
             log.warning("no RNG state for rank %d in %s; reseeding", self.rank, path)
         return state
+
+
+class EngineMismatch(ValueError):
+    """The checkpoint is fine; the run is configured for the other engine."""
+
+
+class _Damaged(Exception):
+    def __init__(self, file: str, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file, self.reason = file, reason
+
+
+@contextmanager
+def _blame(file: str):
+    """Any error inside the block but running out of memory becomes _Damaged, naming `file`."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+        # A refused pickle's message ends with a link; the line naming the refused global says more.
+        refused = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+        reason = f"{type(e).__name__}: {refused[0]}" if refused else one_line(e)
+        raise _Damaged(file, reason[:300]) from e
 
 
 def load_weights(path: Path, model) -> None:

@@ -7,11 +7,13 @@ silently ignored setting). Field comments say where a default comes from.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 # The trainer's exit codes are defined once, in the torch-free run-directory contract.
 from bionemo.rundir import OOM_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: E402,F401
@@ -19,6 +21,11 @@ from bionemo.rundir import OOM_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: E402,F401
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A sanity bound on model.seq_length (2**16): above the longest protein (titin, 34,350 residues)
+# and any cell's gene list (Geneformer's vocabulary has ~25k genes, each ranked at most once).
+MAX_SEQ_LENGTH = 65_536
 
 
 class ModelConfig(Section):
@@ -40,6 +47,16 @@ class ModelConfig(Section):
     # recompute each whole block in the backward pass.
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
+    @field_validator("seq_length")
+    @classmethod
+    def _seq_length(cls, v: int) -> int:
+        if v > MAX_SEQ_LENGTH:
+            raise ValueError(
+                f"{v} positions is more than any input of these models has: titin, the longest "
+                f"known protein, has 34,350 residues, and a Geneformer cell lists each gene of its "
+                f"~25k-gene vocabulary at most once; use at most {MAX_SEQ_LENGTH}")
+        return v
+
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> "ModelConfig":
         if self.hidden_size % self.num_attention_heads:
@@ -47,6 +64,13 @@ class ModelConfig(Section):
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}; pick a head count that divides it"
             )
+        # One family's switches on the other would be accepted and ignored: refuse them.
+        if self.family == "esm2" and self.activation != "gelu":
+            raise ValueError(f"activation {self.activation!r}: ESM-2 is built with GELU only; "
+                             "remove model.activation (it is Geneformer's)")
+        if self.family == "geneformer" and self.token_dropout:
+            raise ValueError("token_dropout is ESM-2's; Geneformer (BERT) has none: set "
+                             "model.token_dropout=false")
         return self
 
     @property
@@ -87,6 +111,57 @@ class ModelConfig(Section):
                 + 12 * self.num_layers * self.hidden_size * attention_pairs)
 
 
+PARQUET_MAGIC = b"PAR1"  # a parquet file starts and ends with it
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
+_KINDS = {"parquet": "a parquet file", "sqlite": "an SQLite database",
+          "scdl": "an SCDL store (a folder with metadata.json)", "file": "a regular file"}
+
+
+def input_problem(path: str | Path, kind: str) -> str | None:
+    """Why `path` cannot be a `kind` input (a key of _KINDS), or None. Cheap on purpose (the
+    launcher runs it before every submit, each rank before training): the file type,
+    readability, and at most 20 bytes of magic, so a folder, /dev/null or the database given as
+    the parquet is refused before a job waits in the queue, not when it starts."""
+    p = Path(path)
+    if not p.exists():
+        return f"{p} does not exist"
+    if kind == "scdl":
+        meta = p / "metadata.json"
+        if not p.is_dir() or not meta.is_file():
+            return f"{p} is not {_KINDS[kind]}"
+        return None if os.access(meta, os.R_OK) else f"{meta} is not readable"
+    if not p.is_file():
+        return f"{p} is {'a folder' if p.is_dir() else 'not a regular file'}, not {_KINDS[kind]}"
+    try:
+        with open(p, "rb") as f:
+            head, size = f.read(16), os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - 4))
+            tail = f.read(4)
+    except OSError as e:
+        return f"{p} cannot be read ({e.strerror})"
+    if kind == "parquet":
+        ok = size >= 12 and head[:4] == tail == PARQUET_MAGIC
+    else:
+        ok = kind != "sqlite" or head == SQLITE_MAGIC
+    if ok:
+        return None
+    if kind == "parquet" and head[:4] == PARQUET_MAGIC:
+        return f"{p} is not a whole parquet file (no PAR1 footer: cut off while copying?)"
+    seen = ("empty" if not size else _KINDS["sqlite"] if head == SQLITE_MAGIC
+            else _KINDS["parquet"] if head[:4] == PARQUET_MAGIC else "something else")
+    return f"{p} is not {_KINDS[kind]} (its first bytes say: {seen})"
+
+
+def _check_files(data, make: str) -> None:
+    for key, kind in data.file_kinds().items():
+        path = getattr(data, key)
+        problem = None if path is None else input_problem(path, kind)
+        if problem:
+            error = ValueError if Path(path).exists() else FileNotFoundError
+            raise error(f"data.{key}: {problem}; {make} or point data.{key} at "
+                        f"{_KINDS[kind]}")
+
+
 class DataConfig(Section):
     # BioNeMo's UniRef layout: clusters parquet (column ur90_id, a list per UniRef50 cluster),
     # validation parquet (column ur50_id) and SQLite protein(id TEXT PRIMARY KEY, sequence TEXT).
@@ -115,15 +190,14 @@ class DataConfig(Section):
     def validation_set(self) -> Path | None:
         return self.valid_clusters
 
+    def file_kinds(self) -> dict[str, str]:
+        """What each path-valued key must be (input_problem's `kind`)."""
+        return {"train_clusters": "parquet", "valid_clusters": "parquet", "database": "sqlite"}
+
     def check_files(self) -> None:
-        """Raise FileNotFoundError naming the key of the first missing data file."""
-        for key in ("train_clusters", "valid_clusters", "database"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(
-                    f"data.{key}: {path} does not exist; run `make data` for the sample set "
-                    f"or point data.{key} at your file"
-                )
+        """Raise FileNotFoundError (missing) or ValueError (unusable) naming the key of the
+        first bad data file."""
+        _check_files(self, "run `make data` for the sample set")
 
 
 class CellDataConfig(Section):
@@ -147,14 +221,12 @@ class CellDataConfig(Section):
     def validation_set(self) -> Path | None:
         return self.valid
 
+    def file_kinds(self) -> dict[str, str]:
+        store = "scdl" if self.format == "scdl" else "parquet"
+        return {"train": store, "valid": store, "vocab": "file", "gene_medians": "file"}
+
     def check_files(self) -> None:
-        for key in ("train", "valid", "vocab", "gene_medians"):
-            path = getattr(self, key)
-            if path is not None and not Path(path).exists():
-                raise FileNotFoundError(
-                    f"data.{key}: {path} does not exist; run `make data MODEL=geneformer_10m` for "
-                    f"the sample set or point data.{key} at your file"
-                )
+        _check_files(self, "run `make data MODEL=geneformer_10m` for the sample set")
 
 
 class OptimConfig(Section):
@@ -193,6 +265,15 @@ class TrainConfig(Section):
     memory_cap_gib: float | None = Field(None, gt=0)
     # The warning signal the scheduler sends before the time limit (SIGTERM is always handled too).
     stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = "USR2"
+    # The process group's timeout: store operations and collectives wait at most this long
+    # (connecting to the rendezvous at most 300 s of it). 600 s is torch's NCCL default, within
+    # which the 15B runs (benchmarks/results/h200_141gb) started.
+    dist_timeout_s: int = Field(600, gt=0)
+    # Hung-rank watchdog (bionemo/watchdog.py): seconds without a finished step before a rank
+    # dumps its stacks, records a "hung" event and exits 124. 0 = auto: max(10 x the slowest of
+    # the last 20 steps, 300 s, the first step's duration). Start-up, saves and validation
+    # always get at least 30 min.
+    watchdog_s: float = Field(0, ge=0)
     # "torch": our PyTorch modules, DDP, CPU or GPU (the default, and CI's). "megatron":
     # megatron-core (CUDA only): tensor/pipeline parallel, distributed optimizer, sharded
     # checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md).
@@ -215,9 +296,14 @@ class CheckpointConfig(Section):
     enabled: bool = True  # False only for throughput trials: nothing is saved, not even on stop
     every_steps: int = Field(1000, gt=0)
     keep_last: int = Field(2, gt=0)
-    # Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path); ignored when
-    # the run directory already has a checkpoint to resume from.
+    # Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path): a checkpoint
+    # folder of either engine, or a Hugging Face model folder (config.json + model.safetensors,
+    # bionemo/hf.py). Ignored when the run directory already has a checkpoint to resume from.
     init_from: Path | None = None
+    # At the end of the run, write <run>/final_model/ (Hugging Face folder: model.safetensors,
+    # config.json, tokenizer files) from the last checkpoint, in a separate CPU process; a
+    # failure there is logged and leaves the run finished (`python -m bionemo.export` redoes it).
+    export_final: bool = True
 
 
 class ParallelConfig(Section):
@@ -269,6 +355,11 @@ class TrainerConfig(Section):
                 f"parallel.tensor={tp} parallel.pipeline={pp} need train.engine=megatron; the "
                 f"torch engine is data-parallel only (set both to 1, or train.engine=megatron)"
             )
+        if self.model.num_attention_heads % tp:  # before the device: true on any machine
+            raise ValueError(
+                f"parallel.tensor={tp} does not divide model.num_attention_heads "
+                f"{self.model.num_attention_heads}; choose a tensor-parallel size that divides "
+                f"the head count")
         if self.train.engine == "megatron":
             if self.model.family != "esm2":
                 raise ValueError(f"train.engine=megatron builds ESM-2 only; model.family is "
@@ -306,10 +397,45 @@ class TrainerConfig(Section):
         return dp
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives one key twice: YAML loaders would keep the last one silently."""
+
+    def __init__(self, key: str, lines: tuple[int, int]):
+        self.key, self.lines = key, lines
+        super().__init__(f"{key}: given twice (lines {lines[0]} and {lines[1]})")
+
+
+def refuse_duplicate_keys(node, path: tuple[str, ...] = (), seen_nodes=None) -> None:
+    """Raise DuplicateKeyError for a key given twice in any mapping of a composed YAML node;
+    `key` is the dotted path of the second one. Merge keys (`<<`) are YAML's own overriding."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            line = key_node.start_mark.line + 1
+            if key in lines and key != "<<":
+                raise DuplicateKeyError(".".join((*path, key)), (lines[key], line))
+            lines[key] = line
+            refuse_duplicate_keys(value, (*path, key), seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            refuse_duplicate_keys(item, (*path, str(i)), seen_nodes)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_document(self, node):
+        refuse_duplicate_keys(node)
+        return super().construct_document(node)
+
+
 def load_trainer_config(path: str | Path) -> TrainerConfig:
     """Read a resolved config file (the launcher's, or one holding only the trainer sections)."""
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     return TrainerConfig.model_validate(raw.get("trainer", raw))
 
 

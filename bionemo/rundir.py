@@ -6,9 +6,13 @@
       submission.json      the launcher's record: backend, job ids, attempts and decisions
       logs/                scheduler and trainer output
       metrics.jsonl        one JSON object per logged step / validation
-      events.jsonl         the trainer's faults, one JSON object a line (checkpoint rejected, rank
-                           hung, disk full): what `status` and the requeue decision read
-      checkpoints/step-00000040/   complete only once its COMPLETE marker exists
+      events.jsonl         the trainer's faults, one JSON object a line (checkpoint_rejected,
+                           no_intact_checkpoint, hung, disk_full, oom), and the launcher's
+                           `decision` when submission.json could not be written (full disk):
+                           what `status` and the requeue decision read
+      heartbeats/rank-N.json   each rank's last step and time (the watchdog names a hung rank)
+      checkpoints/step-00000040/   complete only once its COMPLETE marker and manifest.json exist
+      final_model/         the last weights as a Hugging Face folder (bionemo/export.py)
       finished             written by the trainer after the last step; never requeue after it
 """
 
@@ -29,7 +33,9 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINISHED = "finished"
 COMPLETE = "COMPLETE"  # marker inside a checkpoint folder, written last, after every rank finished
+MANIFEST = "manifest.json"  # per-file sizes and checksums of a checkpoint, written before COMPLETE
 EVENTS = "events.jsonl"
+HEARTBEATS = "heartbeats"  # <run_dir>/heartbeats/rank-00001.json, one file per rank
 
 # The trainer's exit codes: the contract read by the requeue decision (launchers/requeue.py).
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: told to stop, every rank saved; requeue me

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -19,10 +20,13 @@ from bionemo import rundir
 from bionemo.checkpoint import Checkpointer, TrainerState
 from bionemo.config import OOM_EXIT_CODE, REQUEUE_EXIT_CODE, TrainerConfig, load_trainer_config
 from bionemo.distributed import DistEnv
+from bionemo.distributed.env import rendezvous_store
 from bionemo.engines import build_engine
 from bionemo.lr import lr_multiplier
 from bionemo.metrics import MetricsLogger, Throughput, perplexity
+from bionemo.savefail import SaveFailed
 from bionemo.stop import StopFlag
+from bionemo.watchdog import Watchdog
 
 log = logging.getLogger("bionemo.trainer")
 
@@ -63,9 +67,9 @@ def train(run_dir: Path, stop: StopFlag | None = None) -> int:
     cfg.data.check_files()
     device = pick_device(cfg, env)
     if env.world_size > 1:
+        store = rendezvous_store(env, cfg.train.dist_timeout_s)
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            "nccl" if device.type == "cuda" else "gloo", store=store, timeout=store.timeout,
             rank=env.rank, world_size=env.world_size, device_id=device if device.type == "cuda" else None,
         )
     if cfg.train.memory_cap_gib and device.type == "cuda":
@@ -73,22 +77,30 @@ def train(run_dir: Path, stop: StopFlag | None = None) -> int:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.memory_cap_gib * 2**30 / total), device)
     try:
         stop.join_process_group()
-        return _loop(cfg, env, device, run_dir, stop)
+        with Watchdog(run_dir, env.rank, env.world_size, cfg.train.watchdog_s,
+                      attempt=f"{env.job_id}/{env.restart_count}") as watchdog:
+            return _loop(cfg, env, device, run_dir, stop, watchdog)
     except (torch.OutOfMemoryError, MemoryError) as e:
-        log.error("out of memory: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return OOM_EXIT_CODE
+        return _out_of_memory(run_dir, env, str(e).splitlines()[0] if str(e) else type(e).__name__)
     except RuntimeError as e:  # CPU allocator failures under a memory limit surface as this
         if "can't allocate memory" not in str(e) and "not enough memory" not in str(e):
             raise
-        log.error("out of memory: %s", str(e).splitlines()[0])
-        return OOM_EXIT_CODE
+        return _out_of_memory(run_dir, env, str(e).splitlines()[0])
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _out_of_memory(run_dir: Path, env: DistEnv, what: str) -> int:
+    """Exit OOM_EXIT_CODE with an `oom` event: when srun's --kill-on-bad-exit then kills the
+    other ranks, the step's exit code is theirs (143), and the event keeps the verdict OOM."""
+    log.error("out of memory: %s", what)
+    rundir.append_event(run_dir, "oom", rank=env.rank, detail=what[:300])
+    return OOM_EXIT_CODE
+
+
 def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
-          stop: StopFlag) -> int:
+          stop: StopFlag, watchdog: Watchdog) -> int:
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
     latest = ckpt.latest()
     init_from = cfg.checkpoint.init_from if latest is None else None
@@ -98,8 +110,8 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     samples_per_step = cfg.train.micro_batch_size * dp * accum
     state = TrainerState(world_size=env.world_size, engine=engine.name,
                          tensor_parallel=engine.tp, pipeline_parallel=engine.pp)
-    if latest is not None:
-        state = ckpt.load(latest, engine)
+    if latest is not None:  # the newest intact one (damaged ones are rejected)
+        latest, state = ckpt.resume(engine)
         state.world_size, state.tensor_parallel, state.pipeline_parallel = (
             env.world_size, engine.tp, engine.pp)
         log.info("resumed from %s (step %d, %d samples)", latest, state.step, state.consumed_samples)
@@ -138,6 +150,7 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
         steps_in_window += 1
         if step_sleep:
             time.sleep(step_sleep)
+        watchdog.beat(state.step)  # a save or a validation below runs under watchdog.slow()
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
             if dist.is_initialized():
@@ -150,18 +163,28 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
             loss_sum.zero_()
             steps_in_window = 0
         if cfg.data.validation_set and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
-            val = validate(engine, cfg, build_dataloader(**loader_args, grad_accumulation=1,
-                                                         start_sample=0, split="valid"), device)
+            with watchdog.slow("validate"):
+                val = validate(engine, cfg, build_dataloader(**loader_args, grad_accumulation=1,
+                                                             start_sample=0, split="valid"), device)
             metrics.log(state.step, {"loss": val, "perplexity": perplexity(val)}, kind="valid")
 
         stopping = stop.agreed()
         last = state.step >= cfg.train.max_steps
         if cfg.checkpoint.enabled and (stopping or last or state.step % cfg.checkpoint.every_steps == 0):
-            path = ckpt.save(engine, state)
+            try:
+                with watchdog.slow("save"):
+                    path = ckpt.save(engine, state)
+            except SaveFailed as e:  # raised on every rank alike, so all exit the same way
+                code = _save_failed(e, run_dir, env)
+                metrics.close()
+                return code
             log.info("saved %s", path)
         if last:
             if env.is_main:
                 (run_dir / rundir.FINISHED).write_text(f"{state.step}\n")
+                if cfg.checkpoint.enabled and cfg.checkpoint.export_final:
+                    with watchdog.slow("export"):
+                        export_final_model(run_dir, engine, cfg)
             metrics.close()
             return 0
         if stopping:
@@ -170,6 +193,55 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
             metrics.close()
             return REQUEUE_EXIT_CODE
     return 0
+
+
+def _save_failed(e: SaveFailed, run_dir: Path, env: DistEnv) -> int:
+    """A full disk stops the run with its own exit code and a record in events.jsonl (the requeue
+    policy stops: a requeue would fail the same way); any other failed write is a crash."""
+    if not e.disk_full:
+        raise e
+    kept = rundir.latest_complete_step(run_dir)
+    partial = {True: "removed", False: "could not be removed", None: "removed by rank 0"}[e.removed]
+    log.error("saving step %d failed: no space left on device in %s (filesystem %s, %s bytes "
+              "free; failed on rank(s) %s: %s); the partial folder %s; newest complete "
+              "checkpoint: %s; exiting %d", e.step, e.path, e.filesystem, e.free_bytes,
+              ", ".join(map(str, e.ranks)), e.detail, partial,
+              "none" if kept is None else f"step {kept}", rundir.DISK_FULL_EXIT_CODE)
+    if env.is_main:
+        rundir.append_event(run_dir, "disk_full", step=e.step, path=str(e.path),
+                            filesystem=e.filesystem, free_bytes=e.free_bytes, ranks=e.ranks,
+                            detail=e.detail, kept_step=kept)
+    return rundir.DISK_FULL_EXIT_CODE
+
+
+def export_final_model(run_dir: Path, engine, cfg: TrainerConfig) -> None:
+    """<run>/final_model/: the final weights as a Hugging Face folder (bionemo/hf.py). The torch
+    engine's rank 0 holds them whole and writes them here; the megatron engine's are sharded, so a
+    CPU child process reassembles them from the checkpoint just saved. The run is finished either
+    way: a failure is logged with the command that redoes it."""
+    from bionemo.export import FINAL_MODEL
+
+    out = run_dir / FINAL_MODEL
+    redo = shlex.join(["python", "-m", "bionemo.export", str(run_dir), str(out)])
+    try:
+        if engine.name == "torch":
+            from bionemo import hf
+
+            hf.export_state(engine.model.state_dict(), cfg.model, out,
+                            vocab_file=getattr(cfg.data, "vocab", None))
+        else:
+            import subprocess
+            import sys
+
+            done = subprocess.run([sys.executable, "-m", "bionemo.export", str(run_dir), str(out)],
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError((done.stderr or done.stdout).strip().splitlines()[-1:])
+    except Exception as e:  # noqa: BLE001 -- the training result stands; say how to redo it
+        log.warning("export to %s failed (%s); the run is finished; redo with: %s", out, e, redo)
+        return
+    log.info("exported the final weights as a Hugging Face model: %s", out)
 
 
 def validate(engine, cfg: TrainerConfig, loader, device) -> float:

@@ -55,19 +55,91 @@ def _resolve(args, extra_layers=(), extra_overrides=()):
     )
 
 
-def _write_run_dir(spec, files: dict[str, str]) -> None:
-    """Create the run directory (never over an existing one) and write what the run needs."""
-    from bionemo import rundir
+def _write_run_dir(spec, backend, files: dict[str, str], default_run: bool = False):
+    """Create the run directory (one mkdir, never over an existing one) and write what the run
+    needs. A default name that a concurrent submit created first gives way to the next of
+    config.run_names(), rendered again; returns the spec of the directory written."""
+    import dataclasses
 
-    run_dir = spec.run_dir
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    from bionemo import rundir
+    from launchers.config import run_names
+
+    parent = spec.run_dir.parent
     try:
-        run_dir.mkdir()
-    except FileExistsError:
-        raise ConfigError("command line", "job.run", f"{run_dir} exists already",
-                          f"continue it with `python -m launchers resume {run_dir}`") from None
-    (run_dir / rundir.LOGS).mkdir()
+        parent.mkdir(parents=True, exist_ok=True)
+        for name in run_names(spec.job.run) if default_run else [spec.job.run]:
+            try:
+                (parent / name).mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise ConfigError("command line", "job.run", f"{spec.run_dir} exists already",
+                              f"continue it with `python -m launchers resume {spec.run_dir}`")
+    except OSError as e:  # spec.build checked the folders; this is what changed since
+        raise ConfigError("resolved config", "cluster.runs_root", f"cannot create a run "
+                          f"directory in {parent} ({e.strerror})",
+                          "point cluster.runs_root at a directory you can write") from None
+    if name != spec.job.run:
+        spec.config.job.run = name
+        spec = dataclasses.replace(spec, run_dir=parent / name)
+        files = backend.files(spec)
+    (spec.run_dir / rundir.LOGS).mkdir()
     _write_files(spec, files)
+    return spec
+
+
+SINFO_TIMEOUT_S = 3  # sinfo answers in ~5 ms; a controller slower than this gets a warning
+
+
+def _check_partition(spec, origins) -> None:
+    """A SLURM job larger than its partition pends forever, and one for a partition the cluster
+    lacks is refused by sbatch after the run directory is written: ask `sinfo` once (~5 ms) and
+    refuse both before anything is written. Where sinfo gives no answer (no SLURM client here,
+    NeMo-Run's SSH tunnel to another host, a slow controller), warn that nothing was checked."""
+    import subprocess
+
+    from launchers import backends
+    from launchers.config import _src
+
+    if spec.job.backend not in backends.SCHEDULED:
+        return
+    unchecked = f"job.nodes {spec.job.nodes} is not checked against the partition's size"
+    if spec.job.backend == "nemo_run":
+        from launchers.backends.nemo_run_backend import SSH_ENV
+
+        if os.environ.get(SSH_ENV):
+            return _warn(f"{unchecked}: the cluster is behind {SSH_ENV}'s SSH tunnel")
+    from launchers.backends import sbatch
+
+    env = sbatch.client_env(spec.cluster.model_dump(), start=True)
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--all", "--format=%P %D"], env=env,
+                             capture_output=True, text=True, timeout=SINFO_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return _warn(f"{unchecked} (sinfo: {e})")
+    sizes: dict[str, int] = {}  # partition -> nodes (sinfo prints a line per node state)
+    default = None
+    for line in out.stdout.splitlines():
+        name, _, count = line.strip().rpartition(" ")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        if name and count.isdigit():
+            sizes[name] = sizes.get(name, 0) + int(count)
+    if out.returncode or not sizes:
+        return _warn(f"{unchecked} (sinfo: {(out.stderr or out.stdout).strip() or 'no output'})")
+    wanted = spec.cluster.partition.split(",") if spec.cluster.partition else [default]
+    unknown = [p for p in wanted if p not in sizes]
+    if unknown:
+        raise ConfigError(_src(origins, ("cluster", "partition")), "cluster.partition",
+                          f"{unknown[0] or '(default)'} is not a partition of this cluster",
+                          "choose one of " + ", ".join(sizes))
+    largest = max(sizes[p] for p in wanted)
+    if spec.job.nodes > largest:
+        raise ConfigError(_src(origins, ("job", "nodes")), "job.nodes",
+                          f"{spec.job.nodes} nodes, but partition {','.join(wanted)} has "
+                          f"{largest}: the job would wait forever",
+                          f"use --nodes {largest} or fewer, or another cluster.partition")
 
 
 def _write_files(spec, files: dict[str, str]) -> None:
@@ -139,9 +211,10 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
     spec = specs.build(resolved, strict=True)
     backend = backends.get(spec.job.backend)
     files = backend.files(spec)  # render before anything is written
+    _check_partition(spec, resolved.origins)
     for w in spec.warnings:
         _warn(w)
-    _write_run_dir(spec, files)
+    spec = _write_run_dir(spec, backend, files, resolved.default_run)
     record.create(spec.run_dir, backend=backend.name, cluster=spec.cluster.name,
                   policy=_policy(spec.config), kind=spec.config.kind)
     t_ready = time.perf_counter()
@@ -234,7 +307,7 @@ def _saved(run_dir: Path) -> dict:
 
 def cmd_status(args) -> int:
     from bionemo import rundir
-    from launchers import backends
+    from launchers import backends, requeue
 
     run_dir = _find_run(args.run)
     saved = _saved(run_dir)
@@ -262,13 +335,73 @@ def cmd_status(args) -> int:
     if attempts:
         a = attempts[-1]
         _out(f"last      {a.get('time')} job {a.get('job_id')} restart {a.get('restart')}: "
-             f"exit {a.get('exit_code')}, {a.get('outcome')} -> {a.get('decision')}")
+             f"exit {requeue.explain_exit(a.get('exit_code'))}, {a.get('outcome')} -> "
+             f"{a.get('decision')}")
         _out(f"reason    {a.get('reason')}")
         _out(f"attempts  {len(attempts)} ({sum(a.get('decision') == 'requeue' for a in attempts)}"
              " requeued by the launcher)")
+    _unrecorded_decision(run_dir, attempts[-1] if attempts else {})
     for e in data.get("events", [])[-3:]:
         _out(f"event     {e.get('time')} {e.get('event')} {e.get('detail', '')}".rstrip())
+    for e in rundir.read_events(run_dir)[-STATUS_EVENTS:]:
+        _out(f"event     {_trainer_event(e)}")
+    _disk(run_dir)
     return 0
+
+
+STATUS_EVENTS = 5  # the newest records of events.jsonl that `status` shows
+_EVENT_KEYS = ("file", "reason", "rank", "waited_s", "suspect_rank", "suspect_host", "filesystem",
+               "detail", "decision", "unrecorded")
+
+
+def _trainer_event(e: dict) -> str:
+    """One record of events.jsonl on one line: time, event, step, host, then what it says."""
+    what = "; ".join(f"{k} {e[k]}" for k in _EVENT_KEYS if e.get(k) not in (None, ""))
+    line = (f"{e.get('time')} {e.get('event')} step {e.get('step', '-')} on {e.get('host')}"
+            + (f": {what}" if what else ""))
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def _unrecorded_decision(run_dir: Path, last: dict) -> None:
+    """The batch log's last decision when submission.json does not hold it (the requeue step
+    could not write it, e.g. on a full disk): the log line is printed before anything is recorded."""
+    from bionemo import rundir
+    from launchers import requeue
+
+    logs = sorted([*(run_dir / rundir.LOGS).glob("*.out"), *(run_dir / "submitit").glob("*.out")],
+                  key=lambda p: p.stat().st_mtime)
+    for log in reversed(logs[-3:]):
+        try:
+            with open(log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            continue
+        found = [i for i, line in enumerate(lines) if line.startswith(requeue.DECISION)]
+        if not found:
+            continue
+        decision, _, reason = lines[found[-1]][len(requeue.DECISION):].strip().partition(" -- ")
+        if last.get("decision") == decision and str(last.get("reason", "")).startswith(reason):
+            return  # recorded (an amended reason only grows)
+        _out(f"decision  {decision} -- {reason}")
+        why = next((line for line in lines[found[-1]:] if "could not record" in line),
+                   "it is not in submission.json")
+        _out(f"          (from {log}: {why.removeprefix('[launcher] ')})")
+        return
+
+
+def _disk(run_dir: Path) -> None:
+    """Say so when the run directory's filesystem is (nearly) full: nothing may have been
+    recorded, and a resume would fail at its first save."""
+    try:
+        st = os.statvfs(run_dir)
+    except OSError:
+        return
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if size and free < 0.02 * size:
+        _out(f"disk      {free / 2**20:.1f} MiB free of {size / 2**20:.1f} MiB on the run "
+             "directory's filesystem: nearly full; free space before `resume`")
 
 
 def _sweep_status(run_dir: Path, saved: dict) -> None:
@@ -394,6 +527,7 @@ def cmd_resume(args) -> int:
             raise ConfigError("command line", "RUN", f"job {ids[-1]} of this run is {state}",
                               f"wait for it or `python -m launchers cancel {run_dir}` first")
     files = backend.files(spec)
+    _check_partition(spec, resolved.origins)
     for w in spec.warnings:
         _warn(w)
     _write_files(spec, files)
@@ -458,7 +592,7 @@ def _sweep_options(s: argparse.ArgumentParser) -> None:
 
 def _debug_options(s: argparse.ArgumentParser) -> None:
     _job_options(s, backend=False)
-    s.add_argument("--nproc", type=int, help="processes (torchrun when > 1); default 1")
+    s.add_argument("--nproc", type=int, help="processes (one per rank, started here); default 1")
     s.set_defaults(model=None)
 
 
@@ -533,10 +667,32 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _refuse_undecodable(words: list[str]) -> None:
+    """Python hands over argument bytes that are not UTF-8 as surrogates, which no file can
+    hold: refuse them up front, naming the key or option they were given for."""
+    from launchers.config import ALIASES, check_utf8
+
+    for i, word in enumerate(words):
+        previous = words[i - 1] if i else ""
+        key, value = "(argument)", word
+        if "=" in word and (word.startswith("--") or previous not in _VALUE_OPTIONS):
+            key, value = word.split("=", 1)  # key=value, or --option=value
+            key = ALIASES.get(key, key)
+        elif previous.startswith("-"):
+            key = previous
+        check_utf8(value, "command line", key)
+
+
 def main(argv: list[str] | None = None, t0: float | None = None) -> int:
     if t0 is not None:
         _T0[0] = t0
-    rest, overrides = _split_overrides(list(sys.argv[1:] if argv is None else argv))
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _refuse_undecodable(words)
+    except ConfigError as e:
+        _err(str(e))
+        return 2
+    rest, overrides = _split_overrides(words)
     p = parser(only=rest[0] if rest else None)
     args = p.parse_args(rest)
     if hasattr(args, "overrides"):

@@ -36,7 +36,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bionemo.config import TrainerConfig
+from bionemo.config import DuplicateKeyError, TrainerConfig, refuse_duplicate_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -80,7 +80,9 @@ _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class _Loader(_BaseLoader):
-    pass
+    def construct_document(self, node):
+        refuse_duplicate_keys(node)  # a key given twice is an error, not "the last one wins"
+        return super().construct_document(node)
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -105,19 +107,27 @@ _Loader.add_implicit_resolver(
 def load_yaml_text(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
+    except DuplicateKeyError as e:
+        raise ConfigError(source, e.key, f"given twice (lines {e.lines[0]} and {e.lines[1]}), and "
+                          "YAML would keep the last silently", "keep one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
+        position = getattr(e, "position", None)  # ReaderError: a character YAML refuses
+        where = (f"line {mark.line + 1}" if mark else f"character {position}"
+                 if position is not None else "(file)")
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(source, where, f"not valid YAML ({problem})", "fix the syntax") from None
 
 
 def load_yaml_file(path: Path, key: str = "(file)") -> Any:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(label(path), key, f"cannot read ({e.strerror})",
                           "check the path") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(label(path), key, f"not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                          f"offset {e.start}): not a YAML file", "check the path") from None
     return load_yaml_text(text, label(path))
 
 
@@ -167,7 +177,7 @@ def format_time_limit(seconds: int) -> str:
 
 # Experiment and run names become directory names and reach the batch script (always quoted).
 # Shell metacharacters are fine; what would change the path or SLURM's file patterns is not.
-_BAD_NAME = re.compile(r"[/\\%\x00-\x1f\x7f]")
+_BAD_NAME = re.compile(r"[/\\%\x00-\x1f\x7f\ud800-\udfff]")  # surrogates: bytes not UTF-8
 
 
 def check_name(value: str | None) -> str | None:
@@ -178,10 +188,15 @@ def check_name(value: str | None) -> str | None:
         raise ValueError(f"{value!r} is not a usable directory name; use 1-128 characters "
                          "without leading or trailing spaces")
     if _BAD_NAME.search(value):
-        raise ValueError(f"{value!r} contains '/', '\\', '%' or a control character; {fix}")
+        raise ValueError(f"{value!r} contains '/', '\\', '%', a control character or bytes "
+                         f"that are not UTF-8; {fix}")
     return value
 
 
+# With --backend nemo_run the run directory must be one plain shell word: NeMo-Run 0.11 puts it
+# unquoted into `mkdir -p`, `sbatch <script>` and `srun --output` (launchers/backends/
+# nemo_run_backend.py says why refusing beats quoting there). shlex's safe set, minus '%'.
+NEMO_RUN_WORD = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
 _SLURM_WORD = re.compile(r"^[A-Za-z0-9_.,:+\-]+$")  # partition, account, qos, node lists
 _HOSTLIST = re.compile(r"^[A-Za-z0-9_.,\[\]\-]+$")
 _DEPENDENCY = re.compile(
@@ -218,11 +233,13 @@ class JobConfig(Section):
     cluster: str = "local"  # profile name (configs/clusters/<cluster>.yaml) or a path
     # sbatch: render a batch script and submit it. submitit: a submitit Checkpointable job.
     # nemo_run: a NeMo-Run Experiment on run.SlurmExecutor. local: run the trainer on this
-    # machine, in the foreground (torchrun when more than one process). docs/launcher.md, Backends.
+    # machine, in the foreground (one process per rank). docs/launcher.md, Backends.
     backend: Literal["sbatch", "submitit", "nemo_run", "local"] = "sbatch"
     nodes: int = Field(1, ge=1)
     experiment: str | None = None  # runs/<experiment>/...; default: trainer.model.family
-    run: str | None = None  # runs/<experiment>/<run>; default: <model>-<nodes>n-<UTC timestamp>
+    # runs/<experiment>/<run>; default: <model>-<nodes>n-<UTC timestamp>, and -02, -03, ... when
+    # submits in the same second want that name (the run directory is created atomically)
+    run: str | None = None
     time_limit: str | None = None  # SLURM syntax; default: cluster.time_limit
     dependency: str | None = None  # sbatch --dependency, e.g. afterok:1234
     constraint: str | None = None  # sbatch --constraint (node features)
@@ -593,7 +610,7 @@ def file_layer(path: Path, source_key: str) -> Layer:
     src = label(path)
     if not Path(path).is_file():
         raise ConfigError(src, source_key, "no such file", "check the path")
-    raw = load_yaml_file(path)
+    raw = load_yaml_file(path, source_key)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -673,11 +690,26 @@ def _is_text(ann) -> bool:
     return False
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # how Python keeps argv bytes that are not UTF-8
+
+
+def check_utf8(text: str, source: str, key: str) -> None:
+    """Refuse text decoded from bytes that are not UTF-8: it cannot be written to config.yaml,
+    the batch script or a file name that other tools read back."""
+    def shown(t: str) -> str:
+        return repr(t.encode("utf-8", "surrogateescape"))[2:-1]
+
+    if _SURROGATE.search(text) or _SURROGATE.search(key):
+        raise ConfigError(source, shown(key), f"'{shown(text)}' is not UTF-8 text",
+                          "pass it in UTF-8 (a UTF-8 locale, or rename the file)")
+
+
 def parse_override(item: str) -> tuple[Key, Any]:
+    name, _, raw = item.partition("=")
+    check_utf8(raw, "command line", ALIASES.get(name.strip(), name.strip()))
     if "=" not in item:
         raise ConfigError("command line", item, "not a key=value override",
                           "write e.g. trainer.train.max_steps=100 (see docs/launcher.md)")
-    name, raw = item.split("=", 1)
     name = ALIASES.get(name.strip(), name.strip())
     key = tuple(name.split("."))
     if not name or any(not p for p in key):
@@ -734,6 +766,9 @@ class Resolved:
     layers: list[str]  # sources, lowest first
     warnings: list[str]
     table: BenchmarkTable
+    # job.run was chosen by _fill_defaults: submit may take the next of run_names() when
+    # another submit created that directory first
+    default_run: bool = False
 
 
 def _preset_path(kind: str, name: str, key: str, source: str) -> Path:
@@ -836,11 +871,19 @@ def resolve(
         layers = [preset, table_layer, profile] + upper
         merged, origins = merge(layers)
 
+    # Text no file can hold: YAML's "\udcff" escape (the pure-Python parser, used without libyaml,
+    # accepts it) or a caller's undecoded bytes (main() refuses argv's before this).
+    for key in _leaves(merged):
+        value = _get(merged, key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                check_utf8(item, _src(origins, key), ".".join(key))
     try:
         cfg = LaunchConfig.model_validate(merged)
     except ValidationError as e:
         raise _translate(e, origins) from None
 
+    default_run = base is None and cfg.job.run is None
     if base is None:
         _fill_defaults(cfg, now or datetime.now(timezone.utc))
         table_source = table_layer.source
@@ -855,7 +898,8 @@ def resolve(
         table_source = label(table_path)
     warnings: list[str] = []
     _check(cfg, origins, table, row, table_source, warnings)
-    return Resolved(cfg, origins, [layer.source for layer in layers], warnings, table)
+    return Resolved(cfg, origins, [layer.source for layer in layers], warnings, table,
+                    default_run)
 
 
 def _fill_defaults(cfg: LaunchConfig, now: datetime) -> None:
@@ -865,7 +909,7 @@ def _fill_defaults(cfg: LaunchConfig, now: datetime) -> None:
         job.experiment = cfg.trainer.model.family
     if job.run is None:
         stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        job.run = f"{Path(job.model).stem}-{job.nodes}n-{stamp}"
+        job.run = f"{Path(job.model).stem}-{job.nodes}n-{stamp}"  # run_names() adds -02, ...
     if job.time_limit is None:
         job.time_limit = cl.time_limit
     workdir = Path(os.path.expanduser(cl.workdir)) if cl.workdir else REPO_ROOT
@@ -887,6 +931,15 @@ def _fill_defaults(cfg: LaunchConfig, now: datetime) -> None:
         for name in ("out", "tables"):
             folder = Path(os.path.expanduser(getattr(sw, name)))
             setattr(sw, name, str(folder if folder.is_absolute() else workdir / folder))
+
+
+def run_names(default: str):
+    """Candidates for a default run name, in order: the name, then -02 ... -99 (zero-padded, so
+    they sort in submission order). Submits in the same second create their run directories
+    with mkdir, which succeeds for exactly one of them; the others take the next candidate."""
+    yield default
+    for i in range(2, 100):
+        yield f"{default}-{i:02d}"
 
 
 def _src(origins: dict[Key, str], key: Key, default: str = "resolved config") -> str:
@@ -918,6 +971,17 @@ def _check(cfg: LaunchConfig, origins, table: BenchmarkTable, row: BenchmarkRow 
         err("cluster.tasks_per_node",
             f"{cl.tasks_per_node} tasks but {cl.gpus_per_node} GPUs per node",
             "remove tasks_per_node: with GPUs the launcher runs one rank per GPU")
+    # A SLURM job gets the GPUs it asks for (--gpus-per-node): none without cluster.gpus_per_node.
+    # The local backend runs on this machine, whose GPUs it sees whatever the profile says.
+    if not cl.gpus_per_node and job.backend != "local":
+        if tr.train.device == "cuda":
+            err("trainer.train.device", f"cuda, but cluster {cl.name} gives the job no GPUs "
+                "(cluster.gpus_per_node 0)", "set cluster.gpus_per_node (and a GPU gpu_type), "
+                "or trainer.train.device=cpu")
+        elif tr.train.engine == "megatron":
+            err("trainer.train.engine", f"megatron needs CUDA, but cluster {cl.name} gives the "
+                "job no GPUs (cluster.gpus_per_node 0)", "use a GPU profile, or "
+                "trainer.train.engine=torch")
 
     # Time limit and warning lead
     limit = cfg.time_limit_s
@@ -939,6 +1003,14 @@ def _check(cfg: LaunchConfig, origins, table: BenchmarkTable, row: BenchmarkRow 
     elif job.backend == "local" and job.nodes != 1:
         err("job.nodes", f"the local backend runs on this machine only, not on {job.nodes} nodes",
             "use job.nodes=1 (--nodes 1) or --backend sbatch")
+    elif job.backend == "nemo_run":
+        for key, value in (("cluster.runs_root", cl.runs_root), ("job.experiment", job.experiment),
+                           ("job.run", job.run)):
+            if not NEMO_RUN_WORD.match(value):
+                err(key, f"{value!r} has characters NeMo-Run would pass to a shell unquoted "
+                    "(it builds its mkdir/sbatch/srun command lines from the run directory)",
+                    "use only letters, digits and _.,:+=@/- with --backend nemo_run, or use "
+                    "--backend sbatch or submitit, which quote every value")
 
     if cfg.sweep is not None:  # a sweep job: its trials, not the job, have a parallel layout
         _check_sweep(cfg, err)

@@ -14,7 +14,10 @@
 
 Written by the CLI (submit, resume, cancel) and by the batch script's requeue step on the first
 node, possibly at the same moment, so every change is a read-modify-write under an exclusive lock
-followed by an atomic rename. Stdlib only: the batch host may run a bare python3.
+followed by an atomic rename. On a full disk the new copy does not fit: the write raises OSError
+before the rename, the old record stays whole, and the caller decides (launchers/requeue.py then
+appends its decision to events.jsonl, a line that fits where a new copy does not). Stdlib only:
+the batch host may run a bare python3.
 """
 
 from __future__ import annotations

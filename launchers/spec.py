@@ -7,10 +7,12 @@ makes them errors; render, which touches nothing, reports them as warnings.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from bionemo import rundir
+from bionemo.config import input_problem
 from launchers.config import (
     ConfigError,
     LaunchConfig,
@@ -74,13 +76,23 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
     def problem(key: str, text: str, fix: str):
         problems.append(ConfigError(_src(origins, tuple(key.split("."))), key, text, fix))
 
-    if not existing and run_dir.exists():
+    # A default name that exists gives way to the next free one when submit creates the directory.
+    if not existing and run_dir.exists() and not resolved.default_run:
         problem("job.run", f"the run directory {run_dir} exists already",
                 f"continue it with `python -m launchers resume {run_dir}` (make resume "
                 f"RUN={run_dir}), or pick another job.run")
     if existing and rundir.is_finished(run_dir):
         problem("job.run", f"{run_dir} is finished (it has the `finished` marker)",
                 "a finished run is never restarted; submit a new run instead")
+    if not existing:  # the run directory's nearest existing ancestor must take a new folder
+        above = next((p for p in run_dir.parents if p.exists()), None)
+        key = "job.experiment" if above == run_dir.parent else "cluster.runs_root"
+        if above is not None and not above.is_dir():
+            problem(key, f"{above} is a file, not a directory",
+                    "point cluster.runs_root at a directory (missing ones are created)")
+        elif above is not None and not os.access(above, os.W_OK | os.X_OK):
+            problem(key, f"{above} is not writable", "point cluster.runs_root at a directory "
+                    "you can write")
 
     workdir = Path(cfg.cluster.workdir)
     if not workdir.is_dir():
@@ -94,13 +106,24 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
                     "cluster.python at an interpreter")
 
     if cfg.job.check_data and workdir.is_dir():
+        kinds = cfg.trainer.data.file_kinds()  # what each data key must be: type, magic bytes
         for key, path in _input_paths(cfg):
             full = path if path.is_absolute() else workdir / path
-            if not full.exists():
-                where = "" if path.is_absolute() else f" (relative to {workdir})"
-                problem(key, f"{path} does not exist{where}",
-                        f"run `make data` for the sample set, point {key} at your data, or set "
-                        "job.check_data=false when only the nodes can see it")
+            kind = kinds.get(key.removeprefix("trainer.data."))
+            bad = (input_problem(full, kind) if kind
+                   else None if full.exists() else f"{full} does not exist")
+            if bad:
+                problem(key, bad, f"run `make data` for the sample set, point {key} at your "
+                        "data, or set job.check_data=false when only the nodes can see it")
+
+    init = cfg.trainer.checkpoint.init_from
+    if cfg.job.check_data and workdir.is_dir() and init is not None:
+        from bionemo import hf  # torch-free; imported only when a run starts from weights
+
+        full = init if init.is_absolute() else workdir / init
+        bad = hf.weights_problem(full, cfg.trainer.model) if full.exists() else None
+        if bad:
+            problem("trainer.checkpoint.init_from", *bad)
 
     if problems and strict:
         raise ConfigError.many(problems)

@@ -130,16 +130,17 @@ def test_same_resources_time_signal_and_requeue_flag(scripts):
 def test_same_environment_setup_and_rendezvous(scripts):
     spec, texts = scripts
     native = exports(texts["sbatch"])
-    assert native["PYTHONUNBUFFERED"] == "1" and "MASTER_ADDR" in native and "MASTER_PORT" in native
+    assert native["PYTHONUNBUFFERED"] == "1" and "MASTER_ADDR" in native
+    assert "\nexport MASTER_PORT\n" in texts["sbatch"]  # picked free at job start
     for name in ("submitit", "nemo_run"):
         theirs = exports(texts[name])
         for key, value in native.items():
             assert theirs.get(key) == value, (name, key, theirs.get(key), value)
         for line in spec.cluster.setup:
             assert line in texts[name].splitlines(), (name, line)
-        # the same rendezvous lines (rank 0 on the first node, port from the job id)
+        # the same rendezvous lines (rank 0 on the first node, a port free there at job start)
         for line in texts["sbatch"].splitlines():
-            if line.startswith(("MASTER_NODE=", "MASTER_ADDR=")):
+            if line.startswith(("MASTER_NODE=", "MASTER_ADDR=", "MASTER_PORT=", "export MASTER_PORT")):
                 assert line in texts[name].splitlines(), (name, line)
         # and the same working directory
         assert f"cd {shlex.quote(spec.cluster.workdir)} || exit 1" in texts[name]
@@ -151,7 +152,7 @@ def test_same_srun_flags_and_trainer_command(scripts):
     spec, texts = scripts
     trainer = [spec.cluster.python, "-m", "bionemo.train"]
     native = srun_words(texts["sbatch"])
-    expected_flags = sbatch.srun_flags(spec)
+    expected_flags = sbatch.srun_flags(spec, kill_on_bad_exit=True)
     assert srun_flags(native)[1:] == expected_flags  # after --output
     assert native[-4:] == [*trainer, "$RUN_DIR"]
     assert f"RUN_DIR={shlex.quote(str(spec.run_dir))}" in texts["sbatch"]
@@ -162,7 +163,7 @@ def test_same_srun_flags_and_trainer_command(scripts):
     assert words[-4:] == [*trainer, str(spec.run_dir)]
     it = iter(flags)
     assert all(f in it for f in expected_flags), flags  # in order
-    assert last_value(flags, "--kill-on-bad-exit") == "0"  # NeMo-Run's 1 would cut saves short
+    assert last_value(flags, "--kill-on-bad-exit") == "1"  # a dead rank ends the step
     if not spec.cluster.container_image:
         assert last_value(flags, "--chdir") == spec.cluster.workdir
     assert "torchrun" not in texts["nemo_run"] and "torch.distributed.run" not in texts["nemo_run"]

@@ -29,13 +29,18 @@ def _exe(path: Path, text: str) -> Path:
     return path
 
 
+PARQUET = b"PAR1" + bytes(8) + b"PAR1"  # what the data check reads of a parquet file
+SQLITE = b"SQLite format 3\x00" + bytes(84)  # ... and of an SQLite database
+
+
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
-    """Files that satisfy the data check (their content is never read here)."""
+    """Files that satisfy the data check (it reads only their magic bytes)."""
     d = tmp_path / "data"
     d.mkdir()
-    for name in ("train_clusters.parquet", "valid_clusters.parquet", "proteins.sqlite"):
-        (d / name).write_text("")
+    for name in ("train_clusters.parquet", "valid_clusters.parquet"):
+        (d / name).write_bytes(PARQUET)
+    (d / "proteins.sqlite").write_bytes(SQLITE)
     return d
 
 
@@ -60,6 +65,15 @@ fi
 """)
     _exe(bin_dir / "scancel", f"""#!/bin/bash
 echo "scancel $*" >> {log}
+""")
+    # the partition-size check asks sinfo once; a 4-node default partition, as the bundled one
+    _exe(bin_dir / "sinfo", """#!/bin/bash
+if [ -n "$FAKE_SINFO_FAILS" ]; then
+  echo "sinfo: error: Unable to contact slurm controller" >&2; exit 1
+fi
+echo "debug* 3"
+echo "debug* 1"
+echo "big 64"
 """)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     # never start (or talk to) the real bundled cluster from unit tests
@@ -199,10 +213,97 @@ def test_default_run_name_and_experiment(tmp_path, data_dir, fake_slurm):
     assert run_dir.name.startswith("esm2_8m-2n-") and run_dir.name.endswith("Z")
 
 
-@pytest.mark.parametrize("case", MALFORMED, ids=[c["name"] for c in MALFORMED])
+def test_a_taken_default_name_gives_way_to_the_next(tmp_path, data_dir):
+    """The run directory is created with one mkdir; when another submit made the default name's
+    directory first, the next name is taken and the batch script rendered again for it."""
+    from datetime import datetime, timezone
+
+    from launchers import backends, config, spec as specs
+
+    resolved = config.resolve(model="esm2_8m", cluster="local", overrides=[
+        f"cluster.runs_root={tmp_path}/runs", *base_args(tmp_path, data_dir)[5:]],
+        now=datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    spec = specs.build(resolved, strict=True)
+    backend = backends.get("sbatch")
+    first = tmp_path / "runs" / "esm2" / "esm2_8m-2n-20250102T030405Z"
+    first.mkdir(parents=True)  # what a concurrent submit did a moment ago
+    written = cli._write_run_dir(spec, backend, backend.files(spec), resolved.default_run)
+    assert written.run_dir == first.with_name(first.name + "-02") and not list(first.iterdir())
+    script = (written.run_dir / rundir.SCRIPT).read_text()
+    assert f"{first.name}-02/logs/" in script and f"{first.name}/logs/" not in script
+    saved = yaml.safe_load((written.run_dir / rundir.CONFIG).read_text())
+    assert saved["job"]["run"] == first.name + "-02"
+
+
+@pytest.mark.cluster
+def test_concurrent_submits_without_a_run_name_get_a_run_directory_each(slurm_cluster, tmp_path):
+    """Issue 13: 8 `submit experiment=X` at once, no run name (one-second names): 6 of 8 were
+    refused "exists already". Every default name of the next two minutes is taken beforehand, so
+    all 8 race for the same suffixed names, every time. Held jobs, cancelled at the end."""
+    from datetime import datetime, timedelta, timezone
+
+    runs = tmp_path / "runs"
+    now = datetime.now(timezone.utc)
+    taken = {f"esm2_8m-2n-{now + timedelta(seconds=s):%Y%m%dT%H%M%SZ}" for s in range(-2, 120)}
+    for name in taken:
+        (runs / "X" / name).mkdir(parents=True)
+    argv = [sys.executable, "-m", "launchers", "submit", "--model", "esm2_8m", "--cluster",
+            "local", f"cluster.runs_root={runs}", "experiment=X", "job.hold=true"]
+    procs = [subprocess.Popen(argv, cwd=REPO, env=slurm_cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    new = sorted(set(p.name for p in (runs / "X").iterdir()) - taken)
+    ids = [i for d in new for i in record.job_ids(record.load(runs / "X" / d))]
+    try:
+        assert [rc for _, _, rc in outs] == [0] * 8, outs
+        assert len(new) == 8 and len(ids) == 8, (new, ids)
+        for name in new:
+            assert name[:-3] in taken and name[-3:-2] == "-"  # <default name>-NN
+            saved = yaml.safe_load((runs / "X" / name / rundir.CONFIG).read_text())
+            assert saved["job"]["run"] == name
+            assert f"/{name}/logs/" in (runs / "X" / name / rundir.SCRIPT).read_text()
+    finally:
+        for job_id in ids:
+            slurm_cluster.cancel(job_id)
+
+
+def test_partition_size_is_checked_with_one_sinfo(tmp_path, data_dir, fake_slurm, monkeypatch,
+                                                  capsys):
+    """More nodes than the partition has would pend forever (the malformed table covers it); a
+    partition the cluster lacks is refused too; without an answer from sinfo, a warning."""
+    args = ["submit", *base_args(tmp_path, data_dir)]
+    assert cli.main([*args, "cluster.partition=big", "--nodes", "64", "job.run=a"]) == 0
+    assert cli.main([*args, "cluster.partition=gpu"]) == 2
+    assert "command line: cluster.partition: gpu is not a partition of this cluster; choose " \
+           "one of debug, big" in capsys.readouterr().err
+    monkeypatch.setenv("FAKE_SINFO_FAILS", "1")
+    assert cli.main([*args, "--nodes", "100000", "job.run=b"]) == 0
+    assert "warning: job.nodes 100000 is not checked against the partition's size (sinfo: " \
+           "sinfo: error: Unable to contact slurm controller)" in capsys.readouterr().err
+    assert [c.split()[0] for c in fake_slurm.calls()] == ["sbatch", "sbatch"]
+    monkeypatch.delenv("FAKE_SINFO_FAILS")
+    fake_slurm.set_state("FAILED")
+    run_a = tmp_path / "runs" / "esm2" / "a"
+    assert cli.main(["resume", str(run_a), "job.nodes=65"]) == 2  # resume asks sinfo too
+    assert "job.nodes: 65 nodes, but partition big has 64" in capsys.readouterr().err
+
+
+# Cases whose files are not text (the YAML table's `files` are): written as bytes here.
+BINARY_MALFORMED = [
+    {"name": "binary config file", "binary_files": {"blob.yaml": bytes(range(256)) * 4},
+     "args": ["--config", "{tmp}/blob.yaml"], "key": "--config", "source": "{tmp}/blob.yaml"},
+    {"name": "binary model preset", "binary_files": {"m.yaml": b"model:\xff\xfe\x00"},
+     "args": ["--model", "{tmp}/m.yaml"], "key": "job.model", "source": "{tmp}/m.yaml"},
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED + BINARY_MALFORMED,
+                         ids=[c["name"] for c in MALFORMED + BINARY_MALFORMED])
 def test_malformed_is_rejected_before_sbatch(case, tmp_path, data_dir, fake_slurm, capsys):
     for name, text in case.get("files", {}).items():
         (tmp_path / name).write_text(text)
+    for name, blob in case.get("binary_files", {}).items():
+        (tmp_path / name).write_bytes(blob)
     args = [a.replace("{tmp}", str(tmp_path)) for a in case["args"]]
     rc = cli.main([case.get("command", "submit"), *base_args(tmp_path, data_dir), *args])
     err = capsys.readouterr().err
@@ -213,6 +314,9 @@ def test_malformed_is_rejected_before_sbatch(case, tmp_path, data_dir, fake_slur
     assert any(case["key"] in line for line in lines), err
     assert all(";" in line for line in lines), err  # every problem comes with a fix
     assert "Traceback" not in err
+    if "source" in case:  # `<file>: <key>: <problem>; <fix>`, one line
+        source = case["source"].replace("{tmp}", str(tmp_path))
+        assert len(lines) == 1 and lines[0].startswith(f"error: {source}: {case['key']}: "), err
 
 
 def test_at_least_twenty_malformed_cases():
@@ -408,12 +512,12 @@ echo 50 > "$3/finished"
     assert list((run_dir / "logs").glob("train-local-*.log"))
 
 
-def test_local_backend_uses_torchrun_for_several_processes():
+def test_local_backend_starts_each_rank_itself():
+    # no torchrun: it reports any non-zero worker exit as 1, and the run's 75/12/28/124 must
+    # reach the caller (tests/test_local_backend.py runs the ranks)
     from launchers.backends.local import command
 
-    assert command("py", 1, Path("/r")) == ["py", "-m", "bionemo.train", "/r"]
-    assert command("py", 2, Path("/r"))[:5] == ["py", "-m", "torch.distributed.run",
-                                                "--standalone", "--nproc-per-node=2"]
+    assert command("py", Path("/r")) == ["py", "-m", "bionemo.train", "/r"]
 
 
 def test_help_lists_commands(capsys):

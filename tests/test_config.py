@@ -126,6 +126,28 @@ def test_errors_name_the_file_that_set_the_value(tmp_path):
     assert str(e.value).startswith(f"{user}: trainer.parallel.tensor: ")
 
 
+def test_default_run_names_sort_in_submission_order():
+    """The candidates a default run name gives way to (issue 13: submits in the same second):
+    distinct, in order, and before the next second's name."""
+    names = list(config.run_names("esm2_8m-2n-20250102T030405Z"))
+    assert names[:3] == ["esm2_8m-2n-20250102T030405Z", "esm2_8m-2n-20250102T030405Z-02",
+                         "esm2_8m-2n-20250102T030405Z-03"]
+    assert names == sorted(names) and len(set(names)) == len(names) == 99
+    assert names[-1] < "esm2_8m-2n-20250102T030406Z"
+    assert resolve(model="esm2_8m", cluster="local", now=NOW).default_run
+    assert not resolve(model="esm2_8m", cluster="local", overrides=["job.run=mine"]).default_run
+
+
+def test_text_that_is_not_utf8_is_refused_whichever_layer_brings_it():
+    """Bytes that are not UTF-8 arrive as surrogates (argv; YAML's \\udcff escape without
+    libyaml); no file can hold them, so resolution refuses them, naming source and key."""
+    with pytest.raises(ConfigError) as e:
+        resolve(model="esm2_8m", options=[("--partition", "cluster.partition", "gpu\udcff")])
+    assert str(e.value).startswith("--partition: cluster.partition: 'gpu\\xff' is not UTF-8 text;")
+    with pytest.raises(ConfigError, match=r"^command line: job.run: 'r\\xff' is not UTF-8"):
+        resolve(model="esm2_8m", overrides=["run=r\udcff"])
+
+
 def test_defaults_are_made_explicit():
     cfg = resolve(model="esm2_8m", cluster="local", now=NOW).config
     assert cfg.job.experiment == "esm2"

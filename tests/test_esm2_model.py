@@ -1,8 +1,11 @@
 """ESM-2: numerical equivalence with HF EsmForMaskedLM, conversion, loss, recompute, size."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bionemo.config import ModelConfig
 from bionemo.models import build_model
@@ -11,6 +14,15 @@ from bionemo.models.esm2 import convert
 from bionemo.models.esm2.model import IGNORE_INDEX, MASK_ID, PAD_ID
 
 import transformers  # noqa: E402  (test extra: a missing install fails, never skips)
+
+from tests.test_resume import (  # noqa: E402,F401 -- data_dir is a fixture
+    assert_bitwise_equal,
+    data_dir,
+    launch,
+    make_run,
+    train_losses,
+    wait_all,
+)
 
 SMALL = dict(
     name="esm2_tiny", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
@@ -189,3 +201,133 @@ def test_build_model_rejects_unknown_family():
     with pytest.raises(ValueError, match="model.family"):
         build_model(cfg)
     assert isinstance(build_model(small_cfg()), ESM2)
+
+
+# ---- dropout (model.hidden_dropout, model.attention_dropout): applied, training mode only
+
+
+def _twins(**dropout):
+    """A dropout-free model and a model with `dropout`, holding the same weights."""
+    torch.manual_seed(0)
+    plain = ESM2(small_cfg())
+    other = ESM2(small_cfg(**dropout))
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+@pytest.mark.parametrize("dropout", [dict(hidden_dropout=0.1), dict(attention_dropout=0.1)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_dropout_changes_training_and_leaves_eval_exact(dropout, packed):
+    plain, other = _twins(**dropout)
+    ids, mask, labels = make_batch()
+    kw = {}
+    if packed:  # the packed row of the four sequences (one SDPA per sequence on CPU)
+        n = mask.sum(-1)
+        ids, labels = ids[mask][None], labels[mask][None]
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        kw = dict(cu_seqlens=F.pad(n.cumsum(0), (1, 0)), max_seqlen=int(n.max()))
+    torch.manual_seed(1)
+    base = plain.train().loss(ids, mask, labels, **kw)
+    torch.manual_seed(1)
+    drawn = other.train().loss(ids, mask, labels, **kw)
+    assert not torch.equal(drawn, base)  # before the fix: bitwise equal
+    torch.manual_seed(1)
+    assert torch.equal(other.loss(ids, mask, labels, **kw), drawn)  # masks from torch's RNG
+    with torch.no_grad():
+        evals = [m.eval().loss(ids, mask, labels, **kw) for m in (plain, other, other)]
+    assert torch.equal(evals[0], evals[1]) and torch.equal(evals[1], evals[2])
+
+
+def test_hidden_dropout_sits_where_hf_puts_it(monkeypatch):
+    """With dropout replaced by a fixed scaling, our training-mode logits equal HF's EsmForMaskedLM
+    with the same hidden_dropout_prob: same places (attention output, MLP output), no others."""
+    cfg = small_cfg(hidden_dropout=0.1)
+    hf = random_hf_model(cfg)
+    for m in hf.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    ours = ESM2(cfg)
+    ours.load_state_dict(convert.hf_to_ours(hf.state_dict()))
+    monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False:
+                        x * 0.5 if training and p > 0 else x)
+    ids, mask, _ = make_batch()
+    with torch.no_grad():
+        ref = hf.train()(input_ids=ids, attention_mask=mask.long()).logits
+        got = ours.train().logits(ours(ids, mask))
+        plain = ours.eval().logits(ours(ids, mask))
+    torch.testing.assert_close(got[mask], ref[mask], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[mask], plain[mask], atol=1e-3)  # the scaling did apply
+
+
+def test_resume_with_dropout_is_bitwise_exact(tmp_path, data_dir):
+    """2 gloo ranks with dropout 0.1: stop one rank by signal mid-run, restart; the per-rank RNG
+    states in the checkpoint give the same dropout masks, so losses and weights are identical."""
+    import random
+    import signal
+    import time
+
+    import yaml
+
+    from bionemo import rundir
+    from bionemo.config import REQUEUE_EXIT_CODE
+
+    steps = 20
+
+    def run(name: str) -> Path:
+        path = make_run(tmp_path / name, data_dir, max_steps=steps)
+        cfg = yaml.safe_load((path / rundir.CONFIG).read_text())
+        cfg["trainer"]["model"].update(hidden_dropout=0.1, attention_dropout=0.1)
+        cfg["trainer"]["checkpoint"]["every_steps"] = 5
+        (path / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
+        return path
+
+    ref = run("uninterrupted")
+    assert wait_all(launch(ref, world=2)) == [0, 0]
+    stopped = run("stopped")
+    stop_at = random.Random(time.time_ns()).randint(3, steps - 6)
+    procs = launch(stopped, world=2, BIONEMO_STEP_SLEEP="0.2")
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (stopped / rundir.METRICS).exists() and max(train_losses(stopped), default=0) >= stop_at:
+            break
+        assert all(p.poll() is None for p in procs), "training ended before the signal"
+        time.sleep(0.05)
+    procs[0].send_signal(signal.SIGUSR2)
+    assert wait_all(procs) == [REQUEUE_EXIT_CODE] * 2
+    assert stop_at <= rundir.latest_complete_step(stopped) < steps
+    assert wait_all(launch(stopped, world=2)) == [0, 0]
+    assert train_losses(stopped) == train_losses(ref)
+    final = [tmp_path / f"{p.name}.pt" for p in (ref, stopped)]
+    for path, out in zip((ref, stopped), final):
+        dcp_to_torch_save(rundir.step_dir(path, steps), out)
+    assert_bitwise_equal(*(torch.load(f, weights_only=False) for f in final))
+
+
+def test_a_run_with_dropout_differs_from_one_without(tmp_path, data_dir):
+    """The trainer honours the keys: two 2-step runs, dropout 0 and 0.1 (before: identical)."""
+    import yaml
+
+    from bionemo import rundir
+
+    paths = []
+    for p in (0.0, 0.1):
+        path = make_run(tmp_path / f"dropout-{p}", data_dir, max_steps=2)
+        cfg = yaml.safe_load((path / rundir.CONFIG).read_text())
+        cfg["trainer"]["model"].update(hidden_dropout=p, attention_dropout=p)
+        (path / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
+        paths.append(path)
+    procs = [proc for path in paths for proc in launch(path, world=1)]
+    assert wait_all(procs) == [0, 0]
+    plain, dropped = (train_losses(path) for path in paths)
+    assert plain.keys() == dropped.keys() == {1, 2}
+    assert plain[1] != dropped[1]
+
+
+def test_the_other_familys_switches_are_refused_not_ignored():
+    """Config audit (issue 13): model.activation is Geneformer's (ESM-2 is GELU only) and
+    model.token_dropout ESM-2's; set on the other family they were accepted and ignored."""
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        small_cfg(activation="relu")
+    with pytest.raises(ValueError, match="token_dropout"):
+        ModelConfig(**(SMALL | dict(family="geneformer", token_dropout=True)))
+    assert small_cfg(activation="gelu").activation == "gelu"

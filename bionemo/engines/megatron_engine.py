@@ -201,10 +201,15 @@ class MegatronEngine:
     def _init_weights(self, model, path: Path) -> None:
         """checkpoint.init_from: a torch-engine checkpoint (converted, sliced for this rank) or a
         megatron one (any TP/PP; dist_checkpointing reshards)."""
-        from bionemo import rundir
+        from bionemo import hf, rundir
         from bionemo.engines import checkpoint_engine
         from bionemo.models.esm2 import megatron as esm2_megatron
 
+        if hf.is_hf_folder(path):  # a Hugging Face folder: our full state dict, then sliced
+            esm2_megatron.load_full_state(model, esm2_megatron.torch_to_megatron(
+                hf.load_state(path, self.cfg.model), self.cfg.model, model.vocab_size,
+                te=self.uses_te))
+            return
         if not (path / rundir.COMPLETE).is_file():
             raise ValueError(
                 f"checkpoint.init_from: {path} is not a complete checkpoint folder (no "

@@ -11,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from bionemo import hf
 from bionemo.checkpoint import load_weights
 from bionemo.config import TrainerConfig
 from bionemo.distributed import DistEnv
@@ -63,7 +64,9 @@ class TorchEngine:
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         with device:  # initialise on the device: a 3B model's init on the host takes minutes
             self.model = build_model(cfg.model)
-        if init_from is not None:
+        if init_from is not None and hf.is_hf_folder(init_from):
+            hf.load_into(init_from, self.model)
+        elif init_from is not None:
             from bionemo.engines import checkpoint_engine
 
             if checkpoint_engine(init_from) == "megatron":

@@ -17,13 +17,29 @@ directory holds everything about it; query it with
 (the id is in submission.json, key `nemo_run`, and in `status`). (Not `nemo_run/`: NeMo-Run rewrites every "/nemo_run" in a script without a container into the job
 directory, so no path of the run may contain that string; submit refuses one that does.)
 
+Shell quoting. NeMo-Run 0.11 builds shell command lines from paths under the run directory
+without quoting them: `mkdir -p <job_dir>/code` (SlurmExecutor.package, run through invoke's
+shell at submit time), `sbatch ... <job_dir>/<name>_sbatch.sh`, `ls -1 <log pattern>` (logs),
+and `srun --output <run_dir>/logs/log-...` in the batch script (a `noquote` word, so that
+${SLURM_RESTART_COUNT} expands). The same strings are also used as file names in Python, so no
+quoting applied here could be right for both uses. The launcher therefore refuses, at validation
+(launchers/config.py NEMO_RUN_WORD: exit 2 naming the key, nothing written), a run directory
+(cluster.runs_root, job.experiment, job.run) that is not one plain shell word. Everything else
+reaches NeMo-Run quoted by us or by it, or already plain: srun flags (cluster.srun_args,
+container image/mounts, workdir: NeMo-Run writes them unquoted, although its code looks as if it
+quoted them, so make_executor quotes each), #SBATCH values (shlex-quoted by NeMo-Run;
+partition/account/qos/constraint/exclude/dependency/sbatch_args are validated words), the job
+name (sbatch.job_name: [A-Za-z0-9._-]), the setup lines (rendered with the native backend's
+quoting filters: cluster.env values, workdir, python) and the trainer command (quoted below).
+NeMo-Run's own `export KEY=value` lines are not used (the executor gets no env_vars).
+
 Mapping:
 - resources: nodes, `ntasks_per_node` = one task per GPU (or cluster.tasks_per_node without
   GPUs), GPUs per node, CPUs per task, partition, account, qos, exclusive, time (exact),
   `signal=<stop_signal>@<signal_lead_s>` (no `B:`: every rank gets it), `#SBATCH --requeue`;
-  srun flags: the native backend's (CPUs per task, pyxis, cluster.srun_args), then
-  `--kill-on-bad-exit=0` (NeMo-Run passes 1: the first rank to exit 75 would kill rank 0 while it
-  commits the checkpoint) and `--chdir=<workdir>` (NeMo-Run's default is its empty code dir).
+  srun flags: the native backend's (CPUs per task, pyxis, `--kill-on-bad-exit=1`, which NeMo-Run
+  passes too, cluster.srun_args), then `--chdir=<workdir>` (NeMo-Run's default is its empty code
+  dir).
 - tunnel: `run.LocalTunnel()` on the login node; `run.SSHTunnel` when BIONEMO_NEMO_RUN_SSH is
   `user@host` (a workstation; the run directory is mirrored to the same path there).
 - packager: `run.Packager()` -- no packaging: the nodes run cluster.workdir, the checkout on the
@@ -185,7 +201,7 @@ def make_executor(spec: JobSpec, run):
                      f"--cpus-per-task={cl.cpus_per_task}", "--kill-on-bad-exit=0",
                      f"--chdir={cl.workdir}"]
     else:
-        srun_args = sbatch.srun_flags(spec) + ["--kill-on-bad-exit=0"]
+        srun_args = sbatch.srun_flags(spec, kill_on_bad_exit=True)
         if not cl.container_image:
             srun_args.append(f"--chdir={cl.workdir}")
     name = sbatch.job_name(spec)
@@ -205,7 +221,9 @@ def make_executor(spec: JobSpec, run):
         signal=None if sweeping else f"{tr.train.stop_signal}@{cl.signal_lead_s}",
         open_mode="append",
         additional_parameters=extra,
-        srun_args=srun_args,
+        # NeMo-Run 0.11 joins srun words unquoted (its `noquote` is an alias of str, so its
+        # "quote unless noquote" quotes nothing): quote each flag once here.
+        srun_args=[shlex.quote(flag) for flag in srun_args],
         setup_lines=setup_lines(spec),
         tunnel=tunnel(spec, run),
         packager=run.Packager(),
@@ -237,7 +255,13 @@ def task_script(spec: JobSpec, run):
 
 
 def _check_paths(spec: JobSpec, home: Path) -> None:
+    from launchers.config import NEMO_RUN_WORD
+
     cl = spec.cluster
+    if not NEMO_RUN_WORD.match(str(home)):  # validation refuses this first (module docstring)
+        raise BackendError(f"NEMORUN_HOME {str(home)!r} is not a plain shell word, and NeMo-Run "
+                           "puts it into shell commands unquoted; rename the run or use "
+                           "--backend sbatch")
     texts = {"the run directory": str(spec.run_dir), "cluster.workdir": cl.workdir,
              "cluster.python": cl.python, "NEMORUN_HOME": str(home),
              "the environment or setup lines": setup_lines(spec),

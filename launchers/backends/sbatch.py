@@ -134,7 +134,12 @@ def environment_lines(spec: JobSpec) -> list[tuple[str, str]]:
     return list(env.items())
 
 
-def srun_flags(spec: JobSpec) -> list[str]:
+def srun_flags(spec: JobSpec, kill_on_bad_exit: bool = False) -> list[str]:
+    """The step's flags. kill_on_bad_exit (training steps): when one rank exits non-zero, srun
+    sends the others SIGTERM (SIGKILL after KillWait), so a rank that dies before or during the
+    rendezvous does not leave the rest waiting and the requeue decision runs within seconds. It
+    cuts no save short: every rank returns from a save only after its final barrier, when rank 0
+    has committed it. A sweep's trials go without (docs/sweep.md: the OOM rank's exit 12)."""
     cl = spec.cluster
     flags = [
         f"--nodes={spec.job.nodes}",
@@ -147,7 +152,9 @@ def srun_flags(spec: JobSpec) -> list[str]:
         if cl.container_mounts:
             flags.append(f"--container-mounts={','.join(cl.container_mounts)}")
         flags.append(f"--container-workdir={cl.container_workdir or cl.workdir}")
-    flags += cl.srun_args
+    if kill_on_bad_exit:
+        flags.append("--kill-on-bad-exit=1")
+    flags += cl.srun_args  # last: the profile's own flags win
     return flags
 
 
@@ -185,7 +192,7 @@ def context(spec: JobSpec) -> dict:
         train_python=cl.python,
         env=environment_lines(spec),
         setup=[ShellCode(line) for line in cl.setup],
-        srun_flags=srun_flags(spec),
+        srun_flags=srun_flags(spec, kill_on_bad_exit=True),
         stop_signal=tr.train.stop_signal,
         signal_lead_s=cl.signal_lead_s,
         requeue_exit_code=REQUEUE_EXIT_CODE,

@@ -257,16 +257,19 @@ def decide_and_record(run_dir, exit_code: int, *, terminated: bool, elapsed_s, v
     from launchers import record, requeue
 
     data = record.load(run_dir)
+    job_id = os.environ.get("SLURM_JOB_ID")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     latest = rundir.latest_complete_step(run_dir)
+    events = requeue.attempt_events(rundir.read_events(run_dir), job_id, restarts)
     verdict = requeue.decide(finished=rundir.is_finished(run_dir), exit_code=exit_code,
                              latest_step=latest, restarts=restarts,
                              policy=data.get("policy", {}), history=data.get("attempts", []),
-                             terminated=terminated, elapsed_s=elapsed_s)
-    record.add_attempt(run_dir, dict(job_id=os.environ.get("SLURM_JOB_ID"), restart=restarts,
+                             terminated=terminated, elapsed_s=elapsed_s, events=events)
+    # printed first: on a full disk the record below may fail, the log line still says why
+    print(f"[launcher] decision: {verdict['decision']} -- {verdict['reason']}", flush=True)
+    record.add_attempt(run_dir, dict(job_id=job_id, restart=restarts,
                                      host=socket.gethostname(), exit_code=exit_code,
                                      latest_step=latest, via=via, **verdict))
-    print(f"[launcher] decision: {verdict['decision']} -- {verdict['reason']}", flush=True)
     return verdict
 
 
@@ -334,7 +337,8 @@ def parameters(spec: JobSpec) -> dict:
         slurm_dependency=job.dependency,
         slurm_signal_delay_s=cl.signal_lead_s,
         slurm_setup=setup_lines(spec),
-        slurm_srun_args=_sweep_step_flags(spec) if sweeping else sbatch.srun_flags(spec),
+        slurm_srun_args=(_sweep_step_flags(spec) if sweeping
+                         else sbatch.srun_flags(spec, kill_on_bad_exit=True)),
         slurm_additional_parameters=extra,
     )
     if cl.gpus_per_node:

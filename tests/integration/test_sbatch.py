@@ -218,7 +218,7 @@ def test_preemption_resumes_from_the_last_complete_checkpoint(launcher, time_lim
 
 def test_crash_loop_stops_and_status_says_why(launcher, time_limit_runs, data_dir, tmp_path):
     broken = tmp_path / "broken.parquet"
-    broken.write_bytes(b"this is not parquet\n")  # present (passes validation), unreadable
+    broken.write_bytes(b"PAR1" + b"this is not parquet\n" + b"PAR1")  # present (passes validation), unreadable
     run_dir, job_id = launcher.submit("crash-loop", "max_steps=20",
                                       f"trainer.data.train_clusters={broken}")
     rec = launcher.wait_final(job_id, timeout=240)

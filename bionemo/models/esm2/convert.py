@@ -121,19 +121,21 @@ def ours_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf_config(cfg: ModelConfig):
-    """The `transformers.EsmConfig` of the same network (ESM-2 settings, no dropout)."""
-    from transformers import EsmConfig
-
-    return EsmConfig(
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """The `config.json` of the same network as `transformers.EsmForMaskedLM` reads it (ESM-2
+    settings; the dropout the model was configured with, 0 in the presets); plain data, so an
+    export needs no transformers."""
+    return dict(
+        architectures=["EsmForMaskedLM"],
+        model_type="esm",
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads,
         intermediate_size=cfg.ffn_hidden_size,
         hidden_act="gelu",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=cfg.hidden_dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
         # facebook/esm2_* use 1026 for 1024-token crops (<cls> + 1022 + <eos>, plus HF's
         # padding_idx offset of 2 in position ids). Unused with rotary positions beyond that.
         max_position_embeddings=cfg.seq_length + 2,
@@ -145,7 +147,18 @@ def to_hf_config(cfg: ModelConfig):
         pad_token_id=PAD_ID,
         mask_token_id=MASK_ID,
         tie_word_embeddings=True,
+        torch_dtype="float32",
     )
+
+
+def to_hf_config(cfg: ModelConfig):
+    """The `transformers.EsmConfig` of the same network."""
+    from transformers import EsmConfig
+
+    d = hf_config_dict(cfg)
+    for k in ("architectures", "model_type", "torch_dtype"):
+        d.pop(k)
+    return EsmConfig(**d)
 
 
 def from_hf(hf_model) -> ESM2:
@@ -173,6 +186,8 @@ def from_hf(hf_model) -> ESM2:
         vocab_size=c.vocab_size,
         layer_norm_eps=c.layer_norm_eps,
         token_dropout=bool(c.token_dropout),
+        hidden_dropout=c.hidden_dropout_prob,
+        attention_dropout=c.attention_probs_dropout_prob,
     )
     model = ESM2(cfg)
     model.load_state_dict(hf_to_ours(hf_model.state_dict()), strict=True)

@@ -9,7 +9,12 @@ settings (rotary positions, no LayerNorm before the first block, token dropout),
     -> final LN                                  = forward()'s output
     -> dense -> GELU -> LN -> tied decoder + bias = logits()
 
-No dropout anywhere: ESM-2 was pretrained without it.
+Dropout (model.hidden_dropout, model.attention_dropout; 0 in every preset, as ESM-2 was
+pretrained without it) sits where HF's EsmForMaskedLM puts hidden_dropout_prob and
+attention_probs_dropout_prob: after the attention output projection and after the MLP's second
+GEMM (before each residual add), and on the attention probabilities; training mode only. Its
+random draws come from torch's per-rank generators, which checkpoints save (bionemo/checkpoint.py),
+so a resumed run draws the same masks.
 
 Layout for speed. Inside the blocks the residual stream is one flat row of tokens [T, H] (T = B*S
 for padded batches, the packed row's length otherwise), so one compiled block serves every batch
@@ -113,6 +118,8 @@ class Attention(nn.Module):
         # convert.py splits it into HF's query/key/value.
         self.qkv_proj = nn.Linear(h, 3 * h)
         self.out_proj = nn.Linear(h, h)
+        self.attention_dropout = cfg.attention_dropout  # on the probabilities, training only
+        self.dropout = nn.Dropout(cfg.hidden_dropout)  # HF EsmSelfOutput's, before the residual
 
     def forward(self, x: torch.Tensor, cos, sin, layout: Layout) -> torch.Tensor:
         T = x.shape[0]
@@ -123,27 +130,32 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(1)  # [T, heads, head_dim] each
         # ESM scales q before the rotation; the attention kernels scale the scores instead (the
         # rotation is linear, so the two differ by rounding only).
-        out = _attention(q, k, v, layout, self.head_dim**-0.5)
-        return self.out_proj(out.reshape(T, -1))
+        p = self.attention_dropout if self.training else 0.0
+        out = _attention(q, k, v, layout, self.head_dim**-0.5, p)
+        return self.dropout(self.out_proj(out.reshape(T, -1)))
 
 
-def _attention(q, k, v, layout: Layout, scale: float) -> torch.Tensor:
-    """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]; tokens attend within their segment."""
+def _attention(q, k, v, layout: Layout, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]; tokens attend within their segment.
+    dropout_p: dropout on the attention probabilities (the caller passes 0 outside training)."""
     if layout.flash:
         from torch.nn.attention.varlen import varlen_attn  # flash attention, torch >= 2.10
 
         cu_q, cu_k, m = layout.cu_seqlens, layout.cu_seqlens_k, layout.max_seqlen
+        assert not dropout_p, "varlen_attn has no dropout: ESM2._flash() is off for it"
         return varlen_attn(q, k, v, cu_q, cu_k, m, m, scale=scale)
     if layout.key_mask is not None:  # padded rows: [B, heads, S, head_dim] with a key mask
         B = layout.rows
         q, k, v = (t.unflatten(0, (B, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, scale=scale,
+                                             dropout_p=dropout_p)
         return out.transpose(1, 2).flatten(0, 1)
     # Packed rows without flash attention (CPU, fp32): one SDPA call per sequence. Slower.
     bounds = layout.cu_seqlens.tolist()
     return torch.cat([
         F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=scale
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=scale,
+            dropout_p=dropout_p,
         ).transpose(0, 1)
         for a, b in zip(bounds[:-1], bounds[1:])
     ])
@@ -154,9 +166,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
         self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)  # HF EsmOutput's, before the residual add
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as ESM
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as ESM
 
 
 class Block(nn.Module):
@@ -273,8 +286,10 @@ class ESM2(nn.Module):
         return x.masked_fill(~attention_mask.unsqueeze(-1), 0.0)  # padding embeddings are zero
 
     def _flash(self, device: torch.device) -> bool:
-        """Variable-length flash attention: CUDA with bf16/fp16 activations."""
-        if device.type != "cuda":
+        """Variable-length flash attention: CUDA with bf16/fp16 activations, and no attention
+        dropout in training (torch's varlen_attn hard-codes dropout 0; with dropout the SDPA
+        paths run instead, which on CUDA use its fused kernels with dropout)."""
+        if device.type != "cuda" or (self.training and self.cfg.attention_dropout > 0):
             return False
         dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
                  else self.embed_tokens.weight.dtype)

@@ -90,13 +90,14 @@ def ours_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_hf_config(cfg: ModelConfig, pad_token_id: int = 2):
-    """The `transformers.BertConfig` of the same network. pad_token_id: the vocabulary's <pad>
-    (2 in BioNeMo's order and the sample set's; 0 in the original Geneformer dictionary); it
-    only chooses the embedding row HF zeroes at init."""
-    from transformers import BertConfig
-
-    return BertConfig(
+def hf_config_dict(cfg: ModelConfig, pad_token_id: int = 2) -> dict:
+    """The `config.json` of the same network as `transformers.BertForMaskedLM` reads it; plain
+    data, so an export needs no transformers. pad_token_id: the vocabulary's <pad> (2 in
+    BioNeMo's order and the sample set's; 0 in the original Geneformer dictionary); it only
+    chooses the embedding row HF zeroes at init."""
+    return dict(
+        architectures=["BertForMaskedLM"],
+        model_type="bert",
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -112,7 +113,18 @@ def to_hf_config(cfg: ModelConfig, pad_token_id: int = 2):
         pad_token_id=pad_token_id,
         position_embedding_type="absolute",
         tie_word_embeddings=True,
+        torch_dtype="float32",
     )
+
+
+def to_hf_config(cfg: ModelConfig, pad_token_id: int = 2):
+    """The `transformers.BertConfig` of the same network."""
+    from transformers import BertConfig
+
+    d = hf_config_dict(cfg, pad_token_id)
+    for k in ("architectures", "model_type", "torch_dtype"):
+        d.pop(k)
+    return BertConfig(**d)
 
 
 def from_hf(hf_model, name: str | None = None) -> Geneformer:

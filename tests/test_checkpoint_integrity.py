@@ -1,0 +1,186 @@
+"""Damaged checkpoints: real trainer processes (2 gloo ranks, CPU) resume from checkpoints whose
+files were flipped, truncated or replaced, and must take the newest intact one, say which file
+failed, or stop; never train on the damaged state and never start over from step 0.
+
+One uninterrupted run (steps 4, 8 and 12 saved) is the reference; each test copies it, removes
+step 12 and `finished` (what a run killed before its last save leaves), damages step 8 (and
+step 4), resumes and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from bionemo import rundir
+from bionemo.checkpoint import _load_rng, _rng_state, _set_rng_state
+from tests.test_resume import (  # noqa: F401 -- data_dir is a fixture
+    assert_bitwise_equal, data_dir, launch, make_run, train_losses, wait_all)
+
+STEPS, EVERY, WORLD = 12, 4, 2
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir) -> Path:  # noqa: F811 -- data_dir is a fixture
+    ref = make_run(tmp_path_factory.mktemp("ref") / "run", data_dir, max_steps=STEPS, val_every=100)
+    cfg = yaml.safe_load((ref / rundir.CONFIG).read_text())
+    cfg["trainer"]["checkpoint"] = {"every_steps": EVERY, "keep_last": 3}
+    (ref / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
+    assert wait_all(launch(ref, world=WORLD)) == [0] * WORLD
+    assert rundir.checkpoint_steps(ref)[0] == [4, 8, 12]
+    return ref
+
+
+def interrupted_copy(reference: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(rundir.step_dir(run, STEPS))
+    (run / rundir.FINISHED).unlink()
+    for log in run.glob("rank*.log"):
+        log.unlink()
+    return run
+
+
+def weights(run: Path, tmp: Path) -> dict:
+    out = tmp / f"{run.parent.name}-{run.name}.pt"
+    dcp_to_torch_save(rundir.step_dir(run, STEPS), out)
+    return torch.load(out, weights_only=False)
+
+
+def largest_shard(step: Path) -> Path:
+    return max(step.glob("*.distcp"), key=lambda f: f.stat().st_size)
+
+
+def flip(f: Path, n: int = 64) -> None:
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    f.write_bytes(bytes(data))
+
+
+def truncate(f: Path) -> None:
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+def rejections(run: Path) -> list[tuple[int, str]]:
+    return [(e["step"], e["file"]) for e in rundir.read_events(run)
+            if e["event"] == "checkpoint_rejected"]
+
+
+def assert_fell_back_and_exact(run: Path, reference: Path, tmp_path: Path, file: str, why: str) -> None:
+    assert wait_all(launch(run, world=WORLD)) == [0] * WORLD
+    log = (run / "rank0.log").read_text()
+    assert f"step-00000008 rejected: {file}: {why}" in log
+    assert f"resumed from {rundir.step_dir(run, 4)} " in log
+    assert rejections(run) == [(8, file)]
+    assert rundir.is_finished(run)
+    assert train_losses(run) == train_losses(reference)
+    assert_bitwise_equal(weights(run, tmp_path), weights(reference, tmp_path))
+
+
+def test_flipped_bytes_fall_back_to_older_checkpoint(reference, tmp_path):
+    run = interrupted_copy(reference, tmp_path)
+    shard = largest_shard(rundir.step_dir(run, 8))
+    flip(shard)
+    assert_fell_back_and_exact(run, reference, tmp_path, shard.name, "crc32 ")
+
+
+def test_truncated_shard_falls_back_to_older_checkpoint(reference, tmp_path):
+    run = interrupted_copy(reference, tmp_path)
+    shard = largest_shard(rundir.step_dir(run, 8))
+    truncate(shard)
+    assert_fell_back_and_exact(run, reference, tmp_path, shard.name, f"{shard.stat().st_size} bytes")
+
+
+class _Payload:
+    """Unpickling this calls open(path, "w"): creates a file, as any planted code could."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_planted_pickle_in_rng_file_is_refused(reference, tmp_path):
+    run = interrupted_copy(reference, tmp_path)
+    step = rundir.step_dir(run, 8)
+    pwned = tmp_path / "pwned"
+    rng = step / "rng-rank00000.pt"
+    torch.save({"python": _Payload(pwned), "numpy": None, "torch": None}, rng)
+    # A matching manifest entry, so the loader itself must refuse it (not only the checksum).
+    manifest = json.loads((step / rundir.MANIFEST).read_text())
+    manifest["files"][rng.name] = {"size": rng.stat().st_size,
+                                   "crc32": f"{zlib.crc32(rng.read_bytes()):08x}"}
+    (step / rundir.MANIFEST).write_text(json.dumps(manifest))
+    assert_fell_back_and_exact(run, reference, tmp_path, rng.name, "UnpicklingError")
+    assert not pwned.exists()
+
+
+def test_all_checkpoints_damaged_stops_with_a_clear_error(reference, tmp_path):
+    run = interrupted_copy(reference, tmp_path)
+    flip(largest_shard(rundir.step_dir(run, 8)))
+    truncate(largest_shard(rundir.step_dir(run, 4)))
+    metrics = (run / rundir.METRICS).read_text()
+    rcs = wait_all(launch(run, world=WORLD))
+    assert all(rc not in (0, 75) for rc in rcs), rcs
+    log = (run / "rank0.log").read_text()
+    assert "CheckpointError: no intact checkpoint" in log and "refusing to train from step 0" in log
+    assert [s for s, _ in rejections(run)] == [8, 4]
+    assert rundir.read_events(run)[-1]["event"] == "no_intact_checkpoint"
+    assert rundir.checkpoint_steps(run)[0] == []  # both renamed step-N.corrupt
+    assert (run / rundir.METRICS).read_text() == metrics  # not a step trained
+    # The next start (a requeue) refuses too instead of seeing "no checkpoint" and starting over.
+    assert wait_all(launch(run, world=1)) not in ([0], [75])
+    assert (run / "rank0.log").read_text().count("refusing to train from step 0") == 2
+    assert (run / rundir.METRICS).read_text() == metrics
+    assert not rundir.step_dir(run, STEPS).exists() and not rundir.is_finished(run)
+
+
+def test_checkpoints_without_manifest_still_load(reference, tmp_path):
+    """Written by an older version: no manifest, numpy arrays in the RNG files. A load error (the
+    truncated shard of step 8) still falls back; step 4 resumes exactly."""
+    run = interrupted_copy(reference, tmp_path)
+    for step in (4, 8):
+        (rundir.step_dir(run, step) / rundir.MANIFEST).unlink()
+        for f in rundir.step_dir(run, step).glob("rng-rank*.pt"):
+            state = torch.load(f, weights_only=True)
+            name, key, *rest = state["numpy"]
+            state["numpy"] = (name, key.numpy().astype(np.uint32), *rest)  # the old layout
+            torch.save(state, f)
+    truncate(largest_shard(rundir.step_dir(run, 8)))
+    assert wait_all(launch(run, world=WORLD)) == [0] * WORLD
+    log = (run / "rank0.log").read_text()
+    assert log.count(f"has no {rundir.MANIFEST}") == 1  # warned once
+    assert "step-00000008 rejected: model/optimizer shards (torch engine): " in log
+    assert f"resumed from {rundir.step_dir(run, 4)} " in log
+    assert train_losses(run) == train_losses(reference)
+    assert_bitwise_equal(weights(run, tmp_path), weights(reference, tmp_path))
+
+
+def test_rng_state_round_trips_bit_exactly_without_unpickling_objects(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # python and numpy both keep the second Gaussian of a pair in their state
+    np.random.standard_normal()
+    f = tmp_path / "rng.pt"
+    torch.save(_rng_state(), f)
+    expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(),
+                torch.rand(3).tolist())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    _set_rng_state(_load_rng(f))
+    assert (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(),
+            torch.rand(3).tolist()) == expected
