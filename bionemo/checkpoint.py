@@ -225,9 +225,16 @@ class Checkpointer:
         self.keep_last = keep_last
         self.rank = rank
         self._warned_unverified = False  # checkpoints without a manifest: warn once
+        self._pending = None  # an asynchronous save in flight: (future, tmp, final, step, error)
+        self._groups = None  # CPU groups for asynchronous saves (made at the first, all ranks)
 
     # ---------------------------------------------------------------- save
-    def save(self, engine, state: TrainerState) -> Path:
+    def save(self, engine, state: TrainerState, asynchronous: bool = False) -> Path | None:
+        """Save `state` and the engine's shards as step-N. Synchronous: committed on return.
+        asynchronous (the torch engine): the shards are copied to host memory and written by a
+        background thread while training goes on; the folder is committed by poll() once every
+        rank's write finished (or by the next save or finish()), and None is returned."""
+        self.finish()  # an earlier asynchronous save commits first
         final = rundir.step_dir(self.run_dir, state.step)
         tmp = final.with_name(final.name + ".partial")
         if self.rank == 0:
@@ -236,22 +243,70 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        error = None
+        asynchronous = asynchronous and getattr(engine, "supports_async_save", False)
+        error, pending = None, None
         try:  # a write error (a full disk) must reach every rank, or the others hang below
-            engine.save(tmp)
+            if asynchronous:
+                pending = engine.save(tmp, self._async_group(), asynchronous=True)
+            else:
+                engine.save(tmp)
             torch.save(_rng_payload(engine), tmp / f"rng-rank{self.rank:05d}.pt")
             if self.rank == 0:
                 (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=1))
         except WRITE_ERRORS as e:
             error = e
         if os.environ.get(KILL_DURING_SAVE) == str(state.step):  # fault injection for tests
-            os.kill(os.getpid(), signal.SIGKILL)
-        agree_written(error, tmp, state.step, self.rank)  # any rank failed: SaveFailed on every rank
+            os.kill(os.getpid(), signal.SIGKILL)  # (asynchronous: while the shards are written)
+        if pending is not None:
+            self._pending = (pending, tmp, final, state.step, error)
+            return None
+        return self._commit(tmp, final, state.step, error)
+
+    @property
+    def pending(self) -> bool:
+        """An asynchronous save is in flight (not yet committed)."""
+        return self._pending is not None
+
+    def poll(self) -> Path | None:
+        """Once per step while an asynchronous save is in flight: commit it when every rank's
+        write has finished (one small all-reduce over the CPU group); else return None."""
+        if self._pending is None:
+            return None
+        done = torch.tensor([1 if self._pending[0].done() else 0], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._async_group("poll"))
+        return self.finish() if done.item() else None
+
+    def finish(self) -> Path | None:
+        """Wait for the asynchronous save in flight, if any, and commit it."""
+        if self._pending is None:
+            return None
+        future, tmp, final, step, error = self._pending
+        self._pending = None
+        try:
+            future.result()
+        except WRITE_ERRORS as e:  # DCP's CheckpointException carries each rank's error
+            error = error or e
+        return self._commit(tmp, final, step, error)
+
+    def _async_group(self, role: str = "writer"):
+        """Two CPU (gloo) groups of their own, made by every rank at the first asynchronous save:
+        the background writer's collectives and poll()'s all-reduce run in different threads,
+        and two threads must never drive collectives on one group (nor on the training's)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if self._groups is None:
+            self._groups = {"writer": dist.new_group(backend="gloo"),
+                            "poll": dist.new_group(backend="gloo")}
+        return self._groups[role]
+
+    def _commit(self, tmp: Path, final: Path, step: int, error) -> Path:
+        agree_written(error, tmp, step, self.rank)  # any rank failed: SaveFailed on every rank
         _barrier()  # every rank has finished writing its part
-        self._write_manifest(tmp, state.step)
+        self._write_manifest(tmp, step)
         if self.rank == 0:
             marker = tmp / rundir.COMPLETE
-            marker.write_text(f"{state.step}\n")
+            marker.write_text(f"{step}\n")
             for f in tmp.iterdir():  # make the bytes durable before the folder becomes visible
                 fd = os.open(f, os.O_RDONLY)
                 os.fsync(fd)

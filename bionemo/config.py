@@ -8,6 +8,7 @@ silently ignored setting). Field comments say where a default comes from.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +27,7 @@ class Section(BaseModel):
 # A sanity bound on model.seq_length (2**16): above the longest protein (titin, 34,350 residues)
 # and any cell's gene list (Geneformer's vocabulary has ~25k genes, each ranked at most once).
 MAX_SEQ_LENGTH = 65_536
+PLUGIN_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # module:factory
 
 
 class ModelConfig(Section):
@@ -46,6 +48,18 @@ class ModelConfig(Section):
     # (no matrix multiply or attention is recomputed; eager mode checkpoints the MLP); "full":
     # recompute each whole block in the backward pass.
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    # A user's own model instead of the family's: "package.module:factory", imported by the
+    # trainer (never the launcher); factory(model_cfg) returns the module. `family` still picks
+    # the data pipeline. The interface: bionemo/models/__init__.py; an example: examples/tiny_plugin.
+    plugin: str | None = None
+
+    @field_validator("plugin")
+    @classmethod
+    def _plugin(cls, v: str | None) -> str | None:
+        if v is not None and not PLUGIN_PATH.match(v):
+            raise ValueError(f"{v!r} is not module:factory; write e.g. my_pkg.model:build (a "
+                             "dotted module path, a colon, the function that builds the model)")
+        return v
 
     @field_validator("seq_length")
     @classmethod
@@ -278,6 +292,10 @@ class TrainConfig(Section):
     # megatron-core (CUDA only): tensor/pipeline parallel, distributed optimizer, sharded
     # checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md).
     engine: Literal["torch", "megatron"] = "torch"
+    # FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or FSDP):
+    # "tensorwise" one scale per tensor, "rowwise" one per row (closer to bf16, slower). Needs an
+    # FP8 GPU (H100/H200 class) and is fast only with train.compile.
+    fp8: Literal["none", "tensorwise", "rowwise"] = "none"
 
     def grad_accumulation(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
@@ -304,20 +322,82 @@ class CheckpointConfig(Section):
     # config.json, tokenizer files) from the last checkpoint, in a separate CPU process; a
     # failure there is logged and leaves the run finished (`python -m bionemo.export` redoes it).
     export_final: bool = True
+    # Periodic saves through DCP's asynchronous save (torch engine): the shards are copied to
+    # host memory (pinned on GPU), training goes on while a thread writes them, and the folder is
+    # committed (manifest, COMPLETE, rename) once every rank's write finished. The stop
+    # protocol's save and the last one stay synchronous. Off by default: the blocking time it
+    # saves is measured per run in metrics.jsonl (kind "checkpoint", save_blocking_s).
+    async_save: bool = False
 
 
 class ParallelConfig(Section):
     tensor: int = Field(1, gt=0)  # megatron engine only
     pipeline: int = Field(1, gt=0)  # megatron engine only
     # megatron engine: shard optimizer state (fp32 main weights, Adam moments) over data-parallel
-    # ranks (megatron-core's distributed optimizer); the torch engine keeps it replicated.
+    # ranks (megatron-core's distributed optimizer); the torch engine: see data_parallel.
     distributed_optimizer: bool = True
+    # torch engine's data parallelism: "ddp" replicates weights, gradients and Adam state on
+    # every rank (PyTorch DDP); "fsdp" shards all three over the ranks (FSDP2: each block, then
+    # the rest at the root; bf16 compute, fp32 master weights and gradient reduction); "hsdp"
+    # shards inside a node and replicates across nodes (needs more than one node).
+    data_parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    # fsdp/hsdp on GPU: keep the shards of weights, gradients and Adam state in host memory (the
+    # optimizer step runs on the CPU): slower, for a model whose state does not fit the GPUs.
+    fsdp_cpu_offload: bool = False
 
 
 class LoggingConfig(Section):
     wandb_project: str | None = None  # W&B only when a project is named, as in BioNeMo
     wandb_entity: str | None = None
     wandb_offline: bool = True
+
+
+TASK_KINDS = ("mlm", "sequence_regression", "sequence_classification", "token_classification")
+
+
+class TaskConfig(Section):
+    """What the run trains: "mlm" (pretraining, the default) or a fine-tuning task on a labelled
+    table (bionemo/finetune.py, bionemo/data/labelled.py). Fine-tuning reads `data` here instead of
+    trainer.data's files (trainer.data's seed, pad_to and num_workers still apply)."""
+
+    kind: Literal["mlm", "sequence_regression", "sequence_classification",
+                  "token_classification"] = "mlm"
+    data: Path | None = None  # .csv or .parquet, one row per sequence
+    sequence_column: str = "sequence"
+    # sequence_regression: a number; sequence_classification: an int class id (0..num_classes-1)
+    # or a class name; token_classification: a string with one class character per residue, or
+    # a list (int ids or names) with one entry per residue.
+    label_column: str = "label"
+    num_classes: int | None = Field(None, ge=2)  # classification: checked against the labels
+    # Rows whose hash of (data.seed, row number) falls below this are validation rows: the split
+    # depends on neither the row order of other rows nor the world size.
+    valid_fraction: float = Field(0.1, ge=0, lt=1)
+    # Sequence tasks: "mean" over the residues (not <cls>/<eos>/padding) or the <cls> state.
+    pooling: Literal["mean", "cls"] = "mean"
+    freeze_encoder: bool = False  # train the head only
+    head_lr: float | None = Field(None, gt=0)  # the head's peak lr (default optim.lr), same schedule
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+
+    @property
+    def fine_tuning(self) -> bool:
+        return self.kind != "mlm"
+
+    @property
+    def validation_set(self) -> bool:
+        return self.fine_tuning and self.valid_fraction > 0
+
+    def problems(self, base: Path | None = None) -> list[tuple[str, str, str]]:
+        """(key under task, problem, fix) for each reason the labelled table cannot serve this
+        task; torch-free (pyarrow reads the header, or the label column). Relative paths are
+        resolved against `base` (the launcher's cluster.workdir; the trainer's cwd)."""
+        from bionemo.data.labelled import table_problems
+
+        return table_problems(self, base)
+
+    def check_files(self) -> None:
+        """The trainer's check before start-up: ValueError naming the first bad key."""
+        for key, problem, fix in self.problems():
+            raise ValueError(f"task.{key}: {problem}; {fix}")
 
 
 class TrainerConfig(Section):
@@ -330,6 +410,7 @@ class TrainerConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     parallel: ParallelConfig = ParallelConfig()
     logging: LoggingConfig = LoggingConfig()
+    task: TaskConfig = TaskConfig()  # mlm = pretraining; otherwise fine-tuning (bionemo/finetune.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -348,6 +429,35 @@ class TrainerConfig(Section):
         return raw
 
     @model_validator(mode="after")
+    def _task_fits(self) -> "TrainerConfig":
+        t = self.task
+        if not t.fine_tuning:
+            if t.data is not None:
+                raise ValueError("task.data is set but task.kind is mlm (pretraining reads "
+                                 "trainer.data); set task.kind to a fine-tuning task")
+            return self
+        if t.data is None:
+            raise ValueError(f"task.data is missing for task.kind={t.kind}; point it at a .csv or "
+                             ".parquet file with sequence and label columns")
+        classes = t.kind != "sequence_regression"
+        if classes and t.num_classes is None:
+            raise ValueError(f"task.num_classes is missing for task.kind={t.kind}; set it to the "
+                             "number of classes")
+        if not classes and t.num_classes is not None:
+            raise ValueError("task.num_classes is for classification, not sequence_regression; "
+                             "remove it")
+        if self.train.engine != "torch":
+            raise ValueError(f"task.kind={t.kind}: fine-tuning runs on the torch engine only; "
+                             "set train.engine=torch (the megatron engine trains masked LM)")
+        if self.model.family != "esm2":
+            raise ValueError(f"task.kind={t.kind}: fine-tuning is built for ESM-2 only (model."
+                             f"family is {self.model.family!r}); use an ESM-2 preset")
+        if self.data.pad_to == "none":
+            raise ValueError("data.pad_to=none packs sequences into one row; fine-tuning pads "
+                             "them: set data.pad_to=longest or max_length")
+        return self
+
+    @model_validator(mode="after")
     def _engine_supports(self) -> "TrainerConfig":
         tp, pp = self.parallel.tensor, self.parallel.pipeline
         if self.train.engine == "torch" and (tp, pp) != (1, 1):
@@ -361,6 +471,9 @@ class TrainerConfig(Section):
                 f"{self.model.num_attention_heads}; choose a tensor-parallel size that divides "
                 f"the head count")
         if self.train.engine == "megatron":
+            if self.model.plugin:
+                raise ValueError("train.engine=megatron builds its own ESM-2, not model.plugin's "
+                                 "model; a plugin trains with train.engine=torch")
             if self.model.family != "esm2":
                 raise ValueError(f"train.engine=megatron builds ESM-2 only; model.family is "
                                  f"{self.model.family!r}: use train.engine=torch")
@@ -377,6 +490,26 @@ class TrainerConfig(Section):
             if self.train.device == "cpu":
                 raise ValueError("train.engine=megatron needs CUDA (megatron-core is GPU-only); "
                                  "use train.device=auto/cuda, or train.engine=torch on CPU")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_supports(self) -> "TrainerConfig":
+        dp, offload, fp8 = (self.parallel.data_parallel, self.parallel.fsdp_cpu_offload,
+                            self.train.fp8)
+        if dp != "ddp" and self.train.engine != "torch":
+            raise ValueError(f"parallel.data_parallel={dp} is the torch engine's (FSDP2); the "
+                             f"megatron engine shards with parallel.distributed_optimizer: set "
+                             f"parallel.data_parallel=ddp or train.engine=torch")
+        if offload and dp == "ddp":
+            raise ValueError("parallel.fsdp_cpu_offload offloads FSDP shards; set "
+                             "parallel.data_parallel=fsdp (or hsdp), or remove the offload")
+        if offload and self.train.device == "cpu":
+            raise ValueError("parallel.fsdp_cpu_offload moves GPU state to the host; on "
+                             "train.device=cpu it is already there: remove the offload")
+        if fp8 != "none" and (self.train.engine != "torch" or self.train.device == "cpu"):
+            raise ValueError(f"train.fp8={fp8} runs the torch engine's GEMMs in FP8 on an FP8 "
+                             f"GPU (H100/H200 class); set train.fp8=none for train.engine="
+                             f"{self.train.engine} train.device={self.train.device}")
         return self
 
     def check_parallel(self, world_size: int) -> int:

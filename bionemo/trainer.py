@@ -32,8 +32,11 @@ log = logging.getLogger("bionemo.trainer")
 
 
 def dataloader_builder(family: str):
-    """The data pipeline of a model family; every builder takes the same arguments."""
-    if family == "geneformer":
+    """The data pipeline of a model family ("labelled": fine-tuning's table, which also takes
+    task=); every builder takes the same arguments."""
+    if family == "labelled":
+        from bionemo.data.labelled import build_dataloader
+    elif family == "geneformer":
         from bionemo.data.cells import build_dataloader
     else:
         from bionemo.data.dataset import build_dataloader
@@ -64,7 +67,7 @@ def train(run_dir: Path, stop: StopFlag | None = None) -> int:
     if rundir.is_finished(run_dir):
         log.info("%s is finished; nothing to do", run_dir)
         return 0
-    cfg.data.check_files()
+    (cfg.task if cfg.task.fine_tuning else cfg.data).check_files()
     device = pick_device(cfg, env)
     if env.world_size > 1:
         store = rendezvous_store(env, cfg.train.dist_timeout_s)
@@ -118,7 +121,7 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     elif init_from is not None:
         log.info("initialised weights from %s", init_from)
 
-    build_dataloader = dataloader_builder(cfg.model.family)
+    build_dataloader = dataloader_builder("labelled" if cfg.task.fine_tuning else cfg.model.family)
     loader_args = dict(
         data_cfg=cfg.data, seq_length=cfg.model.seq_length,
         micro_batch_size=cfg.train.micro_batch_size, dp_rank=engine.dp_rank, dp_size=dp,
@@ -126,6 +129,8 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     )
     if cfg.model.family == "geneformer":  # the gene vocabulary file must match the embedding
         loader_args["vocab_size"] = cfg.model.vocab_size
+    if cfg.task.fine_tuning:  # the labelled table and its split
+        loader_args["task"] = cfg.task
     batches = iter(build_dataloader(**loader_args, grad_accumulation=accum,
                                     start_sample=state.consumed_samples, split="train"))
     metrics = MetricsLogger(run_dir, cfg.logging, env.is_main, state.wandb_id, cfg.model_dump(mode="json"))
@@ -157,28 +162,44 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
                 dist.all_reduce(loss_sum)
                 loss_sum /= env.world_size
             mean_loss = loss_sum.item() / steps_in_window
-            metrics.log(state.step, {"loss": mean_loss, "perplexity": perplexity(mean_loss),
+            metrics.log(state.step, {"loss": mean_loss, **_perplexity(cfg, mean_loss),
                                      "lr": lr, "consumed_samples": state.consumed_samples,
                                      **meter.report()})
             loss_sum.zero_()
             steps_in_window = 0
-        if cfg.data.validation_set and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
+        valid_set = (cfg.task if cfg.task.fine_tuning else cfg.data).validation_set
+        if valid_set and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
             with watchdog.slow("validate"):
                 val = validate(engine, cfg, build_dataloader(**loader_args, grad_accumulation=1,
                                                              start_sample=0, split="valid"), device)
-            metrics.log(state.step, {"loss": val, "perplexity": perplexity(val)}, kind="valid")
+            metrics.log(state.step, val, kind="valid")
 
         stopping = stop.agreed()
         last = state.step >= cfg.train.max_steps
-        if cfg.checkpoint.enabled and (stopping or last or state.step % cfg.checkpoint.every_steps == 0):
-            try:
+        due = cfg.checkpoint.enabled and (stopping or last
+                                          or state.step % cfg.checkpoint.every_steps == 0)
+        try:
+            if due:
+                # The stop protocol's save and the last one stay synchronous: the process exits
+                # right after them. Periodic ones may be written in the background.
+                background = cfg.checkpoint.async_save and not (stopping or last)
                 with watchdog.slow("save"):
-                    path = ckpt.save(engine, state)
-            except SaveFailed as e:  # raised on every rank alike, so all exit the same way
-                code = _save_failed(e, run_dir, env)
-                metrics.close()
-                return code
-            log.info("saved %s", path)
+                    t0 = time.perf_counter()
+                    path = ckpt.save(engine, state, asynchronous=background)
+                    blocked = time.perf_counter() - t0
+                log.info("%s step %d: training blocked %.2f s", "writing in the background:"
+                         if path is None else f"saved {path}:", state.step, blocked)
+                metrics.log(state.step, {"save_blocking_s": blocked, "async": path is None},
+                            kind="checkpoint")
+            elif ckpt.pending:
+                with watchdog.slow("save"):
+                    path = ckpt.poll()
+                if path is not None:
+                    log.info("saved %s (written in the background)", path)
+        except SaveFailed as e:  # raised on every rank alike, so all exit the same way
+            code = _save_failed(e, run_dir, env)
+            metrics.close()
+            return code
         if last:
             if env.is_main:
                 (run_dir / rundir.FINISHED).write_text(f"{state.step}\n")
@@ -216,19 +237,18 @@ def _save_failed(e: SaveFailed, run_dir: Path, env: DistEnv) -> int:
 
 def export_final_model(run_dir: Path, engine, cfg: TrainerConfig) -> None:
     """<run>/final_model/: the final weights as a Hugging Face folder (bionemo/hf.py). The torch
-    engine's rank 0 holds them whole and writes them here; the megatron engine's are sharded, so a
-    CPU child process reassembles them from the checkpoint just saved. The run is finished either
+    engine's rank 0 holds them whole under DDP and writes them here; FSDP's and the megatron
+    engine's are sharded, so a CPU child process reassembles them from the checkpoint just saved. The run is finished either
     way: a failure is logged with the command that redoes it."""
     from bionemo.export import FINAL_MODEL
 
     out = run_dir / FINAL_MODEL
     redo = shlex.join(["python", "-m", "bionemo.export", str(run_dir), str(out)])
     try:
-        if engine.name == "torch":
-            from bionemo import hf
+        if engine.name == "torch" and not engine.sharded:  # FSDP shards: export from the file
+            from bionemo.export import export_state
 
-            hf.export_state(engine.model.state_dict(), cfg.model, out,
-                            vocab_file=getattr(cfg.data, "vocab", None))
+            export_state(engine.model.state_dict(), cfg, out)  # a fine-tuned head beside it
         else:
             import subprocess
             import sys
@@ -244,7 +264,16 @@ def export_final_model(run_dir: Path, engine, cfg: TrainerConfig) -> None:
     log.info("exported the final weights as a Hugging Face model: %s", out)
 
 
-def validate(engine, cfg: TrainerConfig, loader, device) -> float:
+def _perplexity(cfg: TrainerConfig, loss: float) -> dict:
+    return {} if cfg.task.fine_tuning else {"perplexity": perplexity(loss)}
+
+
+def validate(engine, cfg: TrainerConfig, loader, device) -> dict:
+    """The "valid" metrics record: loss and perplexity (mlm), or the task's (bionemo.finetune)."""
+    if cfg.task.fine_tuning:
+        from bionemo.finetune import evaluate
+
+        return evaluate(engine, cfg, loader, device)
     total = torch.zeros((), device=device)
     n = 0
     for batch, _ in zip(loader, range(cfg.train.limit_val_batches)):
@@ -253,4 +282,5 @@ def validate(engine, cfg: TrainerConfig, loader, device) -> float:
     if dist.is_initialized():
         dist.all_reduce(total)
         total /= dist.get_world_size()
-    return total.item() / max(n, 1)
+    loss = total.item() / max(n, 1)
+    return {"loss": loss, "perplexity": perplexity(loss)}

@@ -1,12 +1,18 @@
-"""The PyTorch engine: our ESM-2/Geneformer modules, regional torch.compile, DDP, AdamW and
-torch.distributed.checkpoint. Runs on CPU (gloo) and GPU (NCCL) with the same code; data
-parallel only."""
+"""The PyTorch engine: our ESM-2/Geneformer modules, regional torch.compile, DDP or FSDP2, AdamW
+and torch.distributed.checkpoint. Runs on CPU (gloo) and GPU (NCCL) with the same code; data
+parallel only (replicated or sharded: parallel.data_parallel).
+
+Checkpoints hold whole (unsharded) tensors by name whatever the strategy: get_state_dict and DCP
+gather or slice FSDP's DTensor shards on save and load, so a checkpoint written under DDP resumes
+under FSDP, on another world size, and back.
+"""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -15,7 +21,7 @@ from bionemo import hf
 from bionemo.checkpoint import load_weights
 from bionemo.config import TrainerConfig
 from bionemo.distributed import DistEnv
-from bionemo.distributed.parallel import wrap_for_training
+from bionemo.distributed.parallel import data_parallel_mesh, wrap_for_training
 from bionemo.models import build_model
 
 
@@ -37,14 +43,35 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device):
-    # Megatron's convention: no weight decay on biases and LayerNorm parameters (1-D tensors).
+    # Megatron's convention: no weight decay on biases and LayerNorm parameters (1-D tensors;
+    # FSDP's DTensor parameters keep their global ndim).
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     o = cfg.optim
+    on_gpu = device.type == "cuda" and not cfg.parallel.fsdp_cpu_offload  # offload: CPU step
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and device.type == "cuda",
+        lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and on_gpu,
     )
+
+
+def local_world_size(env: DistEnv) -> int:
+    """Ranks per node, from every rank's local rank (torchrun and SLURM number them 0..n-1 on each
+    node): the largest plus one, the same on every rank."""
+    ranks = [None] * env.world_size
+    dist.all_gather_object(ranks, env.local_rank)
+    return max(ranks) + 1
+
+
+def sharding_mesh(cfg: TrainerConfig, env: DistEnv, device: torch.device):
+    """FSDP's device mesh, or None under DDP. One rank alone still gets a process group (FSDP
+    needs one): a single-GPU FSDP run is not sharded, but uses FSDP's mixed precision."""
+    if cfg.parallel.data_parallel == "ddp":
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    return data_parallel_mesh(device, cfg.parallel.data_parallel, local_world_size(env))
 
 
 class TorchEngine:
@@ -61,6 +88,10 @@ class TorchEngine:
         self.dp_size = cfg.check_parallel(env.world_size)
         self.dp_rank = env.rank
         self.world_size = env.world_size
+        if cfg.train.fp8 != "none" and device.type != "cuda":
+            raise ValueError(f"train.fp8={cfg.train.fp8} needs an FP8 GPU (H100/H200 class); this "
+                             f"rank runs on {device.type}: set train.fp8=none")
+        self.sharded = cfg.parallel.data_parallel != "ddp"  # FSDP2: weights are DTensor shards
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         with device:  # initialise on the device: a 3B model's init on the host takes minutes
             self.model = build_model(cfg.model)
@@ -75,13 +106,24 @@ class TorchEngine:
                     f"them first (python -m bionemo.engines.convert {init_from} OUT) and point "
                     f"checkpoint.init_from at OUT, or use train.engine=megatron")
             load_weights(init_from, self.model)
+        # Weights are loaded whole above, before any sharding; the optimizer is built after it,
+        # on the parameters FSDP leaves (DTensor shards replace the originals).
+        bf16 = device.type == "cuda" and cfg.train.precision == "bf16-mixed"
+        self.step_fn = wrap_for_training(
+            MaskedLMLoss(self.model), self.model, compile=cfg.train.compile, dp=self.dp_size,
+            device=device, fp8=cfg.train.fp8, mesh=sharding_mesh(cfg, env, device), bf16=bf16,
+            cpu_offload=cfg.parallel.fsdp_cpu_offload)
         self.optimizer = build_optimizer(self.model, cfg, device)
-        self.step_fn = wrap_for_training(MaskedLMLoss(self.model), self.model,
-                                         compile=cfg.train.compile, dp=self.dp_size, device=device)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda" and cfg.train.precision == "bf16-mixed" else nullcontext()
-        )
+        # Under FSDP the blocks compute in bf16 already (the gathered weights); autocast still
+        # keeps LayerNorm, softmax and the loss in fp32, as under DDP.
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def _gradient_sync(self, sync: bool):
+        """Reduce gradients in this backward (the last micro batch) or only accumulate them."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return nullcontext() if sync or self.dp_size == 1 else self.step_fn.no_sync()
 
     def train_step(self, micro_batches: list[dict], lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -89,8 +131,7 @@ class TorchEngine:
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            sync = i == accum - 1 or self.dp_size == 1
-            with (nullcontext() if sync else self.step_fn.no_sync()), self.autocast:
+            with self._gradient_sync(i == accum - 1), self.autocast:
                 loss = self.step_fn(**to_device(batch, self.device)) / accum
             loss.backward()
             total += loss.detach()
@@ -110,14 +151,31 @@ class TorchEngine:
             self.model.train()
 
     # ------------------------------------------------------------ checkpoint I/O
-    def save(self, path) -> None:
+    def save(self, path, group=None, asynchronous: bool = False):
+        """Write model and optimizer shards into `path`. asynchronous: copy them to host memory
+        (pinned on GPU) now and write them from a background thread; returns that write's
+        future, which the Checkpointer waits for before it commits the folder."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        state = {"model": model_sd, "optim": optim_sd}
+        if not asynchronous:
+            dcp.save(state, checkpoint_id=path, process_group=group)
+            return None
+        if self._stager is None:  # kept: its pinned buffers are reused by every later save
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=self.device.type == "cuda", use_shared_memory=False,
+                use_async_staging=False, use_non_blocking_copy=self.device.type == "cuda"))
+        return dcp.async_save(state, checkpoint_id=path, process_group=group,
+                              async_stager=self._stager)
 
     def load(self, path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+    supports_async_save = True
+    _stager = None
 
     def rng_state(self) -> dict:
         return {}

@@ -1,0 +1,64 @@
+"""Asynchronous periodic saves (checkpoint.async_save): written in the background, committed only
+once every rank's write finished; exact resume; a kill during the background write leaves the
+previous checkpoint the one that resumes. Real processes on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from bionemo import rundir
+from tests.test_resume import (
+    MAX_STEPS,
+    assert_bitwise_equal,
+    data_dir,  # noqa: F401 -- the module's fixture
+    final_state,
+    launch,
+    make_run,
+    train_losses,
+    wait_all,
+)
+
+
+def checkpoint_records(run) -> list[dict]:
+    lines = (run / rundir.METRICS).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "checkpoint"]
+
+
+def make_async(path, data_dir):
+    run = make_run(path, data_dir)
+    cfg = (run / rundir.CONFIG).read_text().replace("every_steps: 10", "every_steps: 10\n    async_save: true")
+    assert "async_save: true" in cfg
+    (run / rundir.CONFIG).write_text(cfg)
+    return run
+
+
+def test_async_saves_commit_and_match_synchronous_ones(tmp_path, data_dir):  # noqa: F811
+    ref = make_run(tmp_path / "sync", data_dir)
+    run = make_async(tmp_path / "async", data_dir)
+    procs = launch(ref, world=2) + launch(run, world=2)
+    assert wait_all(procs) == [0, 0, 0, 0]
+    assert train_losses(run) == train_losses(ref)
+    assert_bitwise_equal(final_state(run, tmp_path), final_state(ref, tmp_path))
+    records = {r["step"]: r for r in checkpoint_records(run)}
+    # periodic saves went to the background; the last one is synchronous
+    assert [s for s, r in sorted(records.items()) if r["async"]] == [10, 20, 30]
+    assert records[MAX_STEPS]["async"] is False
+    log = (run / "rank0.log").read_text()
+    assert "written in the background" in log  # committed by poll(), not only by the next save
+    steps, incomplete = rundir.checkpoint_steps(run)
+    assert steps == [30, 40] and not incomplete  # keep_last 2; every committed folder complete
+    assert all((rundir.step_dir(run, s) / rundir.MANIFEST).is_file() for s in steps)
+
+
+def test_kill_during_background_write_resumes_from_the_previous(tmp_path, data_dir):  # noqa: F811
+    ref = make_run(tmp_path / "uninterrupted", data_dir)
+    run = make_async(tmp_path / "killed", data_dir)
+    procs = launch(ref, world=1) + launch(run, world=1, BIONEMO_KILL_DURING_SAVE="20")
+    assert wait_all(procs) == [0, -signal.SIGKILL]
+    steps, incomplete = rundir.checkpoint_steps(run)
+    assert steps == [10] and [d.name for d in incomplete] == ["step-00000020.partial"]
+    assert wait_all(launch(run, world=1)) == [0]
+    assert "resumed from" in (run / "rank0.log").read_text()
+    assert train_losses(run) == train_losses(ref)
+    assert_bitwise_equal(final_state(run, tmp_path), final_state(ref, tmp_path))
