@@ -19,11 +19,15 @@ RUN ?=
 ARGS ?=
 
 LAUNCH = $(VPY) -m launchers
-JOB_ARGS = --model $(MODEL) --cluster $(CLUSTER) $(if $(NODES),--nodes $(NODES)) \
+# With CONFIG=file, the file's job.model and job.cluster apply (a recipe names both), so the
+# defaults above are not passed; MODEL=/CLUSTER= given to make still win over the file.
+_default = $(and $(CONFIG),$(filter file,$(origin $(1))))
+JOB_ARGS = $(if $(call _default,MODEL),,--model $(MODEL)) \
+	$(if $(call _default,CLUSTER),,--cluster $(CLUSTER)) $(if $(NODES),--nodes $(NODES)) \
 	$(if $(BACKEND),--backend $(BACKEND)) $(if $(CONFIG),--config $(CONFIG)) \
 	$(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
 
-.PHONY: install test test-unit test-gpu test-cluster data debug submit render status logs cancel resume \
+.PHONY: install test test-fast test-unit test-gpu test-cluster data debug submit render recipe status logs cancel resume \
 	sweep cluster-up cluster-down bench-submit clean
 
 install: $(VENV)/.installed
@@ -34,9 +38,12 @@ $(VENV)/.installed: pyproject.toml requirements/nemo-run.txt
 	# compat: a .pth path entry, so this regular `bionemo` package wins over bionemo-scdl's
 	# `bionemo` namespace folder in site-packages from any working directory.
 	$(VPY) -m pip install -q -e '.[test,plots]' --config-settings editable_mode=compat
-	# NeMo-Run backend: nemo_run 0.11.1 imports only with leptonai<0.47; see requirements/nemo-run.txt
-	$(VPY) -m pip install -q --no-deps nemo_run==0.11.1 leptonai==0.27.3 torchx==0.7.0
+	# NeMo-Run backend: what `import nemo_run` needs, then nemo_run 0.11.1 and the two packages it
+	# imports with --no-deps, last (their full trees pull ray and downgrade urllib3; pip's resolver
+	# would list those unmet pins as a red ERROR after any later install; docs/design.md)
 	$(VPY) -m pip install -q -r requirements/nemo-run.txt
+	$(VPY) -m pip install -q --no-deps nemo_run==0.11.1 leptonai==0.27.3 torchx==0.7.0
+	@echo "installed. NeMo-Run 0.11.1 with leptonai 0.27.3 and torchx 0.7.0 without their dependency trees (on purpose: docs/design.md, NeMo-Run's dependencies)"
 	touch $@
 
 # Sample data of the model's family: proteins (ESM-2) or single cells (Geneformer).
@@ -58,8 +65,10 @@ test: install data/sample/.built data/geneformer_sample/.built
 test-gpu: install data/sample/.built  # on a GPU machine with megatron-core: the megatron engine's checks
 	$(VPY) -m pytest -q tests -m gpu
 
-test-unit: install data/sample/.built data/geneformer_sample/.built
+# The edit loop's tier: everything but the real-cluster and GPU tests (make test runs them all).
+test-fast: install data/sample/.built data/geneformer_sample/.built
 	$(VPY) -m pytest -q tests -m "not cluster and not gpu"
+test-unit: test-fast
 
 debug: install data
 	$(LAUNCH) debug --model $(MODEL) $(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
@@ -69,6 +78,11 @@ submit: install data
 
 render: install
 	$(LAUNCH) render $(JOB_ARGS)
+
+# The resolved config as an editable, commented file; `make submit CONFIG=$(OUT)` runs it.
+OUT ?= recipe.yaml
+recipe: install
+	$(LAUNCH) recipe $(JOB_ARGS) --out $(OUT)
 
 status: install
 	$(LAUNCH) status $(RUN)
