@@ -27,7 +27,7 @@ JOB_ARGS = $(if $(call _default,MODEL),,--model $(MODEL)) \
 	$(if $(BACKEND),--backend $(BACKEND)) $(if $(CONFIG),--config $(CONFIG)) \
 	$(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
 
-.PHONY: install test test-fast test-unit test-gpu test-cluster data debug submit render recipe status logs cancel resume \
+.PHONY: install test test-fast test-unit test-gpu test-cluster data debug submit render finetune recipe status logs cancel resume \
 	sweep cluster-up cluster-down bench-submit clean
 
 install: $(VENV)/.installed
@@ -78,6 +78,22 @@ submit: install data
 
 render: install
 	$(LAUNCH) render $(JOB_ARGS)
+
+# Fine-tuning (README, "Fine-tune and export"): the submit job with configs/finetune/$(TASK).yaml
+# as a --config layer, the labelled table DATA (.csv/.parquet; columns `sequence` and `label`, or
+# ARGS="trainer.task.label_column=..."), weights from INIT (a Hugging Face folder or a checkpoint)
+# and CLASSES for classification. DATA and INIT are single-quoted for the shell.
+TASK ?=
+DATA ?=
+INIT ?=
+CLASSES ?=
+shell_quote = '$(subst ','"'"',$(1))'
+finetune: install
+	@test -n "$(TASK)" -a -n "$(DATA)" || { echo "usage: make finetune TASK=sequence_regression|sequence_classification|token_classification DATA=labels.csv [INIT=hf_folder_or_checkpoint] [CLASSES=N] [MODEL=esm2_650m CLUSTER=... NODES=... ARGS=...]" >&2; exit 2; }
+	$(LAUNCH) submit --config $(call shell_quote,configs/finetune/$(TASK).yaml) $(JOB_ARGS) \
+		$(call shell_quote,trainer.task.data=$(DATA)) \
+		$(if $(INIT),$(call shell_quote,trainer.checkpoint.init_from=$(INIT))) \
+		$(if $(CLASSES),$(call shell_quote,trainer.task.num_classes=$(CLASSES)))
 
 # The resolved config as an editable, commented file; `make submit CONFIG=$(OUT)` runs it.
 OUT ?= recipe.yaml

@@ -38,7 +38,7 @@ TARGET_S = 0.3
 
 # The project's modules on submit's path (site-packages are byte-compiled when installed).
 OWN_MODULES = ("launchers/cli.py", "launchers/config.py", "launchers/backends/sbatch.py",
-               "bionemo/config.py")
+               "launchers/slurm.py", "launchers/sweep.py", "bionemo/config.py")
 
 
 def bytecode_state() -> str:

@@ -375,7 +375,8 @@ class TaskConfig(Section):
     # Sequence tasks: "mean" over the residues (not <cls>/<eos>/padding) or the <cls> state.
     pooling: Literal["mean", "cls"] = "mean"
     freeze_encoder: bool = False  # train the head only
-    head_lr: float | None = Field(None, gt=0)  # the head's peak lr (default optim.lr), same schedule
+    # The head's peak learning rate (default optim.lr), on the same schedule.
+    head_lr: float | None = Field(None, gt=0)
     head_dropout: float = Field(0.1, ge=0, lt=1)
 
     @property
@@ -449,6 +450,10 @@ class TrainerConfig(Section):
         if self.train.engine != "torch":
             raise ValueError(f"task.kind={t.kind}: fine-tuning runs on the torch engine only; "
                              "set train.engine=torch (the megatron engine trains masked LM)")
+        if self.model.plugin:
+            raise ValueError(f"task.kind={t.kind}: fine-tuning heads sit on the project's ESM-2 "
+                             "encoder, not on model.plugin's model; train the plugin with "
+                             "task.kind=mlm, or fine-tune an ESM-2 preset")
         if self.model.family != "esm2":
             raise ValueError(f"task.kind={t.kind}: fine-tuning is built for ESM-2 only (model."
                              f"family is {self.model.family!r}); use an ESM-2 preset")

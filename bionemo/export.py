@@ -43,23 +43,48 @@ def resolve(source: Path, config: Path | None) -> tuple[Path, Path]:
 
 
 def export_checkpoint(ckpt: Path, config: Path, out: Path) -> Path:
-    from bionemo import hf
     from bionemo.checkpoint import load_weights
     from bionemo.config import load_trainer_config
     from bionemo.engines import checkpoint_engine
     from bionemo.models import build_model
 
     cfg = load_trainer_config(config)
-    model = build_model(cfg.model)
+    from bionemo.finetune import task_model
+
+    model = task_model(cfg, build_model(cfg.model), read_labels=False)  # mlm: the model itself
     if checkpoint_engine(ckpt) == "megatron":
         from bionemo.engines.convert import megatron_state_to_torch
 
         model.load_state_dict(megatron_state_to_torch(ckpt, cfg.model), strict=True)
     else:
         load_weights(ckpt, model)
+    return export_module(model, cfg, out)
+
+
+def export_module(model, cfg, out: Path) -> Path:
+    """The trained module (a family's, fine-tuned or not, or a plugin's) to the folder `out`."""
+    if cfg.model.plugin:  # the plugin's own export() (bionemo/models/__init__.py)
+        from bionemo.models import export_model
+
+        return export_model(model, cfg.model, out, vocab_file=getattr(cfg.data, "vocab", None))
+    return export_state(model.state_dict(), cfg, out)
+
+
+def export_state(state_dict: dict, cfg, out: Path) -> Path:
+    """Our model's state dict as a Hugging Face folder; a fine-tuned model's encoder the same
+    way, with its head beside it (head.safetensors, head_config.json: bionemo/finetune.py)."""
+    from bionemo import hf
+
+    extra = None
+    if cfg.task.fine_tuning:
+        from bionemo.finetune import head_files, split_state
+
+        state_dict, head = split_state(state_dict)
+        extra = head_files(head, cfg)
     # Geneformer's gene dictionary (relative paths are the run's working directory's, as in the
     # trainer); ESM-2's tokenizer is fixed and written from bionemo.data.tokenizer.
-    return hf.export(model, out, vocab_file=getattr(cfg.data, "vocab", None))
+    return hf.export_state(state_dict, cfg.model, out, vocab_file=getattr(cfg.data, "vocab", None),
+                           extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,10 +158,12 @@ def export(model, out, *, vocab_file=None) -> Path:
     return export_state(model.state_dict(), model.cfg, out, vocab_file=vocab_file)
 
 
-def export_state(state_dict: dict, model_cfg, out, *, vocab_file=None) -> Path:
+def export_state(state_dict: dict, model_cfg, out, *, vocab_file=None,
+                 extra: dict[str, bytes] | None = None) -> Path:
     """Write our state dict as a Hugging Face folder `out` (model.safetensors, config.json,
     tokenizer files), atomically (`out.partial`, then a rename). Needs safetensors, not
-    transformers: the files are what `save_pretrained` writes for the same network."""
+    transformers: the files are what `save_pretrained` writes for the same network. `extra`:
+    more files (name -> bytes) for the same folder, e.g. a fine-tuned head (bionemo/finetune.py)."""
     import torch
     from safetensors.torch import save_file
 
@@ -193,6 +195,8 @@ def export_state(state_dict: dict, model_cfg, out, *, vocab_file=None) -> Path:
               metadata={"format": "pt"})
     (tmp / CONFIG).write_text(json.dumps(hf_config_dict(model_cfg), indent=2) + "\n")
     _write_tokenizer(model_cfg, tmp, vocab_file)
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
     _remove(out)
     tmp.rename(out)
     return out

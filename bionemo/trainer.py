@@ -43,6 +43,23 @@ def dataloader_builder(family: str):
     return build_dataloader
 
 
+# What a real "80 GB" card reports (an H100 80GB: nvidia-smi 81,559 MiB, not 80 GiB = 81,920).
+REAL_80GB_MIB = 81_559
+
+
+def memory_cap_fraction(cap_gib: float, device: torch.device) -> float:
+    """The allocator's share of this GPU that leaves it what a real card of `cap_gib` nominal GB
+    would (80: an H100 80GB; other sizes scaled alike): the card's reported memory less what is
+    already held outside the allocator now, after the process group's set-up (this process's
+    CUDA context and NCCL buffers, which the real card holds too). docs/sweep.md."""
+    free, total = torch.cuda.mem_get_info(device)
+    card = cap_gib / 80 * REAL_80GB_MIB * 2**20
+    fraction = max(0.0, min(1.0, (card - (total - free)) / total))
+    log.info("memory cap %g GB: allocator limit %.0f MiB of %.0f (%.0f MiB held outside it)",
+             cap_gib, fraction * total / 2**20, total / 2**20, (total - free) / 2**20)
+    return fraction
+
+
 def pick_device(cfg: TrainerConfig, env: DistEnv) -> torch.device:
     want_cuda = cfg.train.device == "cuda" or (
         cfg.train.device == "auto" and torch.cuda.is_available()
@@ -76,8 +93,7 @@ def train(run_dir: Path, stop: StopFlag | None = None) -> int:
             rank=env.rank, world_size=env.world_size, device_id=device if device.type == "cuda" else None,
         )
     if cfg.train.memory_cap_gib and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.train.memory_cap_gib * 2**30 / total), device)
+        torch.cuda.set_per_process_memory_fraction(memory_cap_fraction(cfg.train.memory_cap_gib, device), device)
     try:
         stop.join_process_group()
         with Watchdog(run_dir, env.rank, env.world_size, cfg.train.watchdog_s,
@@ -141,6 +157,7 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     step_sleep = float(os.environ.get("BIONEMO_STEP_SLEEP", "0"))  # test hook: a slow run
     loss_sum = torch.zeros((), device=device)
     steps_in_window = 0
+    start_step = state.step
 
     while state.step < cfg.train.max_steps:
         lr = cfg.optim.lr * lr_multiplier(
@@ -150,6 +167,8 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
         for batch in micro_batches:
             meter.add(batch)
         loss_sum += engine.train_step(micro_batches, lr)
+        if cfg.train.compile and state.step == start_step:
+            log_compile_cache()  # the first step compiled (or loaded) forward and backward
         state.step += 1
         state.consumed_samples += samples_per_step
         steps_in_window += 1
@@ -246,9 +265,9 @@ def export_final_model(run_dir: Path, engine, cfg: TrainerConfig) -> None:
     redo = shlex.join(["python", "-m", "bionemo.export", str(run_dir), str(out)])
     try:
         if engine.name == "torch" and not engine.sharded:  # FSDP shards: export from the file
-            from bionemo.export import export_state
+            from bionemo.export import export_module
 
-            export_state(engine.model.state_dict(), cfg, out)  # a fine-tuned head beside it
+            export_module(engine.model, cfg, out)  # a fine-tuned head beside it, a plugin its own
         else:
             import subprocess
             import sys
@@ -262,6 +281,18 @@ def export_final_model(run_dir: Path, engine, cfg: TrainerConfig) -> None:
         log.warning("export to %s failed (%s); the run is finished; redo with: %s", out, e, redo)
         return
     log.info("exported the final weights as a Hugging Face model: %s", out)
+
+
+def log_compile_cache() -> None:
+    """How many compiled graphs this process loaded from the compile cache (hits) and compiled
+    (misses): inductor's FX graph cache and the AOTAutograd cache (bionemo/train.py's folder)."""
+    from torch._dynamo.utils import counters
+
+    fx, aot = counters["inductor"], counters["aot_autograd"]
+    log.info("compile cache %s: fx graph hits %d misses %d, aot autograd hits %d misses %d",
+             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(inductor's default)"),
+             fx["fxgraph_cache_hit"], fx["fxgraph_cache_miss"],
+             aot["autograd_cache_hit"], aot["autograd_cache_miss"])
 
 
 def _perplexity(cfg: TrainerConfig, loss: float) -> dict:

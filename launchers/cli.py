@@ -4,10 +4,13 @@
     render  dry run: print the batch script and the resolved config; write and submit nothing
     sweep   submit a micro-batch sweep that runs inside ONE allocation (--dry-run: print it)
     debug   run the trainer here, in the foreground: one process, sample data, ~50 steps
+    recipe  write the resolved config as an editable, commented file (submit --config FILE runs it)
     status  backend, job ids, scheduler state, latest checkpoint, last requeue decision
     logs    print (or follow, -f) the run's newest logs
     cancel  cancel the run's jobs
     resume  submit an existing run directory again; it continues from its checkpoints
+    list    every run under a runs root: backend, state, latest checkpoint, last decision
+    plot    the run's loss and throughput plots (<run>/plots/*.png)
     cluster up|down|status: the bundled local SLURM cluster
 
 Configuration errors exit 2 with one line per problem (`<file>: <key>: <problem>; <fix>`) and no
@@ -22,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from launchers import record
+from launchers import record, runs
 from launchers.config import CONFIGS, REPO_ROOT, ConfigError
 
 _T0 = [time.perf_counter()]  # main() moves it to the start of `python -m launchers`
@@ -142,6 +145,59 @@ def _check_partition(spec, origins) -> None:
                           f"use --nodes {largest} or fewer, or another cluster.partition")
 
 
+PLUGIN_CHECK_TIMEOUT_S = 10  # a bare interpreter finds a module in ~50 ms
+# Finds a module without running it: the top-level package through every finder (editable
+# installs bring their own), submodules through the path finder. Executing the plugin would
+# import torch (seconds, and the launcher stays torch-free) and run user code on the login node.
+_FIND_MODULE = """
+import importlib.machinery, importlib.util, sys
+parts = sys.argv[1].split(".")
+spec = importlib.util.find_spec(parts[0])
+for i in range(1, len(parts)):
+    if spec is None or spec.submodule_search_locations is None:
+        sys.exit(f"{'.'.join(parts[:i])} is not a package" if spec
+                 else f"no module named {parts[0]!r}")
+    spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:i + 1]),
+                                                   spec.submodule_search_locations)
+sys.exit(0 if spec else f"no module named {sys.argv[1]!r}")
+"""
+
+
+def _check_plugin(spec, origins, strict: bool = True) -> None:
+    """trainer.model.plugin's module must be found by the trainer's interpreter, with the job's
+    environment (cluster.env, e.g. PYTHONPATH) in its working directory: ask that interpreter in
+    a subprocess. Whether the module defines the factory is checked by the trainer when it
+    builds the model (bionemo/models/__init__.py), with an error naming the key."""
+    import subprocess
+
+    from launchers.config import _src
+
+    plugin = spec.trainer.model.plugin
+    if not plugin:
+        return
+    key, module = "trainer.model.plugin", plugin.partition(":")[0]
+    cl = spec.cluster
+    if cl.container_image:
+        return _warn(f"{key}: {module} is not checked here: the trainer imports it inside the "
+                     "container image, which must hold it")
+    try:
+        done = subprocess.run([cl.python, "-c", _FIND_MODULE, module], cwd=cl.workdir,
+                              env={**os.environ, **cl.env}, capture_output=True, text=True,
+                              timeout=PLUGIN_CHECK_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return _warn(f"{key}: {module} is not checked ({cl.python}: {e})")
+    if done.returncode == 0:
+        return
+    why = (done.stderr.strip().splitlines() or ["no answer"])[-1]
+    err = ConfigError(_src(origins, ("trainer", "model", "plugin")), key,
+                      f"{cl.python} cannot import {module} ({why})",
+                      "install the package into that environment (pip install -e ...) or add "
+                      "its folder to cluster.env.PYTHONPATH")
+    if strict:
+        raise err
+    _warn(str(err))
+
+
 def _write_files(spec, files: dict[str, str]) -> None:
     from bionemo import rundir
 
@@ -190,6 +246,7 @@ def cmd_render(args) -> int:
 
     resolved = _resolve(args)
     spec = specs.build(resolved, strict=False)
+    _check_plugin(spec, resolved.origins, strict=False)
     backend = backends.get(spec.job.backend)
     text = backend.describe(spec)
     for w in spec.warnings:
@@ -209,6 +266,7 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
 
     resolved = _resolve(args, extra_layers, extra_overrides)
     spec = specs.build(resolved, strict=True)
+    _check_plugin(spec, resolved.origins)
     backend = backends.get(spec.job.backend)
     files = backend.files(spec)  # render before anything is written
     _check_partition(spec, resolved.origins)
@@ -240,6 +298,43 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
 
         _out(f"  results: {spec.config.sweep.out}/<gpu>/{sweep.model_name(spec)}.md, copied to "
              f"{spec.run_dir / sweep.RESULTS}")
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    """Resolve as submit would, and write every key with the layer that set it (recipe.py)."""
+    import shlex
+
+    from launchers import recipe
+    from launchers import spec as specs
+
+    resolved = _resolve(args)
+    spec = specs.build(resolved, strict=False)  # host problems are warnings, as for render
+    _check_plugin(spec, resolved.origins, strict=False)
+    words = [w for flag in ("model", "cluster", "nodes", "backend")
+             if getattr(args, flag) is not None for w in (f"--{flag}", str(getattr(args, flag)))]
+    words += [w for f in args.config or [] for w in ("--config", f)] + list(args.overrides)
+    command = shlex.join(["python", "-m", "launchers", "recipe", *words])
+    text = recipe.text(resolved, command)
+    for w in [*spec.warnings, *recipe.warnings(resolved)]:
+        _warn(w)
+    if args.out is None or args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError("command line", "--out", f"{out} exists already",
+                          "choose another --out, or pass --force to replace it")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(out)  # whole or absent
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError("command line", "--out", f"cannot write {out} ({e.strerror})",
+                          "choose a writable path") from None
+    _out(f"wrote {out}: edit it, then `python -m launchers submit --config {out}` "
+         f"(make submit CONFIG={out})")
     return 0
 
 
@@ -320,7 +415,7 @@ def cmd_status(args) -> int:
     _out(f"jobs      {', '.join(jobs) or '-'}")
     if ids and name in backends.SCHEDULED:
         for job_id, state in backends.get(name).states(run_dir, saved, ids[-1:]).items():
-            _out(f"state     job {job_id}: {state}")
+            _out(f"state     job {job_id}: {runs.left_controller(job_id, saved, state)}")
     if saved.get("sweep"):
         _sweep_status(run_dir, saved)
     else:
@@ -330,6 +425,9 @@ def cmd_status(args) -> int:
         _out(f"progress  latest complete checkpoint: "
              f"{'none' if latest is None else f'step {latest}'}"
              f"; last logged step: {'-' if logged is None else logged} of {max_steps}")
+        speed = runs.speed(run_dir, max_steps)
+        if speed:
+            _out(f"speed     {speed}")
         _out(f"finished  {'yes' if rundir.is_finished(run_dir) else 'no'}")
     attempts = data.get("attempts", [])
     if attempts:
@@ -498,8 +596,7 @@ def cmd_cancel(args) -> int:
     return 0
 
 
-_LIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
-         "COMPLETING", "SUSPENDED", "RESIZING", "STOPPED", "SIGNALING", "STAGE_OUT")
+_LIVE = runs.LIVE  # scheduler states of a job that has not ended
 
 
 def cmd_resume(args) -> int:
@@ -515,6 +612,7 @@ def cmd_resume(args) -> int:
             raise ConfigError("command line", f"job.{key}", "cannot change on resume",
                               "submit a new run instead")
     spec = specs.build(resolved, strict=True, existing=True)
+    _check_plugin(spec, resolved.origins)
     if spec.run_dir.resolve() != run_dir.resolve():
         raise ConfigError("command line", "cluster.runs_root", "cannot change on resume",
                           f"the run lives in {run_dir}")
@@ -549,6 +647,31 @@ def cmd_resume(args) -> int:
     if sub.job_id is None:
         return _run_local_attempt(run_dir, sub, "resume")
     _out(f"resubmitted {run_dir} as job {sub.job_id}; it continues from its latest checkpoint")
+    return 0
+
+
+def cmd_list(args) -> int:
+    """Every run under the runs root (a path, or --cluster's cluster.runs_root): launchers/runs.py."""
+    root = Path(args.root) if args.root else runs.runs_root(args.cluster or "local")
+    if args.root and not root.is_dir():
+        raise ConfigError("command line", "ROOT", f"{root} is not a directory",
+                          "pass a runs root (e.g. runs) or --cluster NAME")
+    found = runs.rows(root) if root.is_dir() else []
+    _out(runs.table(found) if found else f"no runs under {root}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from launchers import plot
+
+    run_dir = _find_run(args.run)
+    try:
+        paths = plot.plot(run_dir)
+    except plot.PlotError as e:
+        _err(str(e))
+        return 1
+    for path in paths:
+        _out(str(path))
     return 0
 
 
@@ -596,6 +719,18 @@ def _debug_options(s: argparse.ArgumentParser) -> None:
     s.set_defaults(model=None)
 
 
+def _recipe_options(s: argparse.ArgumentParser) -> None:
+    _job_options(s)
+    s.add_argument("--out", metavar="FILE", help="the recipe file to write (default: stdout)")
+    s.add_argument("--force", action="store_true", help="replace --out when it exists")
+
+
+def _list_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("root", nargs="?", metavar="ROOT",
+                   help="runs root (default: --cluster's cluster.runs_root)")
+    s.add_argument("--cluster", help="cluster profile whose runs_root to list; default local")
+
+
 def _run_options(name: str):
     def add(s: argparse.ArgumentParser) -> None:
         s.add_argument("run", nargs="?", metavar="RUN",
@@ -616,10 +751,14 @@ COMMANDS = {
     "sweep": (cmd_sweep, "submit a micro-batch sweep: one allocation, every trial an srun step "
               "of it (docs/sweep.md)", _sweep_options),
     "debug": (cmd_debug, "run ~50 steps here, in the foreground (local backend)", _debug_options),
+    "recipe": (cmd_recipe, "write the resolved config as an editable, commented file; "
+               "`submit --config FILE` runs it", _recipe_options),
     "status": (cmd_status, "what the run is doing, and why it stopped", _run_options("status")),
     "logs": (cmd_logs, "the run's newest logs", _run_options("logs")),
     "cancel": (cmd_cancel, "cancel the run's jobs", _run_options("cancel")),
     "resume": (cmd_resume, "submit an existing run again", _run_options("resume")),
+    "list": (cmd_list, "every run under a runs root, one table", _list_options),
+    "plot": (cmd_plot, "loss and throughput plots of a run (<run>/plots/)", _run_options("plot")),
     "cluster": (cmd_cluster, "the bundled local SLURM cluster",
                 lambda s: s.add_argument("action", choices=["up", "down", "status"])),
 }

@@ -512,6 +512,10 @@ class BenchmarkRow(Section):
         }
 
 
+# GPU types (cluster.gpu_type prefixes) with FP8 tensor cores: Hopper and Blackwell.
+FP8_GPU_TYPES = ("h100", "h200", "h800", "gh200", "b100", "b200", "gb200")
+
+
 class BenchmarkTable(Section):
     gpu_type: str
     kind: Literal["gpu", "cpu"]  # cpu: the profile must have gpus_per_node 0; gpu: > 0
@@ -769,6 +773,9 @@ class Resolved:
     # job.run was chosen by _fill_defaults: submit may take the next of run_names() when
     # another submit created that directory first
     default_run: bool = False
+    # The keys _fill_defaults set or rewrote, with their values before it ran (None: unset): a
+    # recipe (launchers/recipe.py) keeps these, so each submit of it derives them afresh.
+    derived: dict[Key, Any] = field(default_factory=dict)
 
 
 def _preset_path(kind: str, name: str, key: str, source: str) -> Path:
@@ -884,8 +891,12 @@ def resolve(
         raise _translate(e, origins) from None
 
     default_run = base is None and cfg.job.run is None
+    derived: dict[Key, Any] = {}
     if base is None:
+        before = {s: dict(getattr(cfg, s).__dict__) for s in ("job", "cluster")}
         _fill_defaults(cfg, now or datetime.now(timezone.utc))
+        derived = {(s, k): v for s, old in before.items() for k, v in old.items()
+                   if getattr(getattr(cfg, s), k) != v}
         table_source = table_layer.source
     else:  # resuming: the table only feeds the checks
         found = load_table(cfg.cluster.gpu_type)
@@ -899,7 +910,7 @@ def resolve(
     warnings: list[str] = []
     _check(cfg, origins, table, row, table_source, warnings)
     return Resolved(cfg, origins, [layer.source for layer in layers], warnings, table,
-                    default_run)
+                    default_run, derived)
 
 
 def _fill_defaults(cfg: LaunchConfig, now: datetime) -> None:
@@ -982,6 +993,18 @@ def _check(cfg: LaunchConfig, origins, table: BenchmarkTable, row: BenchmarkRow 
             err("trainer.train.engine", f"megatron needs CUDA, but cluster {cl.name} gives the "
                 "job no GPUs (cluster.gpus_per_node 0)", "use a GPU profile, or "
                 "trainer.train.engine=torch")
+
+    # Strategy and FP8 against the hardware (the schema checked them against engine and device)
+    if tr.train.fp8 != "none" and not cl.gpu_type.lower().startswith(FP8_GPU_TYPES):
+        err("trainer.train.fp8", f"{tr.train.fp8} needs FP8 tensor cores, which gpu_type "
+            f"{cl.gpu_type} lacks", "set trainer.train.fp8=none, or use an H100/H200-class "
+            "cluster profile")
+    if tr.parallel.fsdp_cpu_offload and not cl.gpus_per_node:
+        err("trainer.parallel.fsdp_cpu_offload", f"offloads GPU state, but cluster {cl.name} "
+            "gives the job no GPUs", "remove the offload, or use a GPU cluster profile")
+    if tr.parallel.data_parallel == "hsdp" and job.nodes < 2 and cfg.sweep is None:
+        err("trainer.parallel.data_parallel", "hsdp replicates across nodes and this job has "
+            "one node", "use trainer.parallel.data_parallel=fsdp, or --nodes 2 or more")
 
     # Time limit and warning lead
     limit = cfg.time_limit_s

@@ -125,6 +125,10 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
         if bad:
             problem("trainer.checkpoint.init_from", *bad)
 
+    if cfg.job.check_data and workdir.is_dir() and cfg.trainer.task.fine_tuning:
+        for key, text, fix in cfg.trainer.task.problems(workdir):  # the labelled table (pyarrow)
+            problem(f"trainer.task.{key}", text, fix)
+
     if problems and strict:
         raise ConfigError.many(problems)
     warnings += [str(p) for p in problems]
@@ -136,7 +140,7 @@ def _input_paths(cfg: LaunchConfig) -> list[tuple[str, Path]]:
     trainer.checkpoint.init_from. Generic over the data schema, so any model family works."""
     out = []
     data = cfg.trainer.data
-    for name in type(data).model_fields:
+    for name in type(data).model_fields if not cfg.trainer.task.fine_tuning else ():  # task.data
         value = getattr(data, name)
         if isinstance(value, Path):
             out.append((f"trainer.data.{name}", value))

@@ -14,7 +14,8 @@ In the last two the orchestrator is itself in a job step, whose CPUs the trial s
 they get --overlap (without it SLURM holds each trial step until the orchestrator's step ends,
 i.e. for ever). The orchestrator runs outside any container (it calls srun, which a container
 does not have): cluster.python without a container, cluster.host_python with one. The trials run
-cluster.python with the native script's srun flags (CPUs per task, pyxis, cluster.srun_args).
+cluster.python with every backend's srun flags (launchers/slurm.py: CPUs per task, pyxis,
+cluster.srun_args).
 
 Outputs: trials in <run_dir>/trials/<gpu>/<model>/, the results in <sweep.out>/<gpu>/ (by default
 the checkout's benchmarks/results, as for a sweep run by hand) and a copy in <run_dir>/results/.
@@ -23,6 +24,8 @@ the checkout's benchmarks/results, as for a sweep run by hand) and a copy in <ru
 from __future__ import annotations
 
 from pathlib import Path
+
+from launchers.slurm import srun_flags
 
 SCRIPT = "sweep.sbatch"  # the sbatch backend's batch script of a sweep run
 TRIALS = "trials"  # <run_dir>/trials: the trials' run directories
@@ -44,8 +47,6 @@ def orchestrator_python(spec) -> str:
 
 def trial_srun_flags(spec, in_step: bool) -> list[str]:
     """Flags for every trial's srun step besides its nodes and tasks."""
-    from launchers.backends.sbatch import srun_flags
-
     flags = [f for f in srun_flags(spec) if not f.startswith(_SWEEP_SETS)]
     if in_step:
         flags.append("--overlap")

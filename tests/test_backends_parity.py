@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from launchers import config, record
+from launchers import config, record, slurm
 from launchers import spec as specs
 from launchers.backends import nemo_run_backend, sbatch, submitit_backend
 
@@ -120,7 +120,7 @@ def test_same_resources_time_signal_and_requeue_flag(scripts):
     for name, head in heads.items():
         got = {k: head.get(k) for k in expected}
         assert got == expected, (name, got)
-        assert head["--job-name"] == sbatch.job_name(spec), name
+        assert head["--job-name"] == slurm.job_name(spec), name
         # the signal goes to the ranks (no B:), and no GPU line without GPUs
         assert not str(head["--signal"]).startswith("B:")
         if not spec.cluster.gpus_per_node:
@@ -152,7 +152,7 @@ def test_same_srun_flags_and_trainer_command(scripts):
     spec, texts = scripts
     trainer = [spec.cluster.python, "-m", "bionemo.train"]
     native = srun_words(texts["sbatch"])
-    expected_flags = sbatch.srun_flags(spec, kill_on_bad_exit=True)
+    expected_flags = slurm.srun_flags(spec, kill_on_bad_exit=True)
     assert srun_flags(native)[1:] == expected_flags  # after --output
     assert native[-4:] == [*trainer, "$RUN_DIR"]
     assert f"RUN_DIR={shlex.quote(str(spec.run_dir))}" in texts["sbatch"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from launchers import config, spec
+from launchers import config, slurm, spec
 from launchers.backends import sbatch
 
 REPO = config.REPO_ROOT
@@ -264,11 +264,11 @@ esac
 
 def test_sbatch_quote_round_trips():
     for value in ["plain", "with space", "q'uote", 'd"q', "#hash", "a\\b", "$(x) `y`"]:
-        assert sbatch_words(f"--x={sbatch.sbq(value)}") == [f"--x={value}"]
+        assert sbatch_words(f"--x={slurm.sbq(value)}") == [f"--x={value}"]
 
 
 def test_unquoted_values_and_undefined_variables_are_errors():
-    env = sbatch.environment()
+    env = slurm.environment()
     with pytest.raises(jinja2.TemplateError, match="unquoted"):
         env.from_string("echo {{ x }}").render(x="$(rm -rf ~)")
     with pytest.raises(jinja2.UndefinedError):

@@ -1,4 +1,5 @@
-"""Wrapping the model for training: regional torch.compile, then data parallelism (DDP).
+"""Wrapping the model for training, in this order: FP8 GEMMs (torchao), regional torch.compile,
+then data parallelism: DDP (replicated) or FSDP2 (sharded; HSDP on a 2-D mesh).
 
 Regional compile: each transformer block is compiled in place (`block.compile()`), and so is the
 LM head with its loss. The blocks are instances of one class, so dynamo compiles one graph (forward
@@ -9,6 +10,14 @@ keep for the backward. Shapes start static; a batch of another shape (packed row
 triggers one recompile with a dynamic token dimension, after which any length runs.
 
 A model without a `layers` list (another family) falls back to compiling the whole step.
+
+FSDP2 (`fully_shard`) makes each block one unit (its weights all-gathered just before its forward
+and backward, its gradients reduce-scattered right after) and the root model the rest (embedding,
+tied to the LM head's decoder, final norm, LM head). Compile comes first, as in torchtitan: the
+blocks are compiled in place, so parameter names (and checkpoints) stay those of DDP, and FSDP's
+hooks run outside the compiled graph (dynamo skips them). Activation recompute ("full"
+checkpoints around the block call) composes: during the recompute FSDP's pre-backward hook has
+already gathered the block's weights.
 """
 
 from __future__ import annotations
@@ -46,12 +55,18 @@ def compile_regions(model: nn.Module, *, recompute_pointwise: bool | None = None
     return True
 
 
-def convert_to_fp8(model: nn.Module) -> int:
-    """Swap the blocks' Linear layers for torchao's Float8Linear (dynamic tensorwise scaling: the
-    GEMMs run in fp8 e4m3 forward, e5m2 gradients; weights, optimizer and everything outside the
-    GEMMs are unchanged). Needs torchao and compile to be fast. Returns how many were swapped."""
-    from torchao.float8 import convert_to_float8_training
+FP8_RECIPES = ("tensorwise", "rowwise")
 
+
+def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise") -> int:
+    """Swap the blocks' Linear layers for torchao's Float8Linear: the GEMMs run in fp8 (e4m3
+    forward, e5m2 gradients) with dynamic scales, one per tensor ("tensorwise") or per row
+    ("rowwise"); weights, optimizer and everything outside the GEMMs are unchanged. Needs torchao,
+    an FP8 GPU, and compile to be fast. Returns how many were swapped."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r}; use one of {', '.join(FP8_RECIPES)}")
     swapped = []
 
     def in_blocks(module: nn.Module, fqn: str) -> bool:
@@ -62,19 +77,74 @@ def convert_to_fp8(model: nn.Module) -> int:
             swapped.append(fqn)
         return ok
 
-    convert_to_float8_training(model, module_filter_fn=in_blocks)
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=in_blocks)
     return len(swapped)
+
+
+def data_parallel_mesh(device: torch.device, strategy: str, local_world: int):
+    """The device mesh FSDP2 shards over: 1-D (every rank) for "fsdp"; for "hsdp" 2-D, nodes x
+    ranks of a node ("replicate", "shard"): the weights' all-gathers and the gradients'
+    reduce-scatters stay inside a node (NVLink), only an all-reduce of the shards crosses nodes."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if strategy == "fsdp":
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    nodes = world // local_world
+    if world % local_world or nodes < 2:
+        raise ValueError(f"parallel.data_parallel=hsdp needs several nodes of equal size; this "
+                         f"job has {world} ranks, {local_world} per node: use "
+                         f"parallel.data_parallel=fsdp on one node")
+    return init_device_mesh(device.type, (nodes, local_world),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: `model.layers`, or its encoder's (a fine-tuning task model)."""
+    for m in (model, getattr(model, "encoder", None)):
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers
+    raise ValueError(f"FSDP shards per transformer block; {type(model).__name__} has no `layers`")
+
+
+def shard(model: nn.Module, mesh, *, bf16: bool, cpu_offload: bool = False) -> None:
+    """FSDP2 in place: each block of `model.layers`, then the root. bf16: gather weights in bf16
+    for compute, reduce gradients in fp32, keep fp32 master weights (the shards). Forward inputs
+    are not cast (cast_forward_inputs=False): the blocks' fp32 rotary tables stay fp32, as under
+    DDP. `model.loss` is a forward method too (it is what the training step calls)."""
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                        fully_shard, register_fsdp_forward_method)
+
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                               cast_forward_inputs=False) if bf16
+          else MixedPrecisionPolicy(cast_forward_inputs=False))
+    kw = dict(mesh=mesh, mp_policy=mp,
+              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    layers = _blocks(model)
+    for i, block in enumerate(layers):
+        # The last block's weights are needed again at once by the backward: keep them gathered.
+        fully_shard(block, reshard_after_forward=i < len(layers) - 1, **kw)
+    fully_shard(model, **kw)
+    register_fsdp_forward_method(model, "loss")
 
 
 def wrap_for_training(step_fn: nn.Module, model: nn.Module, *, compile: bool, dp: int,
                       device: torch.device, recompute_pointwise: bool | None = None,
-                      fp8: bool = False) -> nn.Module:
-    """The module the training loop calls: `step_fn` (which holds `model`) compiled per region
-    when `compile`, then under DDP when `dp` > 1."""
-    if fp8:
-        convert_to_fp8(model)
+                      fp8: bool | str = False, mesh=None, bf16: bool = False,
+                      cpu_offload: bool = False) -> nn.Module:
+    """The module the training loop calls: `step_fn` (which holds `model`) with the blocks' GEMMs
+    in FP8 when `fp8` (a recipe, or True for tensorwise), compiled per region when `compile`, then
+    sharded over `mesh` (FSDP2) when one is given, else under DDP when `dp` > 1."""
+    recipe = "tensorwise" if fp8 is True else (fp8 or "none")
+    if recipe != "none":
+        convert_to_fp8(model, recipe)
     whole = compile and not compile_regions(model, recompute_pointwise=recompute_pointwise)
-    if dp > 1:
+    if mesh is not None:
+        shard(model, mesh, bf16=bf16, cpu_offload=cpu_offload)
+    elif dp > 1:
         step_fn = DDP(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     if whole:
         step_fn = torch.compile(step_fn)

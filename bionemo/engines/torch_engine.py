@@ -2,13 +2,15 @@
 and torch.distributed.checkpoint. Runs on CPU (gloo) and GPU (NCCL) with the same code; data
 parallel only (replicated or sharded: parallel.data_parallel).
 
-Checkpoints hold whole (unsharded) tensors by name whatever the strategy: get_state_dict and DCP
-gather or slice FSDP's DTensor shards on save and load, so a checkpoint written under DDP resumes
-under FSDP, on another world size, and back.
+Checkpoints are the same whatever the strategy: DCP stores each tensor by parameter name and
+global shape, with where each rank's piece lies in it (FSDP's DTensor shards, or DDP's whole
+tensors), and re-cuts on load: a checkpoint written under DDP resumes under FSDP, on another
+world size, and back.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
@@ -17,12 +19,14 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from bionemo import hf
+from bionemo import finetune, hf
 from bionemo.checkpoint import load_weights
 from bionemo.config import TrainerConfig
 from bionemo.distributed import DistEnv
 from bionemo.distributed.parallel import data_parallel_mesh, wrap_for_training
 from bionemo.models import build_model
+
+log = logging.getLogger("bionemo.engine")
 
 
 class MaskedLMLoss(nn.Module):
@@ -45,14 +49,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def build_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device):
     # Megatron's convention: no weight decay on biases and LayerNorm parameters (1-D tensors;
     # FSDP's DTensor parameters keep their global ndim).
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # Fine-tuning splits the trainable parameters by learning rate (bionemo/finetune.py).
     o = cfg.optim
+    groups = []
+    for params, extra in finetune.param_sets(model, cfg):  # mlm: every parameter, one set
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay,
+                    **extra},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
     on_gpu = device.type == "cuda" and not cfg.parallel.fsdp_cpu_offload  # offload: CPU step
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and on_gpu,
-    )
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and on_gpu)
+
+
+def has_fp8(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def local_world_size(env: DistEnv) -> int:
@@ -71,7 +84,10 @@ def sharding_mesh(cfg: TrainerConfig, env: DistEnv, device: torch.device):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                 rank=0, world_size=1)
-    return data_parallel_mesh(device, cfg.parallel.data_parallel, local_world_size(env))
+    mesh = data_parallel_mesh(device, cfg.parallel.data_parallel, local_world_size(env))
+    log.info("FSDP2 over mesh %s %s%s", tuple(mesh.shape), mesh.mesh_dim_names,
+             ", CPU offload" if cfg.parallel.fsdp_cpu_offload else "")
+    return mesh
 
 
 class TorchEngine:
@@ -88,9 +104,10 @@ class TorchEngine:
         self.dp_size = cfg.check_parallel(env.world_size)
         self.dp_rank = env.rank
         self.world_size = env.world_size
-        if cfg.train.fp8 != "none" and device.type != "cuda":
-            raise ValueError(f"train.fp8={cfg.train.fp8} needs an FP8 GPU (H100/H200 class); this "
-                             f"rank runs on {device.type}: set train.fp8=none")
+        if cfg.train.fp8 != "none" and not has_fp8(device):
+            raise ValueError(f"train.fp8={cfg.train.fp8} needs an FP8 GPU (compute capability 8.9 "
+                             f"or more: H100/H200 class); this rank runs on {device_name(device)}: "
+                             f"set train.fp8=none")
         self.sharded = cfg.parallel.data_parallel != "ddp"  # FSDP2: weights are DTensor shards
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         with device:  # initialise on the device: a 3B model's init on the host takes minutes
@@ -106,6 +123,7 @@ class TorchEngine:
                     f"them first (python -m bionemo.engines.convert {init_from} OUT) and point "
                     f"checkpoint.init_from at OUT, or use train.engine=megatron")
             load_weights(init_from, self.model)
+        self.model = finetune.task_model(cfg, self.model)  # mlm: the model; else encoder + head
         # Weights are loaded whole above, before any sharding; the optimizer is built after it,
         # on the parameters FSDP leaves (DTensor shards replace the originals).
         bf16 = device.type == "cuda" and cfg.train.precision == "bf16-mixed"
@@ -127,7 +145,7 @@ class TorchEngine:
 
     def train_step(self, micro_batches: list[dict], lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a fine-tuning head's own lr
         accum = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):

@@ -29,7 +29,7 @@ reaches NeMo-Run quoted by us or by it, or already plain: srun flags (cluster.sr
 container image/mounts, workdir: NeMo-Run writes them unquoted, although its code looks as if it
 quoted them, so make_executor quotes each), #SBATCH values (shlex-quoted by NeMo-Run;
 partition/account/qos/constraint/exclude/dependency/sbatch_args are validated words), the job
-name (sbatch.job_name: [A-Za-z0-9._-]), the setup lines (rendered with the native backend's
+name (slurm.job_name: [A-Za-z0-9._-]), the setup lines (rendered with launchers/slurm.py's
 quoting filters: cluster.env values, workdir, python) and the trainer command (quoted below).
 NeMo-Run's own `export KEY=value` lines are not used (the executor gets no env_vars).
 
@@ -37,9 +37,9 @@ Mapping:
 - resources: nodes, `ntasks_per_node` = one task per GPU (or cluster.tasks_per_node without
   GPUs), GPUs per node, CPUs per task, partition, account, qos, exclusive, time (exact),
   `signal=<stop_signal>@<signal_lead_s>` (no `B:`: every rank gets it), `#SBATCH --requeue`;
-  srun flags: the native backend's (CPUs per task, pyxis, `--kill-on-bad-exit=1`, which NeMo-Run
-  passes too, cluster.srun_args), then `--chdir=<workdir>` (NeMo-Run's default is its empty code
-  dir).
+  srun flags: the native backend's (launchers/slurm.py: CPUs per task, pyxis,
+  `--kill-on-bad-exit=1`, which NeMo-Run passes too, cluster.srun_args), then `--chdir=<workdir>`
+  (NeMo-Run's default is its empty code dir).
 - tunnel: `run.LocalTunnel()` on the login node; `run.SSHTunnel` when BIONEMO_NEMO_RUN_SSH is
   `user@host` (a workstation; the run directory is mirrored to the same path there).
 - packager: `run.Packager()` -- no packaging: the nodes run cluster.workdir, the checkout on the
@@ -54,10 +54,11 @@ Mapping:
   limit without a decision. So `retries=0` switches that rule off, and job.max_restarts is the
   restart limit of launchers/requeue.py (rule 3), which decides exactly as for the native script.
 - template: NeMo-Run's own sbatch template cannot express the project's signal and requeue rules,
-  so its `setup_lines` hook receives the project's Jinja partials, rendered with the native
-  backend's environment (quoting filters): templates/slurm/_environment.j2 (environment, setup
-  lines, rendezvous) and _requeue.j2, installed as an EXIT trap that runs after NeMo-Run's srun
-  with its exit code, plus a SIGTERM trap (the batch shell notes SIGTERM and waits for srun).
+  so its `setup_lines` hook receives templates/slurm/nemo_run_setup.j2, rendered with
+  launchers/slurm.py's environment (quoting filters): the native script's partials
+  _environment.j2 (environment, setup lines, rendezvous) and _requeue.j2, the latter installed as
+  an EXIT trap that runs after NeMo-Run's srun with its exit code, plus a SIGTERM trap (the batch
+  shell notes SIGTERM and waits for srun).
 
 A sweep job (`python -m launchers sweep`, launchers/sweep.py) has one task, `sweep`: NeMo-Run's
 srun step is ONE task on the first node (srun flags --nodes=1 --ntasks=1, after NeMo-Run's own),
@@ -76,6 +77,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from launchers import slurm
 from launchers.backends.base import Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
@@ -85,31 +87,9 @@ SSH_ENV = "BIONEMO_NEMO_RUN_SSH"  # user@host of a remote login node -> run.SSHT
 SSH_KEY_ENV = "BIONEMO_NEMO_RUN_SSH_IDENTITY"  # optional key file for it
 _FORBIDDEN = "/nemo_run"
 
-_SETUP = """\
-# ---- rendered by launchers.backends.nemo_run_backend into NeMo-Run's setup_lines hook from the
-# ---- native script's partials templates/slurm/_environment.j2 and _requeue.j2
-RUN_DIR={{ run_dir | q }}
-PY={{ host_python | q }}  # runs the requeue decision (stdlib only)
-cd {{ workdir | q }} || exit 1
-RESTART=${SLURM_RESTART_COUNT:-0}
-echo "[launcher] $(date -u +%FT%TZ) job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST"
-
-{% include "slurm/_environment.j2" %}
-
-# The project's requeue policy instead of NeMo-Run's retry rule (TORCHX_MAX_RETRIES=0 above).
-# SIGTERM (preemption, scancel, the time limit) is noted, not fatal: srun, in the foreground,
-# passes it to the ranks, which save and exit {{ requeue_exit_code }}; the trap runs after srun.
-# At exit, launchers/requeue.py decides with srun's exit code ($exitcode of NeMo-Run's template).
-terminated=0
-trap 'terminated=1' TERM
-bionemo_requeue() {
-[ -n "${exitcode:-}" ] || return  # srun never ran: nothing to decide
-set +e
-rc=$exitcode
-{% include "slurm/_requeue.j2" %}
-}
-trap bionemo_requeue EXIT
-"""
+# NeMo-Run's setup_lines, rendered with launchers/slurm.py's environment (quoting filters)
+SETUP_TEMPLATE = "slurm/nemo_run_setup.j2"
+SWEEP_SETUP_TEMPLATE = "slurm/nemo_run_sweep_setup.j2"
 
 
 # ------------------------------------------------------------------------------------ NeMo-Run
@@ -142,22 +122,12 @@ def _quiet_logging():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-_SWEEP_SETUP = """\
-# ---- rendered by launchers.backends.nemo_run_backend into NeMo-Run's setup_lines hook from the
-# ---- native script's partial templates/slurm/_environment.j2 (a sweep: no requeue)
-cd {{ workdir | q }} || exit 1
-echo "[launcher] $(date -u +%FT%TZ) sweep job $SLURM_JOB_ID on $SLURM_JOB_NODELIST"
-
-{% include "slurm/_environment.j2" %}
-"""
 SWEEP_TASK = "sweep"
 
 
 def setup_lines(spec: JobSpec) -> str:
-    from launchers.backends import sbatch
-
-    source = _SWEEP_SETUP if spec.config.kind == "sweep" else _SETUP
-    return sbatch.environment().from_string(source).render(**sbatch.context(spec)).rstrip("\n")
+    template = SWEEP_SETUP_TEMPLATE if spec.config.kind == "sweep" else SETUP_TEMPLATE
+    return slurm.render(template, spec).rstrip("\n")
 
 
 def task_name(kind: str) -> str:
@@ -184,7 +154,6 @@ def tunnel(spec: JobSpec, run):
 
 def make_executor(spec: JobSpec, run):
     """run.SlurmExecutor for the spec (see the module docstring for the mapping)."""
-    from launchers.backends import sbatch
     from nemo_run.core.execution.slurm import SlurmJobDetails
 
     cl, job, tr = spec.cluster, spec.job, spec.trainer
@@ -201,10 +170,10 @@ def make_executor(spec: JobSpec, run):
                      f"--cpus-per-task={cl.cpus_per_task}", "--kill-on-bad-exit=0",
                      f"--chdir={cl.workdir}"]
     else:
-        srun_args = sbatch.srun_flags(spec, kill_on_bad_exit=True)
+        srun_args = slurm.srun_flags(spec, kill_on_bad_exit=True)
         if not cl.container_image:
             srun_args.append(f"--chdir={cl.workdir}")
-    name = sbatch.job_name(spec)
+    name = slurm.job_name(spec)
     return run.SlurmExecutor(
         account=cl.account,
         partition=cl.partition,
@@ -284,9 +253,7 @@ def _use_cluster(saved_cluster: dict, start: bool = False) -> None:
 
 
 def _experiment(run, spec: JobSpec, executor):
-    from launchers.backends import sbatch
-
-    return run.Experiment(sbatch.job_name(spec), executor=executor, log_level="ERROR",
+    return run.Experiment(slurm.job_name(spec), executor=executor, log_level="ERROR",
                           clean_mode=True, enable_goodbye_message=False, skip_status_at_exit=True)
 
 

@@ -11,8 +11,8 @@ What a submitit user expects, from the same JobSpec the native backend renders:
 Parameters come from the cluster profile, as the native script's do: nodes, tasks and GPUs per
 node, CPUs per task, partition, account, qos, exclusive, time (exact, not rounded to minutes),
 `--signal=<stop_signal>@<signal_lead_s>`, `--requeue`, the profile's environment, setup lines and
-rendezvous (rendered from templates/slurm/_environment.j2, the native script's own partial), and
-the srun flags (CPUs per task, pyxis, cluster.srun_args).
+rendezvous (templates/slurm/submitit_setup.j2, which includes the native script's own partial
+_environment.j2), and the srun flags (launchers/slurm.py: CPUs per task, pyxis, cluster.srun_args).
 
 Signals -- how submitit's handler chain and the project's stop protocol share one job
 ------------------------------------------------------------------------------------
@@ -75,22 +75,16 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from bionemo import rundir
+from launchers import slurm
 from launchers.backends.base import Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
 FOLDER = "submitit"  # <run_dir>/submitit: submitit's pickles, batch scripts and per-task logs
 REQUEUE_EXIT_CODE = rundir.REQUEUE_EXIT_CODE
-
-# Rendered with the native backend's Jinja environment (quoting filters, StrictUndefined), so
-# the environment, setup lines and rendezvous are the native script's own partial.
-_SETUP = """\
-# ---- rendered by launchers/backends/submitit_backend.py (templates/slurm/_environment.j2)
-cd {{ workdir | q }} || exit 1
-export BIONEMO_BATCH_START=$(date +%s)  # for the requeue decision: seconds the job has run
-# submitit's handler in each task listens for this signal (submitit reads it at import)
-export SUBMITIT_PREEMPT_SIGNAL={{ stop_signal | q }}
-{% include "slurm/_environment.j2" %}
-"""
+# slurm_setup, rendered with launchers/slurm.py's environment (quoting filters, StrictUndefined),
+# so the environment, setup lines and rendezvous are the native script's own partial
+SETUP_TEMPLATE = "slurm/submitit_setup.j2"
+SWEEP_SETUP_TEMPLATE = "slurm/submitit_sweep_setup.j2"
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -282,19 +276,9 @@ def _amend(run_dir, **fields) -> None:
 # ------------------------------------------------------------------------------------ executor
 
 
-_SWEEP_SETUP = """\
-# ---- rendered by launchers/backends/submitit_backend.py (templates/slurm/_environment.j2)
-cd {{ workdir | q }} || exit 1
-{% include "slurm/_environment.j2" %}
-"""
-
-
 def setup_lines(spec: JobSpec) -> list[str]:
-    from launchers.backends import sbatch
-
-    source = _SWEEP_SETUP if spec.config.kind == "sweep" else _SETUP
-    text = sbatch.environment().from_string(source).render(**sbatch.context(spec))
-    return text.rstrip("\n").split("\n")
+    template = SWEEP_SETUP_TEMPLATE if spec.config.kind == "sweep" else SETUP_TEMPLATE
+    return slurm.render(template, spec).rstrip("\n").split("\n")
 
 
 def _sbatch_arg_pairs(flags: list[str]) -> dict:
@@ -309,8 +293,6 @@ def _sbatch_arg_pairs(flags: list[str]) -> dict:
 
 def parameters(spec: JobSpec) -> dict:
     """AutoExecutor.update_parameters(**...) for the spec (slurm_* are SLURM-only)."""
-    from launchers.backends import sbatch
-
     cl, job, tr = spec.cluster, spec.job, spec.trainer
     sweeping = spec.config.kind == "sweep"
     extra = _sbatch_arg_pairs(cl.sbatch_args)
@@ -322,7 +304,7 @@ def parameters(spec: JobSpec) -> dict:
     if job.hold:
         extra["hold"] = True
     params = dict(
-        name=sbatch.job_name(spec),
+        name=slurm.job_name(spec),
         nodes=job.nodes,
         tasks_per_node=spec.tasks_per_node,
         cpus_per_task=cl.cpus_per_task,
@@ -338,7 +320,7 @@ def parameters(spec: JobSpec) -> dict:
         slurm_signal_delay_s=cl.signal_lead_s,
         slurm_setup=setup_lines(spec),
         slurm_srun_args=(_sweep_step_flags(spec) if sweeping
-                         else sbatch.srun_flags(spec, kill_on_bad_exit=True)),
+                         else slurm.srun_flags(spec, kill_on_bad_exit=True)),
         slurm_additional_parameters=extra,
     )
     if cl.gpus_per_node:
