@@ -112,6 +112,16 @@ cancel: install
 resume: install
 	$(LAUNCH) resume $(RUN)
 
+# Every run under CLUSTER's runs_root (or ROOT=dir): backend, state, latest checkpoint, decision.
+ROOT ?=
+.PHONY: runs plot
+runs: install
+	$(LAUNCH) list $(if $(ROOT),$(call shell_quote,$(ROOT)),--cluster $(CLUSTER))
+
+# <run>/plots/loss.png and throughput.png from metrics.jsonl (default: the newest run).
+plot: install
+	$(LAUNCH) plot $(if $(RUN),$(call shell_quote,$(RUN)))
+
 # Without BACKEND: the sweep runs here (python -m benchmarks.sweep). With BACKEND=sbatch|submitit|
 # nemo_run: one job on CLUSTER whose allocation runs the sweep, every trial an srun step of it
 # (docs/sweep.md). ARGS takes the sweep's flags either way, e.g. ARGS="--memory-cap-gib 80".

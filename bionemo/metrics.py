@@ -32,7 +32,7 @@ from bionemo.data.masking import IGNORE_INDEX
 
 log = logging.getLogger("bionemo.metrics")
 
-TENSORBOARD = "tensorboard"  # <run>/tensorboard/: the event files (rank 0 writes them)
+TENSORBOARD = rundir.TENSORBOARD  # <run>/tensorboard/: the event files (rank 0 writes them)
 
 # Dense bf16 peak, TFLOP/s, by substring of the device name.
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0}
@@ -168,7 +168,8 @@ class MetricsLogger:
                     self.tensorboard.add_scalar(f"{kind}/{k}", v, step)
             self.tensorboard.flush()  # what metrics.jsonl holds, TensorBoard holds too
         if self.wandb is not None:
-            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if v is not None}, step=step)
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if v is not None},
+                           step=step)
 
     def _steps_per_s(self, step: int) -> float | None:
         """Steps per second since the previous train record of this process (wall clock: saves

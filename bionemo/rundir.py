@@ -13,6 +13,8 @@
       heartbeats/rank-N.json   each rank's last step and time (the watchdog names a hung rank)
       checkpoints/step-00000040/   complete only once its COMPLETE marker and manifest.json exist
       final_model/         the last weights as a Hugging Face folder (bionemo/export.py)
+      tensorboard/         TensorBoard event files beside metrics.jsonl
+      plots/               loss and throughput plots (make plot)
       finished             written by the trainer after the last step; never requeue after it
 """
 
@@ -36,6 +38,8 @@ COMPLETE = "COMPLETE"  # marker inside a checkpoint folder, written last, after 
 MANIFEST = "manifest.json"  # per-file sizes and checksums of a checkpoint, written before COMPLETE
 EVENTS = "events.jsonl"
 HEARTBEATS = "heartbeats"  # <run_dir>/heartbeats/rank-00001.json, one file per rank
+TENSORBOARD = "tensorboard"  # <run_dir>/tensorboard/: event files (rank 0)
+PLOTS = "plots"  # <run_dir>/plots/: make plot
 
 # The trainer's exit codes: the contract read by the requeue decision (launchers/requeue.py).
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: told to stop, every rank saved; requeue me

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bionemo import rundir
 
-PLOTS = "plots"  # <run>/plots/
+PLOTS = rundir.PLOTS  # <run>/plots/
 
 
 class PlotError(RuntimeError):

@@ -9,7 +9,8 @@ A run's state is read from its files, then from the scheduler only when the file
     running   its newest job is running; a local run: the run's files changed within LOCAL_ACTIVE_S
     stopped   saved and stopped (a time limit or a signal not requeued, max restarts, no progress,
               cancelled, preempted)
-    failed    crashed, out of memory, hung, disk full, refused at submission, or ended with no record
+    failed    crashed, out of memory, hung, disk full, refused at submission, or ended without
+              a record
     unknown   the scheduler did not answer
 
 No torch; scontrol and sacct are asked once per run at most.
@@ -27,9 +28,8 @@ from pathlib import Path
 
 from bionemo import rundir
 from launchers import record
+from launchers.backends.base import GONE
 
-# The sbatch backend's words for a job that scontrol no longer knows (launchers/backends/sbatch.py).
-GONE = "gone from the controller"
 QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING")
 LIVE = QUEUED + ("RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "STOPPED", "SIGNALING",
                  "STAGE_OUT")
@@ -180,11 +180,12 @@ def find(root: Path) -> list[Path]:
 
 def rows(root: Path) -> list[Row]:
     """One Row per run under `root`, oldest first."""
-    out = [row(run_dir, Path(root)) for run_dir in find(root)]
+    silent: set[str] = set()  # clusters whose controller did not answer: not asked again
+    out = [row(run_dir, Path(root), silent) for run_dir in find(root)]
     return sorted(out, key=lambda r: (r.time, r.run))
 
 
-def row(run_dir: Path, root: Path) -> Row:
+def row(run_dir: Path, root: Path, silent: set[str] | None = None) -> Row:
     data = record.load(run_dir)
     saved = _saved(run_dir)
     backend = data.get("backend") or (saved.get("job") or {}).get("backend") or "?"
@@ -195,7 +196,7 @@ def row(run_dir: Path, root: Path) -> Row:
     decided = f"{last.get('decision')} ({last.get('outcome')})" if last else "-"
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     return Row(time=created, run=name, backend=backend,
-               state=state(run_dir, data, saved, backend),
+               state=state(run_dir, data, saved, backend, silent),
                checkpoint="-" if latest is None else str(latest), decision=decided)
 
 
@@ -207,7 +208,8 @@ def last_decision(run_dir: Path, data: dict) -> dict:
     return max(attempts, key=lambda a: str(a.get("time", "")), default={})
 
 
-def state(run_dir: Path, data: dict, saved: dict, backend: str) -> str:
+def state(run_dir: Path, data: dict, saved: dict, backend: str,
+          silent: set[str] | None = None) -> str:
     if rundir.is_finished(run_dir):
         return "finished"
     last = last_decision(run_dir, data)
@@ -216,7 +218,7 @@ def state(run_dir: Path, data: dict, saved: dict, backend: str) -> str:
     if backend in ("sbatch", "submitit", "nemo_run") and ids:
         closed = last.get("job_id") == ids[-1] and last.get("decision") == "stop"
         if not closed:
-            job_state = scheduler_state(ids[-1], saved)
+            job_state = scheduler_state(ids[-1], saved, silent)
             if job_state in QUEUED:
                 return "queued"
             if job_state in LIVE:
@@ -245,14 +247,20 @@ def ended(data: dict, last: dict) -> str:
     return "stopped"  # stopped, timeout, terminated, or a requeue whose job then left
 
 
-def scheduler_state(job_id: str, saved: dict) -> str | None:
+def scheduler_state(job_id: str, saved: dict, silent: set[str] | None = None) -> str | None:
     """scontrol's JobState of the job; None when the controller no longer knows it; 'unknown'
-    when it does not answer."""
+    when it does not answer (its cluster is then added to `silent`, and not asked again)."""
     from launchers.backends import BackendError, sbatch
 
+    cluster = saved.get("cluster", {})
+    key = json.dumps(cluster.get("name"))
+    if silent is not None and key in silent:
+        return "unknown"
     try:
-        rec = sbatch.job_record(job_id, sbatch.client_env(saved.get("cluster", {})))
+        rec = sbatch.job_record(job_id, sbatch.client_env(cluster))
     except BackendError:
+        if silent is not None:
+            silent.add(key)
         return "unknown"
     return None if rec is None else rec.get("JobState", "unknown").split()[0]
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from launchers import slurm, sweep
-from launchers.backends.base import Backend, BackendError, Submission
+from launchers.backends.base import GONE, Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
 TEMPLATE = "slurm/train.sbatch.j2"
@@ -148,7 +148,7 @@ class SbatchBackend(Backend):
                 states[job_id] = f"unknown (scheduler: {e})"
                 continue
             if rec is None:
-                states[job_id] = "gone from the controller (ended a while ago)"
+                states[job_id] = f"{GONE} (ended a while ago)"
                 continue
             text = rec.get("JobState", "?")
             reason = rec.get("Reason", "None")
