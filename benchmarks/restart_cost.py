@@ -181,7 +181,9 @@ def main() -> int:
     s["sync"]["saves"] = saves(b, "first.log")
     s["sync"]["steps"] = step_times(b)
     write()
-    # The restarts: the async run, a few steps longer, resumes from its last checkpoint.
+    # The restarts: the async run, a few steps longer, resumes from its last checkpoint (and
+    # rewinds metrics.jsonl to it: keep the first start's records).
+    (a / "first.metrics.jsonl").write_bytes((a / "metrics.jsonl").read_bytes())
     cfg = yaml.safe_load((a / "config.yaml").read_text())
     cfg["trainer"]["train"]["max_steps"] = args.steps + 10
     (a / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -200,7 +202,7 @@ def main() -> int:
     write()
     with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
         for run in (a, b):
-            for f in sorted(run.glob("*.log")) + [run / "config.yaml", run / "metrics.jsonl"]:
+            for f in sorted(run.glob("*.log")) + sorted(run.glob("*metrics.jsonl")) + [run / "config.yaml"]:
                 tar.add(f, arcname=f"{run.name}/{f.name}")
     say(f"done in {summary['total_s']} s")
     return 0

@@ -40,6 +40,7 @@ EVENTS = "events.jsonl"
 HEARTBEATS = "heartbeats"  # <run_dir>/heartbeats/rank-00001.json, one file per rank
 TENSORBOARD = "tensorboard"  # <run_dir>/tensorboard/: event files (rank 0)
 PLOTS = "plots"  # <run_dir>/plots/: make plot
+COMPILE_CACHE = "compile_cache"  # <run_dir>/compile_cache/: torch.compile's caches (bionemo/train.py)
 
 # The trainer's exit codes: the contract read by the requeue decision (launchers/requeue.py).
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: told to stop, every rank saved; requeue me

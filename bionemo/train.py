@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 from typing import MutableMapping
 
-# <run_dir>/compile_cache: torch.compile's on-disk caches, kept with the run (docs/design.md).
-COMPILE_CACHE = "compile_cache"
+from bionemo.rundir import COMPILE_CACHE  # torch-free; kept with the run (docs/design.md)
 
 
 def use_compile_cache(run_dir: Path, environ: MutableMapping[str, str] = os.environ) -> None:

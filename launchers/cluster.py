@@ -18,7 +18,8 @@ Usage::
 
 or ``python -m launchers.cluster up|down|status``.
 
-This module is deliberately stdlib-only so the launcher CLI stays fast.
+Stdlib only. The configuration it writes (slurm.conf, gres.conf, cgroup.conf) is rendered by
+launchers/cluster_conf.py.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -38,36 +37,30 @@ import sys
 import time
 from pathlib import Path
 
-CLUSTER_NAME = "bionemo-local"
-PARTITION = "debug"
-NODE_COUNT = 4
-NODES: tuple[str, ...] = tuple(f"node{i}" for i in range(1, NODE_COUNT + 1))
-NODE_CPUS = 4  # claimed per fake node (SlurmdParameters=config_overrides), whatever the host has
-NODE_MEMORY_MB = 8000
-# Ports away from the SLURM defaults (6817/6818) so a system installation does not clash.
-CTLD_PORT = int(os.environ.get("BIONEMO_CLUSTER_CTLD_PORT", "16817"))
-SLURMD_BASE_PORT = int(os.environ.get("BIONEMO_CLUSTER_SLURMD_PORT", "17001"))  # node K: base + K - 1
-KILL_WAIT_S = 10
-# 1, not 2: with 2, a node an admin (or a test) sets DOWN "returns to service" within milliseconds
-# because its slurmd still answers, so a requeued job may land on it again.  With 1 it stays DOWN
-# until `scontrol update nodename=X state=resume` (reset_node()); non-responding nodes still come
-# back by themselves when their slurmd registers again.
-RETURN_TO_SERVICE = 1
+from launchers.cluster_conf import (
+    CLUSTER_NAME,
+    CTLD_PORT,
+    NODE_COUNT,
+    NODES,
+    PARTITION,
+    SLURMD_BASE_PORT,
+    ClusterError,
+    cluster_dir,
+    conf_path,
+    config_current,
+    hostname_is_loopback,
+    log_dir,
+    log_files,
+    munge_socket,
+    node_gpus,
+    render_config,
+    render_files,
+    slurm_env,
+    write_config,
+)
+
 # up() on a running cluster resumes a DOWN/DRAINED node only once its Reason is this old (seconds).
 RESUME_GRACE_S = 30.0
-MIN_JOB_AGE_S = 3600
-# GPUs become gres when the host has /dev/nvidiaK device files (gres.conf names them, so that srun
-# sets CUDA_VISIBLE_DEVICES); BIONEMO_CLUSTER_GPUS=N overrides the count, 0 turns them off. Without
-# GPUs slurm.conf is exactly the CPU cluster's. Each GPU belongs to one node (render_gres()).
-GPUS_ENV = "BIONEMO_CLUSTER_GPUS"
-# A SLURM unpacked into a private prefix (benchmarks/slurm_gpu/prepare.sh) keeps its plugins away
-# from the compiled-in folder: PluginDir= in slurm.conf. Where the cgroup/v2 plugin cannot start
-# (gVisor), cgroup.conf must name another one (cgroup/v1). Unset: neither line nor file.
-PLUGIN_DIR_ENV = "BIONEMO_SLURM_PLUGIN_DIR"
-CGROUP_PLUGIN_ENV = "BIONEMO_CLUSTER_CGROUP_PLUGIN"
-_CGROUP_PLUGINS = ("autodetect", "cgroup/v1", "cgroup/v2")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin", "/usr/local/bin")
 _DAEMONS = ("slurmctld", "slurmd", "munged")
 _CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "munge", "unmunge")
@@ -75,47 +68,12 @@ _APT_PACKAGES = ("slurm-wlm", "munge")
 _GOOD_BASE_STATES = {"IDLE", "ALLOCATED", "MIXED"}
 _BAD_FLAGS = {"DRAIN", "NOT_RESPONDING", "FAIL", "POWERED_DOWN", "POWERING_DOWN", "INVALID_REG", "REBOOT_ISSUED"}
 
-
-class ClusterError(RuntimeError):
-    """The bundled cluster could not be installed, started or queried."""
-
-
-# --------------------------------------------------------------------------------------------- paths
-
-
-def cluster_dir() -> Path:
-    """Directory holding config, keys, state and logs of the bundled cluster."""
-    override = os.environ.get("BIONEMO_CLUSTER_DIR")
-    return Path(override).expanduser().resolve() if override else REPO_ROOT / ".cluster"
-
-
-def _conf_path() -> Path:
-    return cluster_dir() / "etc" / "slurm.conf"
-
-
-def _log_dir() -> Path:
-    return cluster_dir() / "log"
-
-
-def _munge_socket() -> Path:
-    sock = cluster_dir() / "munge" / "munge.socket"
-    if len(str(sock)) < 100:  # AF_UNIX paths are limited to 108 bytes
-        return sock
-    digest = hashlib.sha1(str(cluster_dir()).encode()).hexdigest()[:12]
-    return Path("/tmp") / f"bionemo-munge-{digest}" / "munge.socket"
-
-
-def slurm_env() -> dict[str, str]:
-    """Environment variables a SLURM client needs to talk to the bundled cluster."""
-    return {"SLURM_CONF": str(_conf_path())}
-
-
-def log_files() -> dict[str, Path]:
-    """Daemon log files, for debugging (they may not exist yet)."""
-    logs = {"slurmctld": _log_dir() / "slurmctld.log", "munged": _log_dir() / "munged.log"}
-    logs.update({f"slurmd-{n}": _log_dir() / f"slurmd-{n}.log" for n in NODES})
-    return logs
-
+__all__ = [  # the configuration's names, for `from launchers import cluster` users
+    "CLUSTER_NAME", "CTLD_PORT", "NODE_COUNT", "NODES", "PARTITION", "SLURMD_BASE_PORT",
+    "ClusterError", "cluster_dir", "hostname_is_loopback", "log_files", "node_gpus",
+    "render_config", "render_files", "slurm_env",
+    "down", "is_up", "main", "node_states", "node_usable", "reset_node", "status", "up",
+]
 
 # --------------------------------------------------------------------------------------------- binaries
 
@@ -155,184 +113,6 @@ def _ensure_installed() -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------- config
-
-
-def _short_hostname() -> str:
-    return socket.gethostname().split(".")[0]
-
-
-def _hostname_is_loopback() -> bool:
-    """True when this host's name resolves to 127.0.0.1. SLURM binds either every address or, with
-    NoCtldInAddrAny/NoInAddrAny, the one the host name resolves to; only then is that 127.0.0.1."""
-    try:
-        return socket.gethostbyname(socket.gethostname()) == "127.0.0.1"
-    except OSError:
-        return False
-
-
-def _slurm_user() -> str:
-    return pwd.getpwuid(os.geteuid()).pw_name
-
-
-def _gpu_devices() -> list[int]:
-    """Indices K of the host's GPUs, /dev/nvidiaK (or 0..N-1 with BIONEMO_CLUSTER_GPUS=N)."""
-    told = os.environ.get(GPUS_ENV)
-    if told is not None:
-        if not told.isdigit():
-            raise ClusterError(f"{GPUS_ENV}={told!r} is not a number of GPUs; give N >= 0, or unset it to detect")
-        return list(range(int(told)))
-    found = (re.fullmatch(r"nvidia(\d+)", p.name) for p in Path("/dev").glob("nvidia*"))
-    return sorted(int(m.group(1)) for m in found if m)
-
-
-def node_gpus() -> dict[str, list[int]]:
-    """Node -> the GPU indices it owns: an equal share (at least one) for each of the first nodes.
-
-    Every GPU is on one node only, so two jobs never get the same device; 1 GPU: node1, 2: node1
-    and node2, 8: two on each node. GPUs beyond NODE_COUNT * share stay unused.
-    """
-    devices = _gpu_devices()
-    share = max(1, len(devices) // NODE_COUNT)
-    owned = {node: devices[i * share:(i + 1) * share] for i, node in enumerate(NODES)}
-    return {node: gpus for node, gpus in owned.items() if gpus}
-
-
-def _plugin_dir() -> str | None:
-    path = os.environ.get(PLUGIN_DIR_ENV)
-    if path and (re.search(r"[\s#]", path) or not Path(path).is_dir()):
-        raise ClusterError(f"{PLUGIN_DIR_ENV}={path!r} is not a folder (or has spaces or '#'); "
-                           "point it at the folder holding SLURM's *.so plugins")
-    return path or None
-
-
-def render_gres() -> str | None:
-    """gres.conf: one line per GPU naming its device file; None without GPUs."""
-    lines = [f"NodeName={node} Name=gpu File=/dev/nvidia{k}"
-             for node, gpus in node_gpus().items() for k in gpus]
-    return "# Generated by launchers/cluster.py, with slurm.conf.\n" + "\n".join(lines) + "\n" if lines else None
-
-
-def render_cgroup() -> str | None:
-    """cgroup.conf naming BIONEMO_CLUSTER_CGROUP_PLUGIN; None (SLURM's autodetect) when unset."""
-    plugin = os.environ.get(CGROUP_PLUGIN_ENV)
-    if not plugin:
-        return None
-    if plugin not in _CGROUP_PLUGINS:
-        raise ClusterError(f"{CGROUP_PLUGIN_ENV}={plugin!r} is not a cgroup plugin; use one of "
-                           f"{', '.join(_CGROUP_PLUGINS)}")
-    return f"# Generated by launchers/cluster.py, with slurm.conf.\nCgroupPlugin={plugin}\n"
-
-
-def render_files() -> dict[str, str | None]:
-    """File name in etc/ -> its text; None: the file must not exist."""
-    return {"slurm.conf": render_config(), "gres.conf": render_gres(), "cgroup.conf": render_cgroup()}
-
-
-def _config_current() -> bool:
-    etc = _conf_path().parent
-    for name, text in render_files().items():
-        path = etc / name
-        if (path.read_text() if path.exists() else None) != text:
-            return False
-    return True
-
-
-def render_config() -> str:
-    """The slurm.conf text for the bundled cluster (function of cluster_dir(), the constants and the
-    GPU and plugin-folder variables above)."""
-    d = cluster_dir()
-    host = _short_hostname()
-    user = _slurm_user()
-    lines = [
-        "# Generated by launchers/cluster.py -- do not edit, it is rewritten by `cluster up`.",
-        f"ClusterName={CLUSTER_NAME}",
-        f"SlurmctldHost={host}(127.0.0.1)",
-        f"SlurmctldPort={CTLD_PORT}",
-        f"SlurmdPort={SLURMD_BASE_PORT}",
-        f"SlurmUser={user}",
-        f"SlurmdUser={user}",
-        "AuthType=auth/munge",
-        "CredType=cred/munge",
-        f"AuthInfo=socket={_munge_socket()}",
-        f"StateSaveLocation={d / 'state'}",
-        f"SlurmdSpoolDir={d / 'spool'}/%n",
-        f"SlurmctldPidFile={d / 'run' / 'slurmctld.pid'}",
-        f"SlurmdPidFile={d / 'run'}/slurmd-%n.pid",
-        f"SlurmctldLogFile={_log_dir() / 'slurmctld.log'}",
-        f"SlurmdLogFile={_log_dir()}/slurmd-%n.log",
-        "SlurmctldDebug=info",
-        "SlurmdDebug=info",
-        "MailProg=/bin/true",
-        # No cgroups: fake nodes share one kernel, and containers often lack a writable hierarchy.
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "JobAcctGatherType=jobacct_gather/none",
-        "AccountingStorageType=accounting_storage/none",
-        "JobCompType=jobcomp/none",
-        "MpiDefault=none",
-        "SwitchType=switch/none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_CPU",
-        "SchedulerType=sched/backfill",
-        "SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=1",
-        "SlurmdParameters=config_overrides",
-        f"ReturnToService={RETURN_TO_SERVICE}",
-        "JobRequeue=1",
-        f"MinJobAge={MIN_JOB_AGE_S}",
-        f"KillWait={KILL_WAIT_S}",
-        "InactiveLimit=0",
-        "Waittime=0",
-        "OverTimeLimit=0",
-        "SlurmdTimeout=30",
-        "SlurmctldTimeout=30",
-    ]
-    # Daemons (and srun's listeners) on 127.0.0.1 only: a single-host cluster (docs/local-cluster.md).
-    lines += ["CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"] if _hostname_is_loopback() else []
-    gpus = node_gpus()
-    lines += ["GresTypes=gpu"] if gpus else []
-    lines += [f"PluginDir={_plugin_dir()}"] if _plugin_dir() else []
-    for i, node in enumerate(NODES):
-        gres = f" Gres=gpu:{len(gpus[node])}" if node in gpus else ""
-        lines.append(
-            f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={SLURMD_BASE_PORT + i} "
-            f"CPUs={NODE_CPUS} RealMemory={NODE_MEMORY_MB}{gres} State=UNKNOWN"
-        )
-    lines.append(f"PartitionName={PARTITION} Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
-    return "\n".join(lines) + "\n"
-
-
-def _write_config() -> bool:
-    """Create the directory tree, slurm.conf, gres.conf and cgroup.conf; True when one changed."""
-    d = cluster_dir()
-    for sub in ("etc", "state", "spool", "run", "log", "munge"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    for node in NODES:
-        (d / "spool" / node).mkdir(exist_ok=True)
-    sock_dir = _munge_socket().parent
-    sock_dir.mkdir(parents=True, exist_ok=True)
-    for p in (d / "munge", sock_dir):
-        p.chmod(0o755)  # munged refuses group/world-writable dirs; clients need +x to reach the socket
-    changed = False
-    for name, text in render_files().items():
-        path = d / "etc" / name
-        if text is None:  # e.g. gres.conf of a GPU run in the same directory earlier
-            changed |= path.exists()
-            path.unlink(missing_ok=True)
-        elif not path.exists() or path.read_text() != text:
-            changed = True
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
-    key = d / "munge" / "munge.key"
-    if not key.exists():
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(1024))
-    key.chmod(0o400)
-    return changed
-
-
 # --------------------------------------------------------------------------------------------- processes
 
 
@@ -358,7 +138,7 @@ def _daemon_pids() -> dict[str, int]:
     Our daemons are recognised by their command line (it names our slurm.conf or munge socket), which
     survives stale pid files and daemons started by another process.
     """
-    conf, sock = str(_conf_path()), str(_munge_socket())
+    conf, sock = str(conf_path()), str(munge_socket())
     found: dict[str, int] = {}
     for pid, argv in _proc_cmdlines().items():
         exe = os.path.basename(argv[0])
@@ -390,7 +170,7 @@ def _daemon_env() -> dict[str, str]:
 
 def _spawn(name: str, argv: list[str]) -> None:
     """Start a self-daemonising program detached from us (own session, no inherited stdio)."""
-    out_path = _log_dir() / f"{name}.stdout"
+    out_path = log_dir() / f"{name}.stdout"
     with open(out_path, "ab") as out:
         proc = subprocess.Popen(
             argv,
@@ -411,7 +191,7 @@ def _spawn(name: str, argv: list[str]) -> None:
 
 
 def _log_for(name: str) -> Path:
-    return log_files().get(name, _log_dir() / f"{name}.log")
+    return log_files().get(name, log_dir() / f"{name}.log")
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -422,7 +202,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def _munge_works() -> bool:
-    sock = str(_munge_socket())
+    sock = str(munge_socket())
     try:
         cred = subprocess.run([_which("munge") or "munge", "-n", "-S", sock], capture_output=True, timeout=10)
         if cred.returncode != 0:
@@ -442,7 +222,7 @@ def _ensure_munge(deadline: float) -> None:
     if running:  # alive but not answering: replace it
         _stop_pids({"munged": running})
     d = cluster_dir()
-    sock = _munge_socket()
+    sock = munge_socket()
     sock.unlink(missing_ok=True)
     _spawn(
         "munged",
@@ -451,7 +231,7 @@ def _ensure_munge(deadline: float) -> None:
             f"--socket={sock}",
             f"--key-file={d / 'munge' / 'munge.key'}",
             f"--pid-file={d / 'run' / 'munged.pid'}",
-            f"--log-file={_log_dir() / 'munged.log'}",
+            f"--log-file={log_dir() / 'munged.log'}",
             f"--seed-file={d / 'munge' / 'munged.seed'}",
             "--force",  # tolerate running as root and a non-standard directory layout
         ],
@@ -460,7 +240,7 @@ def _ensure_munge(deadline: float) -> None:
         if _munge_works():
             return
         time.sleep(0.2)
-    raise ClusterError(f"munged did not come up on {sock}:\n{_tail(_log_dir() / 'munged.log')}")
+    raise ClusterError(f"munged did not come up on {sock}:\n{_tail(log_dir() / 'munged.log')}")
 
 
 def _ensure_slurmctld() -> None:
@@ -471,7 +251,7 @@ def _ensure_slurmctld() -> None:
                 f"pick free ports with BIONEMO_CLUSTER_CTLD_PORT / BIONEMO_CLUSTER_SLURMD_PORT"
             )
         # -i: ignore unreadable state files (e.g. after a crash) instead of refusing to start.
-        _spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-i", "-f", str(_conf_path())])
+        _spawn("slurmctld", [_which("slurmctld") or "slurmctld", "-i", "-f", str(conf_path())])
 
 
 def _ensure_slurmd(node: str) -> None:
@@ -484,7 +264,7 @@ def _ensure_slurmd(node: str) -> None:
                 f"port {port} (slurmd of {node}) is in use by another program; "
                 f"pick free ports with BIONEMO_CLUSTER_SLURMD_PORT"
             )
-        _spawn(f"slurmd-{node}", [_which("slurmd") or "slurmd", "-f", str(_conf_path()), "-N", node])
+        _spawn(f"slurmd-{node}", [_which("slurmd") or "slurmd", "-f", str(conf_path()), "-N", node])
 
 
 def _stop_pids(pids: dict[str, int], timeout: float = 20.0) -> None:
@@ -563,7 +343,7 @@ def node_usable(state: str) -> bool:
 
 def is_up() -> bool:
     """All daemons run here, the controller answers and every node is usable."""
-    if not _conf_path().exists() or _which("scontrol") is None:
+    if not conf_path().exists() or _which("scontrol") is None:
         return False
     if set(_expected_daemons()) - set(_daemon_pids()) or not _ctld_answers():
         return False
@@ -602,8 +382,8 @@ def _wait_usable(nodes: tuple[str, ...], deadline: float, resume_grace: float = 
     detail = ", ".join(f"{n}={table.get(n, ('?', None))[0]}" for n in nodes)
     raise ClusterError(
         f"cluster not ready before timeout ({detail}); slurmctld answers: {_ctld_answers()}.\n"
-        f"--- slurmctld.log ---\n{_tail(_log_dir() / 'slurmctld.log')}\n"
-        f"Logs: {_log_dir()}"
+        f"--- slurmctld.log ---\n{_tail(log_dir() / 'slurmctld.log')}\n"
+        f"Logs: {log_dir()}"
     )
 
 
@@ -621,9 +401,9 @@ def up(timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with _lock():  # also keeps parallel sessions from running apt-get at the same time
         _ensure_installed()
-        if _config_current() and is_up():
+        if config_current() and is_up():
             return
-        changed = _write_config()
+        changed = write_config()
         if changed and _daemon_pids():
             _stop_pids(_daemon_pids())  # daemons run an outdated slurm.conf: restart them
         # A controller that was already running may have a node DOWN because a test (possibly in a
@@ -658,7 +438,7 @@ def reset_node(name: str, timeout: float = 60.0) -> None:
 
 def status() -> str:
     """Human-readable summary of the cluster."""
-    lines = [f"cluster dir: {cluster_dir()}", f"SLURM_CONF={_conf_path()}"]
+    lines = [f"cluster dir: {cluster_dir()}", f"SLURM_CONF={conf_path()}"]
     pids = _daemon_pids()
     for name in _expected_daemons():
         lines.append(f"  {name:<14} {'pid ' + str(pids[name]) if name in pids else 'not running'}")
@@ -679,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             t0 = time.monotonic()
             up(timeout=args.timeout)
-            print(f"cluster up in {time.monotonic() - t0:.1f}s; export SLURM_CONF={_conf_path()}")
+            print(f"cluster up in {time.monotonic() - t0:.1f}s; export SLURM_CONF={conf_path()}")
         elif args.action == "down":
             down()
             print("cluster down")

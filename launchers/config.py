@@ -37,9 +37,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bionemo.config import DuplicateKeyError, TrainerConfig, refuse_duplicate_keys
+from launchers.paths import CONFIGS, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "configs"
 SECTIONS = ("job", "cluster", "sweep", "trainer")
 
 # Short spellings accepted on the command line (documented in docs/launcher.md).

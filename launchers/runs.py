@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bionemo import rundir
-from launchers import record
-from launchers.backends.base import GONE
+from launchers import config, record
+from launchers.backends import sbatch
+from launchers.backends.base import GONE, BackendError
+from launchers.config import ConfigError, load_resolved
 
 QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING")
 LIVE = QUEUED + ("RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "STOPPED", "SIGNALING",
@@ -100,8 +102,6 @@ def left_controller(job_id: str, saved: dict, state: str) -> str:
     plus why."""
     if not state.startswith(GONE):
         return state
-    from launchers.backends import sbatch
-
     row, text = accounting(job_id, sbatch.client_env(saved.get("cluster", {})))
     return f"{text}; {GONE}" if row else f"{state}; {text}"
 
@@ -250,8 +250,6 @@ def ended(data: dict, last: dict) -> str:
 def scheduler_state(job_id: str, saved: dict, silent: set[str] | None = None) -> str | None:
     """scontrol's JobState of the job; None when the controller no longer knows it; 'unknown'
     when it does not answer (its cluster is then added to `silent`, and not asked again)."""
-    from launchers.backends import BackendError, sbatch
-
     cluster = saved.get("cluster", {})
     key = json.dumps(cluster.get("name"))
     if silent is not None and key in silent:
@@ -272,8 +270,6 @@ def _recently_changed(run_dir: Path) -> bool:
 
 
 def _saved(run_dir: Path) -> dict:
-    from launchers.config import ConfigError, load_resolved
-
     try:
         return load_resolved(run_dir / rundir.CONFIG)
     except ConfigError:
@@ -291,6 +287,4 @@ def table(found: list[Row]) -> str:
 def runs_root(cluster: str) -> Path:
     """cluster.runs_root of a cluster profile, as `submit` resolves it (relative to the profile's
     workdir). Resolution needs a model; runs_root does not depend on it."""
-    from launchers import config
-
     return Path(config.resolve(model="esm2_8m", cluster=cluster).config.cluster.runs_root)

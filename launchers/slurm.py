@@ -22,10 +22,8 @@ from pathlib import Path
 import jinja2
 
 from bionemo.rundir import REQUEUE_EXIT_CODE
-from launchers.config import REPO_ROOT
+from launchers.paths import TEMPLATES
 from launchers.spec import JobSpec
-
-TEMPLATES = REPO_ROOT / "templates"
 
 
 # ------------------------------------------------------------------------------------ quoting

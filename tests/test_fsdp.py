@@ -125,25 +125,36 @@ def test_fsdp_signal_stop_and_restart_is_bitwise_exact(refs, data_dir, tmp_path)
     assert_bitwise_equal(state_at(run, STEPS, tmp_path), state_at(refs["fsdp"], STEPS, tmp_path))
 
 
-def test_checkpoints_move_between_ddp_and_fsdp(refs, data_dir, tmp_path):
+def test_ddp_checkpoint_resumes_under_fsdp(refs, data_dir, tmp_path):
     to_fsdp = continue_from(refs["ddp"], 10, make(tmp_path / "ddp-fsdp", data_dir, "fsdp"), 2)
     assert_close_losses(train_losses(to_fsdp), {s: v for s, v in train_losses(refs["ddp"]).items()
                                                  if s > 10})
-    to_ddp = continue_from(refs["fsdp"], 10, make(tmp_path / "fsdp-ddp", data_dir, "ddp"), 2)
-    assert_close_losses(train_losses(to_ddp), {s: v for s, v in train_losses(refs["fsdp"]).items()
-                                                if s > 10})
 
 
-def test_fsdp_resumes_on_another_world_size(refs, data_dir, tmp_path):
-    """2 -> 3 ranks: the shards are re-cut (64-wide tensors over 3 ranks: uneven); the same
-    checkpoint continued under DDP on 3 ranks (whole tensors) is the reference. (3 x 4 does not
-    divide 16: one micro batch per rank, the sample stream continues at the saved position.)"""
+def test_fsdp_checkpoint_resumes_on_3_ranks_under_fsdp_and_ddp(refs, data_dir, tmp_path):
+    """2 -> 3 ranks: FSDP's shards are re-cut (64-wide tensors over 3 ranks: uneven); the same
+    checkpoint continued under DDP on 3 ranks (whole tensors: FSDP -> DDP) is the reference.
+    (3 x 4 does not divide 16: one micro batch per rank; the sample stream continues at the
+    saved position.)"""
     sharded = continue_from(refs["fsdp"], 10, make(tmp_path / "fsdp3", data_dir, "fsdp",
                                                    global_batch_size=None), 3)
     whole = continue_from(refs["fsdp"], 10, make(tmp_path / "ddp3", data_dir, "ddp",
                                                  global_batch_size=None), 3)
     assert_close_losses(train_losses(sharded), train_losses(whole))
     assert sorted(train_losses(sharded)) == list(range(11, STEPS + 1))
+
+
+def test_init_from_loads_before_sharding(refs, data_dir, tmp_path):
+    """Weights only, from DDP's step 10, into an FSDP run: its first loss is the trained model's
+    (the reference's losses near step 10, ~0.2 below an untrained model's first loss)."""
+    run = make(tmp_path / "init", data_dir, "fsdp", max_steps=1)
+    cfg = yaml.safe_load((run / rundir.CONFIG).read_text())
+    cfg["trainer"]["checkpoint"]["init_from"] = str(rundir.step_dir(refs["ddp"], 10))
+    (run / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
+    assert wait_all(launch(run, 2)) == [0, 0]
+    assert "initialised weights from" in (run / "rank0.log").read_text()
+    first, ref = train_losses(run)[1], train_losses(refs["ddp"])
+    assert abs(first - ref[10]) < abs(first - ref[1]), (first, ref[1], ref[10])
 
 
 def test_hsdp_on_two_emulated_nodes(refs, data_dir, tmp_path):

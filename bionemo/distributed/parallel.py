@@ -70,8 +70,10 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise") -> int:
     swapped = []
 
     def in_blocks(module: nn.Module, fqn: str) -> bool:
-        # fp8 GEMMs need both dimensions divisible by 16; the LM head (33-wide decoder) stays bf16.
-        ok = (isinstance(module, nn.Linear) and fqn.startswith("layers.")
+        # fp8 GEMMs need both dimensions divisible by 16; the LM head (33-wide decoder) and a
+        # fine-tuning head stay bf16. The blocks are `layers.*`, or `encoder.layers.*` under a
+        # fine-tuning head (bionemo/finetune.py).
+        ok = (isinstance(module, nn.Linear) and fqn.startswith(("layers.", "encoder.layers."))
               and module.in_features % 16 == 0 and module.out_features % 16 == 0)
         if ok:
             swapped.append(fqn)

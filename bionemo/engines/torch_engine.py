@@ -90,6 +90,22 @@ def sharding_mesh(cfg: TrainerConfig, env: DistEnv, device: torch.device):
     return mesh
 
 
+def _kept_stager(device: torch.device):
+    """DCP's staging to host memory (pinned on GPU), kept for the whole run so that its pinned
+    buffers are allocated once. torch 2.11's async_save closes the stager it is handed after each
+    write, which empties the stager's tables: the next save failed with KeyError (seen on an
+    H200). So close() is a no-op here; the buffers go with the process."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    class KeptStager(DefaultStager):
+        def close(self) -> None:
+            pass
+
+    cuda = device.type == "cuda"
+    return KeptStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                     use_async_staging=False, use_non_blocking_copy=cuda))
+
+
 class TorchEngine:
     name = "torch"
     tp = pp = 1
@@ -179,11 +195,7 @@ class TorchEngine:
             dcp.save(state, checkpoint_id=path, process_group=group)
             return None
         if self._stager is None:  # kept: its pinned buffers are reused by every later save
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=self.device.type == "cuda", use_shared_memory=False,
-                use_async_staging=False, use_non_blocking_copy=self.device.type == "cuda"))
+            self._stager = _kept_stager(self.device)
         return dcp.async_save(state, checkpoint_id=path, process_group=group,
                               async_stager=self._stager)
 

@@ -1,10 +1,12 @@
-"""Backends: one file each, chosen by `job.backend`. Imported lazily so that `status` of a local
-run never loads jinja2, and the CLI stays fast (submitit and NeMo-Run are imported only by runs
-that use them; NeMo-Run alone takes seconds to import)."""
+"""Backends: one file each, chosen by `job.backend`. The submitit and NeMo-Run backends import
+their libraries, which runs of the other backends do not need (NeMo-Run's imports torch, seconds
+on its own), so they are imported only by the runs that use them."""
 
 from __future__ import annotations
 
 from launchers.backends.base import Backend, BackendError, Submission
+from launchers.backends.local import LocalBackend
+from launchers.backends.sbatch import SbatchBackend
 
 NAMES = ("sbatch", "submitit", "nemo_run", "local")
 # Backends whose runs are SLURM jobs: `status`, `cancel` and `resume` ask them about job ids.
@@ -13,8 +15,6 @@ SCHEDULED = ("sbatch", "submitit", "nemo_run")
 
 def get(name: str) -> Backend:
     if name == "sbatch":
-        from launchers.backends.sbatch import SbatchBackend
-
         return SbatchBackend()
     if name == "submitit":
         from launchers.backends.submitit_backend import SubmititBackend
@@ -25,8 +25,6 @@ def get(name: str) -> Backend:
 
         return NemoRunBackend()
     if name == "local":
-        from launchers.backends.local import LocalBackend
-
         return LocalBackend()
     raise BackendError(f"unknown backend {name!r}; known: {', '.join(NAMES)}")
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from launchers import slurm, sweep
+from launchers import cluster, slurm, sweep
 from launchers.backends.base import GONE, Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
@@ -43,8 +44,6 @@ def client_env(saved_cluster: dict, start: bool = False) -> dict[str, str]:
     after starting it when `start` and it is down."""
     env = dict(os.environ)
     if saved_cluster.get("bundled"):
-        from launchers import cluster
-
         env.update(cluster.slurm_env())
         try:
             if start and not _controller_answers(env) and not cluster.is_up():
@@ -59,10 +58,6 @@ def client_env(saved_cluster: dict, start: bool = False) -> dict[str, str]:
 def _controller_answers(env: dict) -> bool:
     """Fast path for the bundled cluster: its slurm.conf exists and slurmctld accepts a TCP
     connection (well under a millisecond, against ~50 ms for cluster.is_up())."""
-    import socket
-
-    from launchers import cluster
-
     if not Path(env["SLURM_CONF"]).is_file():
         return False
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -92,7 +92,7 @@ def _trainer_listeners(run_dir: Path) -> dict[int, list[tuple[str, int]]] | None
 
 
 def test_slurm_daemons_listen_on_loopback_only(slurm_cluster):
-    if not cluster._hostname_is_loopback():
+    if not cluster.hostname_is_loopback():
         pytest.skip("this host's name does not resolve to 127.0.0.1: SLURM can only bind every "
                     "address here (docs/local-cluster.md)")
     ports = {cluster.CTLD_PORT, *(cluster.SLURMD_BASE_PORT + i for i in range(len(cluster.NODES)))}
