@@ -31,27 +31,26 @@ PLUGIN_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # m
 
 
 class ModelConfig(Section):
-    name: str  # preset name, e.g. esm2_650m
-    family: Literal["esm2", "geneformer"] = "esm2"
-    num_layers: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    num_attention_heads: int = Field(gt=0)
-    ffn_hidden_size: int = Field(gt=0)
-    seq_length: int = Field(1024, ge=3)  # counts <cls> and <eos>, as BioNeMo does
-    vocab_size: int = Field(33, gt=0)  # ESM alphabet; Geneformer: specials + genes of the vocab file
-    layer_norm_eps: float = 1e-5  # ESM-2 1e-5; Geneformer (BERT) 1e-12
-    token_dropout: bool = True  # ESM-2's: zero <mask> embeddings, rescale the rest
-    activation: Literal["gelu", "relu"] = "gelu"  # ESM-2 GELU; Geneformer's published model ReLU
-    hidden_dropout: float = Field(0.0, ge=0, lt=1)  # ESM-2 none; Geneformer 0.02
-    attention_dropout: float = Field(0.0, ge=0, lt=1)
-    # Activation recompute: "none"; "selective": keep no LayerNorm/GELU outputs, recompute them
-    # (no matrix multiply or attention is recomputed; eager mode checkpoints the MLP); "full":
-    # recompute each whole block in the backward pass.
-    activation_checkpointing: Literal["none", "selective", "full"] = "none"
-    # A user's own model instead of the family's: "package.module:factory", imported by the
-    # trainer (never the launcher); factory(model_cfg) returns the module. `family` still picks
-    # the data pipeline. The interface: bionemo/models/__init__.py; an example: examples/tiny_plugin.
-    plugin: str | None = None
+    name: str = Field(description="preset name, e.g. esm2_650m")
+    family: Literal["esm2", "geneformer"] = Field("esm2", description="architecture and data")
+    num_layers: int = Field(gt=0, description="transformer blocks")
+    hidden_size: int = Field(gt=0, description="width of the residual stream")
+    num_attention_heads: int = Field(gt=0, description="attention heads; must divide hidden_size")
+    ffn_hidden_size: int = Field(gt=0, description="width of the MLP's hidden layer")
+    seq_length: int = Field(1024, ge=3, description="counts <cls> and <eos>, as BioNeMo does")
+    vocab_size: int = Field(33, gt=0, description="ESM alphabet; Geneformer: specials + genes")
+    layer_norm_eps: float = Field(1e-5, description="ESM-2 1e-5; Geneformer (BERT) 1e-12")
+    token_dropout: bool = Field(True, description="ESM-2: zero <mask> embeddings, rescale rest")
+    activation: Literal["gelu", "relu"] = Field("gelu", description="ESM-2 GELU; Geneformer ReLU")
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="ESM-2 none; Geneformer 0.02")
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout of attention weights")
+    activation_checkpointing: Literal["none", "selective", "full"] = Field("none", description=(
+        "Activation recompute: \"none\"; \"selective\": keep no LayerNorm/GELU outputs, recompute "
+        "them (no matrix multiply or attention is recomputed; eager mode checkpoints the MLP); "
+        "\"full\": recompute each whole block in the backward pass."))
+    plugin: str | None = Field(None, description=(
+        "a user's model instead of the family's: package.module:factory, imported by the trainer; "
+        "family still picks the data (bionemo/models/__init__.py, examples/tiny_plugin)"))
 
     @field_validator("plugin")
     @classmethod
@@ -179,20 +178,24 @@ def _check_files(data, make: str) -> None:
 class DataConfig(Section):
     # BioNeMo's UniRef layout: clusters parquet (column ur90_id, a list per UniRef50 cluster),
     # validation parquet (column ur50_id) and SQLite protein(id TEXT PRIMARY KEY, sequence TEXT).
-    train_clusters: Path = Path("data/sample/train_clusters.parquet")
-    valid_clusters: Path | None = Path("data/sample/valid_clusters.parquet")
-    database: Path = Path("data/sample/proteins.sqlite")
-    mask_prob: float = Field(0.15, gt=0, lt=1)
-    mask_token_prob: float = Field(0.8, ge=0, le=1)  # of masked positions: <mask>
-    random_token_prob: float = Field(0.1, ge=0, le=1)  # of masked positions: random token
-    random_token_pool: Literal["all_tokens", "amino_acids_only"] = "all_tokens"
-    num_workers: int = Field(0, ge=0)
-    # "longest": pad each batch to its longest sequence (rounded up to 8); "max_length": always to
-    # model.seq_length (what throughput tables quote as padded tokens); "none": no padding, the
-    # micro batch's sequences are packed into one row and attend within their own sequence only
-    # (variable-length flash attention): all compute goes to real tokens.
-    pad_to: Literal["longest", "max_length", "none"] = "longest"
-    seed: int = 42
+    train_clusters: Path = Field(Path("data/sample/train_clusters.parquet"),
+                                 description="training clusters parquet (ur90_id lists)")
+    valid_clusters: Path | None = Field(Path("data/sample/valid_clusters.parquet"), description=(
+        "validation parquet (column ur50_id); null: no validation"))
+    database: Path = Field(Path("data/sample/proteins.sqlite"), description=(
+        "SQLite protein(id TEXT PRIMARY KEY, sequence TEXT)"))
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="fraction of positions masked (MLM)")
+    mask_token_prob: float = Field(0.8, ge=0, le=1, description="of masked positions: <mask>")
+    random_token_prob: float = Field(0.1, ge=0, le=1, description="of masked positions: random")
+    random_token_pool: Literal["all_tokens", "amino_acids_only"] = Field("all_tokens", description=(
+        "where random replacement tokens come from"))
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    pad_to: Literal["longest", "max_length", "none"] = Field("longest", description=(
+        "\"longest\": pad each batch to its longest sequence (rounded up to 8); \"max_length\": "
+        "always to model.seq_length (what throughput tables quote as padded tokens); \"none\": no "
+        "padding, the micro batch's sequences are packed into one row and attend within their own "
+        "sequence only (variable-length flash attention): all compute goes to real tokens."))
+    seed: int = Field(42, description="seed of sampling and masking")
 
     @model_validator(mode="after")
     def _probs(self) -> "DataConfig":
@@ -218,18 +221,21 @@ class CellDataConfig(Section):
     """Geneformer's single-cell data: SCDL memory-mapped stores (built from .h5ad) or the recipe's
     parquet of pre-tokenized `input_ids`; the gene vocabulary and per-gene medians ship with it."""
 
-    format: Literal["scdl", "parquet"] = "scdl"
-    train: Path = Path("data/geneformer_sample/train")  # SCDL folder, or parquet file
-    valid: Path | None = Path("data/geneformer_sample/valid")
-    vocab: Path = Path("data/geneformer_sample/vocab.json")  # token -> id, specials first
-    gene_medians: Path = Path("data/geneformer_sample/gene_medians.json")  # Ensembl id -> median
-    normalize_total: float = Field(10_000.0, gt=0)  # counts per cell before the median division
-    mask_prob: float = Field(0.15, gt=0, lt=1)
-    mask_token_prob: float = Field(0.8, ge=0, le=1)
-    random_token_prob: float = Field(0.1, ge=0, le=1)
-    num_workers: int = Field(0, ge=0)
-    pad_to: Literal["longest", "max_length", "none"] = "longest"  # as DataConfig.pad_to
-    seed: int = 42
+    format: Literal["scdl", "parquet"] = Field("scdl", description=(
+        "scdl (memory-mapped stores from .h5ad) or parquet of input_ids"))
+    train: Path = Field(Path("data/geneformer_sample/train"), description="SCDL folder or parquet")
+    valid: Path | None = Field(Path("data/geneformer_sample/valid"), description=(
+        "validation store or parquet; null: no validation"))
+    vocab: Path = Field(Path("data/geneformer_sample/vocab.json"), description="token -> id")
+    gene_medians: Path = Field(Path("data/geneformer_sample/gene_medians.json"), description=(
+        "Ensembl id -> median"))
+    normalize_total: float = Field(10_000.0, gt=0, description="counts per cell, pre-median")
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="fraction of genes masked (MLM)")
+    mask_token_prob: float = Field(0.8, ge=0, le=1, description="of masked positions: <mask>")
+    random_token_prob: float = Field(0.1, ge=0, le=1, description="of masked positions: random")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    pad_to: Literal["longest", "max_length", "none"] = Field("longest", description="as for ESM-2")
+    seed: int = Field(42, description="seed of sampling and masking")
 
     @property
     def validation_set(self) -> Path | None:
@@ -244,58 +250,62 @@ class CellDataConfig(Section):
 
 
 class OptimConfig(Section):
-    # BioNeMo's train_esm2 defaults.
-    lr: float = Field(4e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = Field(0.01, ge=0)
-    # Learning-rate schedule (bionemo/lr.py has the formulas): "warmup_anneal_decay_hold" is
-    # BioNeMo's ESM-2 schedule exactly, "cosine" BioNeMo's Geneformer schedule (NeMo's cosine
-    # annealing), "linear" this project's earlier shape. decay_steps is the schedule's last step
-    # (default: train.max_steps); min_lr = min_lr_ratio * lr.
-    schedule: Literal["warmup_anneal_decay_hold", "cosine", "linear"] = "warmup_anneal_decay_hold"
-    warmup_steps: int = Field(2000, ge=0)
-    decay_steps: int | None = Field(None, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    hold_steps: int = Field(0, ge=0)  # cosine: steps held at min_lr at the end (BioNeMo: 5%)
-    clip_grad: float | None = Field(1.0, gt=0)  # global grad-norm clip (Megatron's default)
-    fused: bool = True  # fused AdamW kernel on GPU; ignored on CPU
+    """The optimizer and learning-rate schedule; defaults: BioNeMo's train_esm2."""
+
+    lr: float = Field(4e-4, gt=0, description="peak learning rate (AdamW)")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    eps: float = Field(1e-8, description="AdamW epsilon")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    schedule: Literal["warmup_anneal_decay_hold", "cosine", "linear"] = Field(
+        "warmup_anneal_decay_hold", description=(
+            "learning-rate schedule (formulas: bionemo/lr.py): warmup_anneal_decay_hold is "
+            "BioNeMo's ESM-2 schedule, cosine its Geneformer one, linear this project's earlier"))
+    warmup_steps: int = Field(2000, ge=0, description="steps of linear warmup to lr")
+    decay_steps: int | None = Field(None, gt=0, description="default max_steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="min_lr = min_lr_ratio * lr")
+    hold_steps: int = Field(0, ge=0, description="cosine: steps at min_lr at the end (BioNeMo: 5%)")
+    clip_grad: float | None = Field(1.0, gt=0, description="grad-norm clip (Megatron's default)")
+    fused: bool = Field(True, description="fused AdamW kernel on GPU; ignored on CPU")
 
 
 class TrainConfig(Section):
-    micro_batch_size: int = Field(gt=0)
-    # None: micro_batch_size x data-parallel size (no accumulation). Otherwise must be a multiple
-    # of that product; the quotient is the number of accumulation steps.
-    global_batch_size: int | None = Field(None, gt=0)
-    max_steps: int = Field(500_000, gt=0)
-    seed: int = 1234
-    precision: Literal["bf16-mixed", "fp32"] = "bf16-mixed"  # bf16 autocast on GPU; fp32 on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    log_every: int = Field(10, gt=0)
-    val_every: int = Field(10_000, gt=0)
-    limit_val_batches: int = Field(2, ge=0)
-    # Emulate a smaller card: cap this process's GPU memory (torch's per-process memory fraction).
-    memory_cap_gib: float | None = Field(None, gt=0)
-    # The warning signal the scheduler sends before the time limit (SIGTERM is always handled too).
-    stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = "USR2"
-    # The process group's timeout: store operations and collectives wait at most this long
-    # (connecting to the rendezvous at most 300 s of it). 600 s is torch's NCCL default, within
-    # which the 15B runs (benchmarks/results/h200_141gb) started.
-    dist_timeout_s: int = Field(600, gt=0)
-    # Hung-rank watchdog (bionemo/watchdog.py): seconds without a finished step before a rank
-    # dumps its stacks, records a "hung" event and exits 124. 0 = auto: max(10 x the slowest of
-    # the last 20 steps, 300 s, the first step's duration). Start-up, saves and validation
-    # always get at least 30 min.
-    watchdog_s: float = Field(0, ge=0)
-    # "torch": our PyTorch modules, DDP, CPU or GPU (the default, and CI's). "megatron":
-    # megatron-core (CUDA only): tensor/pipeline parallel, distributed optimizer, sharded
-    # checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md).
-    engine: Literal["torch", "megatron"] = "torch"
-    # FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or FSDP):
-    # "tensorwise" one scale per tensor, "rowwise" one per row (closer to bf16, slower). Needs an
-    # FP8 GPU (H100/H200 class) and is fast only with train.compile.
-    fp8: Literal["none", "tensorwise", "rowwise"] = "none"
+    micro_batch_size: int = Field(gt=0, description=(
+        "sequences per rank per forward pass (set by the benchmark table row)"))
+    global_batch_size: int | None = Field(None, gt=0, description=(
+        "None: micro_batch_size x data-parallel size (no accumulation). Otherwise must be a "
+        "multiple of that product; the quotient is the number of accumulation steps."))
+    max_steps: int = Field(500_000, gt=0, description="optimizer steps of the run")
+    seed: int = Field(1234, description="seed of weight initialization")
+    precision: Literal["bf16-mixed", "fp32"] = Field("bf16-mixed", description=(
+        "bf16 autocast on GPU; fp32 on CPU"))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if any")
+    compile: bool = Field(False, description="torch.compile the model")
+    log_every: int = Field(10, gt=0, description="steps between metrics.jsonl records")
+    val_every: int = Field(10_000, gt=0, description="steps between validations")
+    limit_val_batches: int = Field(2, ge=0, description="batches per validation")
+    memory_cap_gib: float | None = Field(None, gt=0, description=(
+        "Emulate a smaller card: cap this process's GPU memory (torch's per-process memory "
+        "fraction)."))
+    stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = Field("USR2", description=(
+        "The warning signal the scheduler sends before the time limit (SIGTERM is always handled "
+        "too)."))
+    dist_timeout_s: int = Field(600, gt=0, description=(
+        "The process group's timeout: store operations and collectives wait at most this long "
+        "(connecting to the rendezvous at most 300 s of it). 600 s is torch's NCCL default, "
+        "within which the 15B runs (benchmarks/results/h200_141gb) started."))
+    watchdog_s: float = Field(0, ge=0, description=(
+        "Hung-rank watchdog (bionemo/watchdog.py): seconds without a finished step before a rank "
+        "dumps its stacks, records a \"hung\" event and exits 124. 0 = auto: max(10 x the slowest "
+        "of the last 20 steps, 300 s, the first step's duration). Start-up, saves and validation "
+        "always get at least 30 min."))
+    engine: Literal["torch", "megatron"] = Field("torch", description=(
+        "\"torch\": our PyTorch modules, DDP, CPU or GPU (the default, and CI's). \"megatron\": "
+        "megatron-core (CUDA only): tensor/pipeline parallel, distributed optimizer, sharded "
+        "checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md)."))
+    fp8: Literal["none", "tensorwise", "rowwise"] = Field("none", description=(
+        "FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or "
+        "FSDP): \"tensorwise\" one scale per tensor, \"rowwise\" one per row (closer to bf16, "
+        "slower). Needs an FP8 GPU (H100/H200 class) and is fast only with train.compile."))
 
     def grad_accumulation(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
@@ -311,45 +321,44 @@ class TrainConfig(Section):
 
 
 class CheckpointConfig(Section):
-    enabled: bool = True  # False only for throughput trials: nothing is saved, not even on stop
-    every_steps: int = Field(1000, gt=0)
-    keep_last: int = Field(2, gt=0)
-    # Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path): a checkpoint
-    # folder of either engine, or a Hugging Face model folder (config.json + model.safetensors,
-    # bionemo/hf.py). Ignored when the run directory already has a checkpoint to resume from.
-    init_from: Path | None = None
-    # At the end of the run, write <run>/final_model/ (Hugging Face folder: model.safetensors,
-    # config.json, tokenizer files) from the last checkpoint, in a separate CPU process; a
-    # failure there is logged and leaves the run finished (`python -m bionemo.export` redoes it).
-    export_final: bool = True
-    # Periodic saves through DCP's asynchronous save (torch engine): the shards are copied to
-    # host memory (pinned on GPU), training goes on while a thread writes them, and the folder is
-    # committed (manifest, COMPLETE, rename) once every rank's write finished. The stop
-    # protocol's save and the last one stay synchronous. Off by default: the blocking time it
-    # saves is measured per run in metrics.jsonl (kind "checkpoint", save_blocking_s).
-    async_save: bool = False
+    enabled: bool = Field(True, description="false: nothing saved (throughput trials)")
+    every_steps: int = Field(1000, gt=0, description="steps between periodic saves")
+    keep_last: int = Field(2, gt=0, description="complete checkpoints kept")
+    init_from: Path | None = Field(None, description=(
+        "Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path): a "
+        "checkpoint folder of either engine, or a Hugging Face model folder (config.json + "
+        "model.safetensors, bionemo/hf.py). Ignored when the run directory already has a "
+        "checkpoint to resume from."))
+    export_final: bool = Field(True, description=(
+        "write <run>/final_model/ (Hugging Face folder) from the last checkpoint at the end, in a "
+        "CPU process; a failure is logged only (`python -m bionemo.export` redoes it)"))
+    async_save: bool = Field(False, description=(
+        "periodic saves through DCP's async_save (torch engine): training goes on while a thread "
+        "writes; stop and last saves stay synchronous; blocking time per save in metrics.jsonl"))
 
 
 class ParallelConfig(Section):
-    tensor: int = Field(1, gt=0)  # megatron engine only
-    pipeline: int = Field(1, gt=0)  # megatron engine only
-    # megatron engine: shard optimizer state (fp32 main weights, Adam moments) over data-parallel
-    # ranks (megatron-core's distributed optimizer); the torch engine: see data_parallel.
-    distributed_optimizer: bool = True
-    # torch engine's data parallelism: "ddp" replicates weights, gradients and Adam state on
-    # every rank (PyTorch DDP); "fsdp" shards all three over the ranks (FSDP2: each block, then
-    # the rest at the root; bf16 compute, fp32 master weights and gradient reduction); "hsdp"
-    # shards inside a node and replicates across nodes (needs more than one node).
-    data_parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
-    # fsdp/hsdp on GPU: keep the shards of weights, gradients and Adam state in host memory (the
-    # optimizer step runs on the CPU): slower, for a model whose state does not fit the GPUs.
-    fsdp_cpu_offload: bool = False
+    tensor: int = Field(1, gt=0, description="megatron engine only")
+    pipeline: int = Field(1, gt=0, description="megatron engine only")
+    distributed_optimizer: bool = Field(True, description=(
+        "megatron engine: shard optimizer state (fp32 main weights, Adam moments) over "
+        "data-parallel ranks (megatron-core's distributed optimizer); the torch engine: see "
+        "data_parallel."))
+    data_parallel: Literal["ddp", "fsdp", "hsdp"] = Field("ddp", description=(
+        "torch engine's data parallelism: \"ddp\" replicates weights, gradients and Adam state on "
+        "every rank (PyTorch DDP); \"fsdp\" shards all three over the ranks (FSDP2: each block, "
+        "then the rest at the root; bf16 compute, fp32 master weights and gradient reduction); "
+        "\"hsdp\" shards inside a node and replicates across nodes (needs more than one node)."))
+    fsdp_cpu_offload: bool = Field(False, description=(
+        "fsdp/hsdp on GPU: keep the shards of weights, gradients and Adam state in host memory "
+        "(the optimizer step runs on the CPU): slower, for a model whose state does not fit the "
+        "GPUs."))
 
 
 class LoggingConfig(Section):
-    wandb_project: str | None = None  # W&B only when a project is named, as in BioNeMo
-    wandb_entity: str | None = None
-    wandb_offline: bool = True
+    wandb_project: str | None = Field(None, description="W&B only when a project is named")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user)")
+    wandb_offline: bool = Field(True, description="W&B offline mode (sync later with `wandb sync`)")
 
 
 TASK_KINDS = ("mlm", "sequence_regression", "sequence_classification", "token_classification")
@@ -361,23 +370,23 @@ class TaskConfig(Section):
     trainer.data's files (trainer.data's seed, pad_to and num_workers still apply)."""
 
     kind: Literal["mlm", "sequence_regression", "sequence_classification",
-                  "token_classification"] = "mlm"
-    data: Path | None = None  # .csv or .parquet, one row per sequence
-    sequence_column: str = "sequence"
-    # sequence_regression: a number; sequence_classification: an int class id (0..num_classes-1)
-    # or a class name; token_classification: a string with one class character per residue, or
-    # a list (int ids or names) with one entry per residue.
-    label_column: str = "label"
-    num_classes: int | None = Field(None, ge=2)  # classification: checked against the labels
-    # Rows whose hash of (data.seed, row number) falls below this are validation rows: the split
-    # depends on neither the row order of other rows nor the world size.
-    valid_fraction: float = Field(0.1, ge=0, lt=1)
-    # Sequence tasks: "mean" over the residues (not <cls>/<eos>/padding) or the <cls> state.
-    pooling: Literal["mean", "cls"] = "mean"
-    freeze_encoder: bool = False  # train the head only
-    # The head's peak learning rate (default optim.lr), on the same schedule.
-    head_lr: float | None = Field(None, gt=0)
-    head_dropout: float = Field(0.1, ge=0, lt=1)
+                  "token_classification"] = Field("mlm", description="mlm: pretraining")
+    data: Path | None = Field(None, description=".csv or .parquet, one row per sequence")
+    sequence_column: str = Field("sequence", description="the table's column of sequences")
+    label_column: str = Field("label", description=(
+        "sequence_regression: a number; sequence_classification: an int class id "
+        "(0..num_classes-1) or a class name; token_classification: a string with one class "
+        "character per residue, or a list (int ids or names) with one entry per residue."))
+    num_classes: int | None = Field(None, ge=2, description="checked against labels")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description=(
+        "Rows whose hash of (data.seed, row number) falls below this are validation rows: the "
+        "split depends on neither the row order of other rows nor the world size."))
+    pooling: Literal["mean", "cls"] = Field("mean", description=(
+        "Sequence tasks: \"mean\" over the residues (not <cls>/<eos>/padding) or the <cls> state."))
+    freeze_encoder: bool = Field(False, description="train the head only")
+    head_lr: float | None = Field(None, gt=0, description=(
+        "The head's peak learning rate (default optim.lr), on the same schedule."))
+    head_dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the task head")
 
     @property
     def fine_tuning(self) -> bool:
@@ -405,13 +414,14 @@ class TrainerConfig(Section):
     """Everything the trainer needs, as written to <run_dir>/config.yaml (under `trainer`)."""
 
     model: ModelConfig
-    data: DataConfig | CellDataConfig  # chosen by model.family (see _data_for_family)
+    data: DataConfig | CellDataConfig = Field(description="chosen by model.family")
     optim: OptimConfig = OptimConfig()
     train: TrainConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     parallel: ParallelConfig = ParallelConfig()
     logging: LoggingConfig = LoggingConfig()
-    task: TaskConfig = TaskConfig()  # mlm = pretraining; otherwise fine-tuning (bionemo/finetune.py)
+    task: TaskConfig = Field(TaskConfig(), description=(
+        "mlm = pretraining; otherwise fine-tuning (bionemo/finetune.py)"))
 
     @model_validator(mode="before")
     @classmethod

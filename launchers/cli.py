@@ -11,6 +11,7 @@
     resume  submit an existing run directory again; it continues from its checkpoints
     list    every run under a runs root: backend, state, latest checkpoint, last decision
     plot    the run's loss and throughput plots (<run>/plots/*.png)
+    keys    every configuration key with its type, default and description (launchers/keys.py)
     cluster up|down|status: the bundled local SLURM cluster
 
 Configuration errors exit 2 with one line per problem (`<file>: <key>: <problem>; <fix>`) and no
@@ -25,7 +26,7 @@ import argparse
 import os
 import sys
 
-from launchers import cluster
+from launchers import cluster, keys
 from launchers.backends.base import BackendError
 from launchers.commands import error
 from launchers.commands.status import cmd_cancel, cmd_list, cmd_logs, cmd_plot, cmd_status
@@ -127,6 +128,7 @@ COMMANDS = {
     "resume": (cmd_resume, "submit an existing run again", _run_options("resume")),
     "list": (cmd_list, "every run under a runs root, one table", _list_options),
     "plot": (cmd_plot, "loss and throughput plots of a run (<run>/plots/)", _run_options("plot")),
+    "keys": (keys.cmd_keys, "every config key: type, default, description", keys.options),
     "cluster": (cmd_cluster, "the bundled local SLURM cluster",
                 lambda s: s.add_argument("action", choices=["up", "down", "status"])),
 }

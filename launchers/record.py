@@ -29,7 +29,8 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-SUBMISSION = "submission.json"  # = bionemo.rundir.SUBMISSION
+from bionemo.rundir import SUBMISSION  # stdlib only, like this module
+
 VERSION = 1
 
 

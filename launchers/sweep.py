@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bionemo import rundir
 from launchers.slurm import srun_flags
 
 SCRIPT = "sweep.sbatch"  # the sbatch backend's batch script of a sweep run
@@ -64,7 +65,7 @@ def command(spec, in_step: bool = False) -> list[str]:
     words = [
         orchestrator_python(spec), "-m", "benchmarks.sweep", "--inside-allocation",
         "--model", model_name(spec),
-        "--base-config", str(run / "config.yaml"),  # = bionemo.rundir.CONFIG
+        "--base-config", str(run / rundir.CONFIG),
         "--nodes", str(spec.job.nodes),
         "--gpus-per-trial", str(sw.gpus_per_trial),
         "--tp", str(tr.parallel.tensor),

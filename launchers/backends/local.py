@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bionemo.rundir import REQUEUE_EXIT_CODE
+from bionemo.rundir import LOGS, REQUEUE_EXIT_CODE
 from launchers.backends.base import Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
@@ -145,7 +145,7 @@ def run(saved: dict, run_dir: Path) -> int:
     """Run the trainer's ranks in the foreground; return the run's exit code (exit_code())."""
     cl, nproc = saved["cluster"], _nproc(saved)
     argv = command(cl["python"], run_dir)
-    logs = Path(run_dir) / "logs"
+    logs = Path(run_dir) / LOGS
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"train-local-{time.strftime('%Y%m%dT%H%M%S')}.log"
     ranks = f"{nproc} ranks: " if nproc > 1 else ""

@@ -23,7 +23,7 @@ shell at submit time), `sbatch ... <job_dir>/<name>_sbatch.sh`, `ls -1 <log patt
 and `srun --output <run_dir>/logs/log-...` in the batch script (a `noquote` word, so that
 ${SLURM_RESTART_COUNT} expands). The same strings are also used as file names in Python, so no
 quoting applied here could be right for both uses. The launcher therefore refuses, at validation
-(launchers/config.py NEMO_RUN_WORD: exit 2 naming the key, nothing written), a run directory
+(launchers/config/schema.py NEMO_RUN_WORD: exit 2 naming the key, nothing written), a run directory
 (cluster.runs_root, job.experiment, job.run) that is not one plain shell word. Everything else
 reaches NeMo-Run quoted by us or by it, or already plain: srun flags (cluster.srun_args,
 container image/mounts, workdir: NeMo-Run writes them unquoted, although its code looks as if it
@@ -77,6 +77,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bionemo import rundir
 from launchers import slurm
 from launchers.backends.base import Backend, BackendError, Submission
 from launchers.spec import JobSpec
@@ -197,7 +198,7 @@ def make_executor(spec: JobSpec, run):
         tunnel=tunnel(spec, run),
         packager=run.Packager(),
         retries=0,  # the project's policy decides (see the module docstring)
-        job_details=SlurmJobDetails(job_name=name, folder=str(Path(spec.run_dir) / "logs")),
+        job_details=SlurmJobDetails(job_name=name, folder=str(Path(spec.run_dir) / rundir.LOGS)),
         poll_estimated_start_time=False,
     )
 
@@ -285,7 +286,7 @@ def _mirror_to_remote(spec: JobSpec, tun) -> None:
     run_dir = str(spec.run_dir)
     tun.connect()
     tun.run(f"mkdir -p {shlex.quote(run_dir)}/logs")
-    for name in ("config.yaml", "submission.json"):
+    for name in (rundir.CONFIG, rundir.SUBMISSION):
         tun.put(str(Path(run_dir) / name), f"{run_dir}/{name}")
 
 
@@ -413,7 +414,7 @@ class NemoRunBackend(Backend):
         sbatch_<name>_<job>.out (batch script) and log-<name>_<job>_<restart>.out (the ranks)."""
         if not job_ids:
             return []
-        logs = Path(run_dir) / "logs"
+        logs = Path(run_dir) / rundir.LOGS
         job_id = job_ids[-1]
         batch = sorted(logs.glob(f"sbatch_*_{job_id}.out"))
         ranks = sorted(logs.glob(f"log-*_{job_id}_*.out"), key=lambda p: p.stat().st_mtime)

@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+from bionemo.rundir import SCRIPT
 from launchers import cluster, slurm, sweep
 from launchers.backends.base import GONE, Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
 TEMPLATE = "slurm/train.sbatch.j2"
-SCRIPT = "train.sbatch"  # = bionemo.rundir.SCRIPT
 SWEEP_TEMPLATE = "slurm/sweep.sbatch.j2"  # a sweep job (launchers/sweep.py)
 
 

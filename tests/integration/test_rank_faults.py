@@ -78,7 +78,8 @@ def _trainer_pids(run_dir: Path) -> list[int]:
         if entry.isdigit():
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if b"bionemo.train" in argv and str(run_dir).encode() in argv:
+                # `python -m bionemo.train RUN`, not srun's own command line, which holds it too
+                if argv[1:3] == [b"-m", b"bionemo.train"] and str(run_dir).encode() in argv:
                     pids.append(int(entry))
     return pids
 
