@@ -7,7 +7,7 @@
       logs/                scheduler and trainer output
       metrics.jsonl        one JSON object per logged step / validation
       events.jsonl         the trainer's faults, one JSON object a line (checkpoint_rejected,
-                           no_intact_checkpoint, hung, disk_full, oom), and the launcher's
+                           no_intact_checkpoint, hung, disk_full, oom, stopped), and the launcher's
                            `decision` when submission.json could not be written (full disk):
                            what `status` and the requeue decision read
       heartbeats/rank-N.json   each rank's last step and time (the watchdog names a hung rank)

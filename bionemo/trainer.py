@@ -230,6 +230,9 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
         if stopping:
             log.info("stop requested (%s): saved at step %d, exiting %d for requeue",
                      stop.requested or "by another rank", state.step, REQUEUE_EXIT_CODE)
+            if env.is_main:  # srun --kill-on-bad-exit may report the first rank's 75 as a kill
+                rundir.append_event(run_dir, "stopped", step=state.step,
+                                    signal=stop.requested or "another rank's")
             metrics.close()
             return REQUEUE_EXIT_CODE
     return 0

@@ -102,6 +102,10 @@ def decide(*, finished: bool, exit_code: int, latest_step, restarts: int, policy
     disk_full = next((e for e in reversed(events) if e.get("event") == "disk_full"), None)
     no_intact = next((e for e in reversed(events) if e.get("event") == "no_intact_checkpoint"), None)
     oom_event = any(e.get("event") == "oom" for e in events)
+    # Every rank saved on the warning signal and exits 75; the first to exit makes srun's
+    # --kill-on-bad-exit terminate the others, so the step may report 143: rank 0's event says.
+    stopped_event = any(e.get("event") == "stopped" and e.get("step") == latest_step
+                        for e in events)
     hungs = [e for e in events if e.get("event") == "hung"]  # one per rank that fired
     hung = next((e for e in hungs if e.get("suspect_host")), hungs[0] if hungs else None)
     note = "".join(f"; note: checkpoint {_step(e.get('step'))} was rejected ({e.get('file')}: "
@@ -132,7 +136,7 @@ def decide(*, finished: bool, exit_code: int, latest_step, restarts: int, policy
                        f"({', '.join(no_intact.get('rejected') or []) or '?'}; exit {exit_code}); "
                        "the trainer refuses to train from step 0; restore a checkpoint folder "
                        "(or delete the *.corrupt folders to start over), then resume")
-    if exit_code == requeue_code:
+    if exit_code == requeue_code or stopped_event:
         outcome = "stopped"
     elif at_limit:
         outcome = "timeout"

@@ -220,3 +220,12 @@ def test_no_intact_checkpoint_stops_at_once():
     d = decide(1, None, events=[ev])
     assert d["decision"] == "stop" and d["outcome"] == "no_checkpoint", d
     assert "step-00000008.corrupt" in d["reason"] and "refuses to train from step 0" in d["reason"]
+
+
+def test_a_stop_reported_as_a_kill_is_still_a_stop():
+    # rank 1 exited 75 first, srun --kill-on-bad-exit terminated rank 0 after it had saved: the
+    # step says 143, rank 0's `stopped` event (at the latest checkpoint) says what happened
+    ev = {"event": "stopped", "step": 24, "signal": "SIGUSR2"}
+    d = decide(143, 24, events=[ev])
+    assert d["outcome"] == "stopped" and d["decision"] == "requeue", d
+    assert decide(143, 20, events=[ev])["outcome"] == "crashed"  # its checkpoint is not the latest
