@@ -27,7 +27,7 @@ JOB_ARGS = $(if $(call _default,MODEL),,--model $(MODEL)) \
 	$(if $(BACKEND),--backend $(BACKEND)) $(if $(CONFIG),--config $(CONFIG)) \
 	$(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
 
-.PHONY: install test test-fast test-unit test-gpu test-cluster data debug submit render finetune recipe status logs cancel resume \
+.PHONY: install lint test test-fast test-unit test-gpu test-cluster data debug submit render finetune recipe status logs cancel resume \
 	sweep cluster-up cluster-down bench-submit clean
 
 install: $(VENV)/.installed
@@ -59,8 +59,14 @@ data/geneformer_sample/.built: | install
 	$(VPY) -m bionemo.data.cells_sample --out data/geneformer_sample
 	touch $@
 
-test: install data/sample/.built data/geneformer_sample/.built
+test: install data/sample/.built data/geneformer_sample/.built lint
 	$(VPY) -m pytest -q tests -m "not gpu"
+
+# Quality gates (also run by make test): ruff lint and format, mypy on the config and requeue code.
+lint: install
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+	$(VPY) -m mypy
 
 test-gpu: install data/sample/.built  # on a GPU machine with megatron-core: the megatron engine's checks
 	$(VPY) -m pytest -q tests -m gpu

@@ -153,7 +153,7 @@ def profile_table(step, steps: int = 2, top: int = 25) -> dict:
     print("  | kind | ms/step | % of GPU time |\n  |---|---:|---:|")
     for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  | {k} | {ms:.2f} | {100 * ms / busy:.1f} |")
-    print(f"\n  | top kernels | kind | calls/step | ms/step | % |\n  |---|---|---:|---:|---:|")
+    print("\n  | top kernels | kind | calls/step | ms/step | % |\n  |---|---|---:|---:|---:|")
     for name, (ms, calls) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
         short = name if len(name) <= 90 else name[:87] + "..."
         print(f"  | `{short}` | {kind_of(name)} | {calls:.0f} | {ms:.2f} | {100 * ms / busy:.1f} |")
@@ -391,8 +391,8 @@ def run_attention(args) -> None:
     gp = grad[real].contiguous()
     print("\n| packed real tokens only | fwd ms | fwd+bwd ms | useful TFLOP/s | rel err out / dq dk dv vs flash |")
     print("|---|---:|---:|---:|---:|")
-    flash_packed = lambda q, k, v: varlen_attn(q, k, v, cu_packed, cu_packed, max_real, max_real,
-                                               scale=scale)
+    def flash_packed(q, k, v):
+        return varlen_attn(q, k, v, cu_packed, cu_packed, max_real, max_real, scale=scale)
     grads_ref = None
     for name, fn in {"flash varlen": flash_packed, "cudnn ragged": CudnnRagged.apply}.items():
         try:

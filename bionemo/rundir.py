@@ -100,7 +100,7 @@ def append_event(run_dir: Path, event: str, **fields) -> dict:
 
 def read_events(run_dir: Path) -> list[dict]:
     """Every record of `events.jsonl` (oldest first); unreadable lines are skipped."""
-    out = []
+    out: list[dict] = []
     try:
         text = (Path(run_dir) / EVENTS).read_text(errors="replace")
     except OSError:

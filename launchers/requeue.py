@@ -47,6 +47,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bionemo import rundir
@@ -89,7 +90,7 @@ def _step(step) -> str:
 
 def decide(*, finished: bool, exit_code: int, latest_step, restarts: int, policy: dict,
            history: list, terminated: bool = False, elapsed_s: float | None = None,
-           events: list = ()) -> dict:
+           events: Sequence[dict] = ()) -> dict:
     """Return {"outcome", "decision", "reason"} (+ "suspect_rank", "suspect_host" when hung);
     decision is requeue, stop or none. `events`: this attempt's records of events.jsonl."""
     requeue_code = policy.get("requeue_exit_code", REQUEUE_EXIT_CODE)
@@ -184,7 +185,7 @@ def decide(*, finished: bool, exit_code: int, latest_step, restarts: int, policy
         both = {previous.get("outcome"), outcome}
         twice = (f"{outcome} twice" if len(both) == 1
                  else f"{previous.get('outcome')} then {outcome}")
-        hosts = [a.get("suspect_host") for a in (previous, extra) if a.get("suspect_host")]
+        hosts = [str(a["suspect_host"]) for a in (previous, extra) if a.get("suspect_host")]
         return verdict(outcome, "stop",
                        f"crash loop: {twice} at {where} (exit codes {previous.get('exit_code')} "
                        f"then {exit_code}"

@@ -171,7 +171,7 @@ def main() -> int:
         "before_restart": {"limited_vs_ref1": diff(loss["limited"], loss["ref1"], range(1, (at or 0) + 1)),
                            "ref2_vs_ref1": diff(loss["ref2"], loss["ref1"], range(1, (at or 0) + 1))},
         "all_steps": {"ref2_vs_ref1": diff(loss["ref2"], loss["ref1"], range(1, args.steps + 1))},
-        "losses": {n: {str(s): v for s, v in sorted(l.items())} for n, l in loss.items()},
+        "losses": {n: {str(s): v for s, v in sorted(steps.items())} for n, steps in loss.items()},
         "timings": {"limited_first_start": breakdown(runs["limited"], 0),
                     "limited_restart": breakdown(runs["limited"], 1),
                     "ref1_start": breakdown(runs["ref1"], 0), "ref2_start": breakdown(runs["ref2"], 0)},

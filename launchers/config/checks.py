@@ -80,7 +80,7 @@ def _check(cfg: LaunchConfig, origins, table: BenchmarkTable, row: BenchmarkRow 
     elif job.backend == "nemo_run":
         for key, value in (("cluster.runs_root", cl.runs_root), ("job.experiment", job.experiment),
                            ("job.run", job.run)):
-            if not NEMO_RUN_WORD.match(value):
+            if not NEMO_RUN_WORD.match(value or ""):
                 err(key, f"{value!r} has characters NeMo-Run would pass to a shell unquoted "
                     "(it builds its mkdir/sbatch/srun command lines from the run directory)",
                     "use only letters, digits and _.,:+=@/- with --backend nemo_run, or use "
@@ -141,6 +141,7 @@ def _check_sweep(cfg: LaunchConfig, err) -> None:
     """A sweep job's settings against the allocation. The trials' global batch is null (one micro
     batch per rank), so only their parallel layout is checked, at their own world size."""
     sw, cl, tr = cfg.sweep, cfg.cluster, cfg.trainer
+    assert sw is not None and sw.gpus_per_trial is not None  # a sweep job, defaults filled
     if sw.min > sw.max:
         err("sweep.min", f"{sw.min} is above sweep.max {sw.max}",
             "choose 1 <= --min <= --max")

@@ -8,6 +8,7 @@ class ConfigError(Exception):
 
     def __init__(self, source: str, key: str, problem: str, fix: str = ""):
         self.source, self.key, self.problem, self.fix = source, key, problem, fix
+        self.errors: list[ConfigError] = [self]
         super().__init__(f"{source}: {key}: {problem}" + (f"; {fix}" if fix else ""))
 
     @classmethod

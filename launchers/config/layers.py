@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from launchers.config.errors import ConfigError, _did_you_mean
@@ -139,7 +140,7 @@ def parse_override(item: str) -> tuple[Key, Any]:
 
 
 def cli_layer(flags: dict[str, Any], overrides: list[str],
-              options: list[tuple[str, str, Any]] = ()) -> Layer:
+              options: Sequence[tuple[str, str, Any]] = ()) -> Layer:
     """The command line: flags (--model, ...) first, then other options given as (flag, dotted
     key, value) (the sweep's --min, --tp, ...), then key=value overrides in order."""
     data: dict = {}

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -87,10 +88,10 @@ def resolve(
     cluster: str | None = None,
     nodes: int | None = None,
     backend: str | None = None,
-    config_files: list[str | Path] = (),
-    overrides: list[str] = (),
-    extra_layers: list[Path] = (),
-    options: list[tuple[str, str, Any]] = (),
+    config_files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    extra_layers: Sequence[Path] = (),
+    options: Sequence[tuple[str, str, Any]] = (),
     kind: str = "train",
     base: dict | None = None,
     now: datetime | None = None,
@@ -168,7 +169,7 @@ def _resolve_fresh(upper: list[Layer], now: datetime) -> Resolved:
     default_run = cfg.job.run is None
     before = {s: dict(getattr(cfg, s).__dict__) for s in ("job", "cluster")}
     _fill_defaults(cfg, now)
-    derived = {(s, k): v for s, old in before.items() for k, v in old.items()
+    derived: dict[tuple[str, ...], Any] = {(s, k): v for s, old in before.items() for k, v in old.items()
                if getattr(getattr(cfg, s), k) != v}
     warnings: list[str] = []
     _check(cfg, origins, table, row, table_layer.source, warnings)

@@ -297,7 +297,8 @@ class ClusterConfig(Section):
 # The `sweep` section (a micro-batch sweep job)
 # --------------------------------------------------------------------------------------------
 
-POLICIES = ("none", "selective", "full")  # = benchmarks.sweep.POLICIES, most memory first
+Policy = Literal["none", "selective", "full"]
+POLICIES: tuple[Policy, ...] = ("none", "selective", "full")  # = benchmarks.sweep.POLICIES, most memory first
 
 
 class SweepConfig(Section):
@@ -314,7 +315,7 @@ class SweepConfig(Section):
     max: int = Field(512, ge=1, description="largest micro batch tried")
     warmup_steps: int = Field(3, ge=0, description="steps dropped before timing")
     steps: int = Field(10, ge=1, description="timed steps per trial")
-    recompute: list[Literal["none", "selective", "full"]] = Field(list(POLICIES), description=(
+    recompute: list[Policy] = Field(list(POLICIES), description=(
         "activation_checkpointing policies swept, in this order (each starts where the last "
         "ended)"))
     gpu_name: str | None = Field(None, description=(
@@ -412,7 +413,7 @@ class BenchmarkRow(Section):
     notes: str | None = None
 
     def trainer_layer(self) -> dict:
-        train = {"micro_batch_size": self.micro_batch_size,
+        train: dict[str, object] = {"micro_batch_size": self.micro_batch_size,
                  "global_batch_size": self.global_batch_size}
         if self.engine is not None:
             train["engine"] = self.engine

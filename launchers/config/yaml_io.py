@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -25,7 +26,7 @@ _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-class _Loader(_BaseLoader):
+class _Loader(_BaseLoader):  # type: ignore[valid-type,misc]  # C or pure-Python SafeLoader
     def construct_document(self, node):
         refuse_duplicate_keys(node)  # a key given twice is an error, not "the last one wins"
         return super().construct_document(node)
@@ -91,7 +92,7 @@ def label(path: Path | str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def dump(cfg: LaunchConfig, layers: list[str] = ()) -> str:
+def dump(cfg: LaunchConfig, layers: Sequence[str] = ()) -> str:
     """The text of <run_dir>/config.yaml (plain YAML; the comment lists the layers)."""
     head = "# Resolved by `python -m launchers`; the trainer reads the `trainer` section.\n"
     if layers:
