@@ -128,15 +128,12 @@ runs: install
 plot: install
 	$(LAUNCH) plot $(if $(RUN),$(call shell_quote,$(RUN)))
 
-# Without BACKEND: the sweep runs here (python -m benchmarks.sweep). With BACKEND=sbatch|submitit|
-# nemo_run: one job on CLUSTER whose allocation runs the sweep, every trial an srun step of it
-# (docs/sweep.md). ARGS takes the sweep's flags either way, e.g. ARGS="--memory-cap-gib 80".
+# One command either way (docs/sweep.md): without BACKEND the local backend runs the sweep here,
+# on one node of CLUSTER's profile; with BACKEND=sbatch|submitit|nemo_run, one job on CLUSTER whose
+# allocation runs it, every trial an srun step of it. ARGS takes the same flags and key=value
+# overrides either way, e.g. ARGS="--memory-cap-gib 80".
 sweep: install data
-ifneq (,$(BACKEND))
-	$(LAUNCH) sweep $(JOB_ARGS)
-else
-	$(VPY) -m benchmarks.sweep --model $(MODEL) $(if $(ENGINE),--set train.engine=$(ENGINE)) $(ARGS)
-endif
+	$(LAUNCH) sweep $(JOB_ARGS) $(if $(BACKEND),,--backend local)
 
 cluster-up: install
 	$(LAUNCH) cluster up

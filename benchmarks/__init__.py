@@ -1,1 +1,1 @@
-"""Benchmarks: the micro-batch sweep (`python -m benchmarks.sweep`, see docs/sweep.md)."""
+"""Benchmarks: the micro-batch sweep (`python -m launchers sweep (benchmarks.sweep forwards to it)`, see docs/sweep.md)."""

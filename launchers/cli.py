@@ -76,8 +76,8 @@ def _sweep_options(s: argparse.ArgumentParser) -> None:
                    help="trainer.train.compile in the trials (default: the config's)")
     s.add_argument("--write-table", action="store_true",
                    help="update the model's row in <tables>/<gpu>.yaml")
-    s.add_argument("--set", metavar="KEY=VALUE", nargs="+", help="trainer overrides as for "
-                   "benchmarks.sweep (same as trainer.KEY=VALUE)")
+    s.add_argument("--set", metavar="KEY=VALUE", nargs="+",
+                   help="trainer overrides: KEY=VALUE is trainer.KEY=VALUE")
     s.add_argument("--dry-run", action="store_true",
                    help="print the batch script and the resolved config; submit nothing")
 
@@ -156,7 +156,7 @@ _VALUE_OPTIONS = {"--model", "--cluster", "--nodes", "--backend", "--config", "-
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """key=value words may come anywhere (argparse alone would refuse them after an option).
-    For `sweep`, the words after --set are trainer overrides (benchmarks.sweep's spelling)."""
+    For `sweep`, the words after --set are trainer overrides (without the `trainer.` prefix)."""
     rest, overrides = [], []
     in_set = False
     for i, word in enumerate(argv):

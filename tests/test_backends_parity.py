@@ -235,10 +235,10 @@ def test_sweep_runs_one_orchestrator_in_the_same_allocation(sweep_scripts):
     in_shell = sweep.command(spec, in_step=False)
     in_step = sweep.command(spec, in_step=True)
     assert in_step == in_shell + ["--srun-arg=--overlap"]
-    assert in_shell[:4] == [sweep.orchestrator_python(spec), "-m", "benchmarks.sweep",
+    assert in_shell[:4] == [sweep.orchestrator_python(spec), "-m", "launchers.sweeping",
                             "--inside-allocation"]
     joined = texts["sbatch"].replace("\\\n", " ")
-    (line,) = [ln for ln in joined.splitlines() if "-m benchmarks.sweep" in ln]
+    (line,) = [ln for ln in joined.splitlines() if "-m launchers.sweeping" in ln]
     assert shlex.split(line) == in_shell
 
     one_task = ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1"]

@@ -86,9 +86,9 @@ def test_sweep_script_runs_the_sweep_once_without_signal_or_requeue():
     assert h["--nodes"] == "2" and h["--ntasks-per-node"] == h["--gpus-per-node"] == "8"
     assert "bionemo.train" not in text and "launchers.requeue" not in text
     joined = text.replace("\\\n", " ")
-    (line,) = [ln for ln in joined.splitlines() if "-m benchmarks.sweep" in ln]
+    (line,) = [ln for ln in joined.splitlines() if "-m launchers.sweeping" in ln]
     words = shlex.split(line)
-    assert words[:4] == ["python3", "-m", "benchmarks.sweep", "--inside-allocation"]  # host side
+    assert words[:4] == ["python3", "-m", "launchers.sweeping", "--inside-allocation"]  # host side
     assert words[words.index("--python") + 1] == "python"  # trials: the container's interpreter
     assert words[words.index("--nodes") + 1] == "2"
     assert words[words.index("--gpus-per-trial") + 1] == "4"

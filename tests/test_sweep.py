@@ -1,4 +1,4 @@
-"""The micro-batch sweep (benchmarks/sweep.py): search logic, table edits, and a real CPU sweep.
+"""The micro-batch sweep (launchers/sweeping/): search logic, table edits, and a real CPU sweep.
 
 The CPU sweep runs real trainer processes under a real address-space limit (RLIMIT_AS), so the
 sizes that do not fit fail with a real allocation failure and the trainer's exit code 12. The
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import sweep
+from launchers.cli import main as launcher_main
+from launchers.sweeping import orchestrator, results, trials
+from launchers.sweeping.search import search
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,31 +66,49 @@ def recording(limit: int):
 
 def test_search_doubles_then_bisects():
     fits, calls = recording(13)
-    assert sweep.search(fits, 1, 512) == 13
+    assert search(fits, 1, 512) == 13
     assert calls == [1, 2, 4, 8, 16, 12, 14, 13]
 
 
 def test_search_edges():
     fits, calls = recording(1000)
-    assert sweep.search(fits, 1, 48) == 48 and calls == [1, 2, 4, 8, 16, 32, 48]
+    assert search(fits, 1, 48) == 48 and calls == [1, 2, 4, 8, 16, 32, 48]
     fits, calls = recording(0)
-    assert sweep.search(fits, 2, 64) is None and calls == [2]
+    assert search(fits, 2, 64) is None and calls == [2]
     # A later recompute policy starts at the previous policy's maximum ...
     fits, calls = recording(40)
-    assert sweep.search(fits, 1, 512, start=24) == 40 and calls == [24, 48, 36, 42, 39, 40, 41]
+    assert search(fits, 1, 512, start=24) == 40 and calls == [24, 48, 36, 42, 39, 40, 41]
     # ... and falls back to the floor if even that does not fit.
     fits, calls = recording(5)
-    assert sweep.search(fits, 1, 512, start=24) == 5 and calls == [24, 1, 12, 6, 3, 4, 5]
+    assert search(fits, 1, 512, start=24) == 5 and calls == [24, 1, 12, 6, 3, 4, 5]
 
 
 # ------------------------------------------------------------------------------------ config
 
 
-def test_trial_config_applies_sweep_settings_last():
-    args = sweep.parse_args(["--model", "esm2_8m", "--memory-cap-gib", "40", "--set",
-                             "train.micro_batch_size=999", "data.pad_to=longest",
-                             "trainer.model.num_layers=2", "--set", "data.database=data/x.sqlite"])
-    cfg = sweep.trial_config(sweep.load_preset("esm2_8m"), args, "selective", 24)
+def dry_run(capsys, tmp: Path, launcher_args: list[str]) -> list[str]:
+    """`python -m launchers sweep --backend local --dry-run ...`: write the resolved config.yaml it
+    prints to tmp/config.yaml; return the orchestrator's arguments it would run (after
+    `python -m launchers.sweeping`), with --base-config pointing at that file."""
+    capsys.readouterr()
+    assert launcher_main(["sweep", "--backend", "local", "--dry-run", *launcher_args]) == 0
+    out = capsys.readouterr().out
+    script, config_text = out.split("# ==== config.yaml -> ", 1)
+    (tmp / "config.yaml").write_text(config_text.split("\n", 1)[1])
+    joined = script.replace("\\\n", " ")
+    (line,) = [ln for ln in joined.splitlines() if "-m launchers.sweeping" in ln]
+    words = shlex.split(line.split(" && ", 1)[1])
+    words = words[words.index("launchers.sweeping") + 1:]
+    words[words.index("--base-config") + 1] = str(tmp / "config.yaml")
+    return words
+
+
+def test_trial_config_applies_sweep_settings_last(tmp_path, capsys):
+    words = dry_run(capsys, tmp_path, [
+        "--model", "esm2_8m", "--memory-cap-gib", "40", "--set", "train.micro_batch_size=999",
+        "data.pad_to=longest", "trainer.model.num_layers=2", "--set", "data.database=data/x.sqlite"])
+    args = orchestrator.parse_args(words)
+    cfg = trials.trial_config(trials.load_base(args), args, "selective", 24)
     assert cfg["model"]["num_layers"] == 2  # user overrides, with or without "trainer."
     assert cfg["train"]["micro_batch_size"] == 24 and cfg["data"]["pad_to"] == "max_length"
     assert cfg["model"]["activation_checkpointing"] == "selective"
@@ -98,10 +119,10 @@ def test_trial_config_applies_sweep_settings_last():
 
 
 def test_gpu_table_names():
-    assert sweep.gpu_table_name("NVIDIA H100 80GB HBM3") == "h100_80gb"
-    assert sweep.gpu_table_name("NVIDIA H200") == "h200_141gb"
-    assert sweep.gpu_table_name("NVIDIA A100-SXM4-80GB") == "a100_80gb"
-    assert sweep.gpu_table_name("NVIDIA L40S") == "nvidia_l40s"
+    assert trials.gpu_table_name("NVIDIA H100 80GB HBM3") == "h100_80gb"
+    assert trials.gpu_table_name("NVIDIA H200") == "h200_141gb"
+    assert trials.gpu_table_name("NVIDIA A100-SXM4-80GB") == "a100_80gb"
+    assert trials.gpu_table_name("NVIDIA L40S") == "nvidia_l40s"
 
 
 def test_update_table_keeps_other_rows_and_comments(tmp_path):
@@ -112,7 +133,7 @@ def test_update_table_keeps_other_rows_and_comments(tmp_path):
     row = {**old["rows"]["esm2_650m"], "micro_batch_size": 40, "max_micro_batch_size": 56,
            "global_batch_size": None, "gpus": 8, "measured": True,
            "source": "benchmarks/results/h100_80gb/esm2_650m.json", "date": "2026-01-02"}
-    sweep.update_table(table, "h100_80gb", "esm2_650m", row)
+    results.update_table(table, "h100_80gb", "esm2_650m", row)
     text = table.read_text()
     new = yaml.safe_load(text)
     assert new["rows"]["esm2_650m"] == row
@@ -129,10 +150,10 @@ def test_update_table_keeps_other_rows_and_comments(tmp_path):
             assert line in text, line
     assert "date: '2026-01-02'" in text  # a string, not a YAML date
 
-    sweep.update_table(table, "h100_80gb", "esm2_new", {"micro_batch_size": 4})
+    results.update_table(table, "h100_80gb", "esm2_new", {"micro_batch_size": 4})
     assert yaml.safe_load(table.read_text())["rows"]["esm2_new"] == {"micro_batch_size": 4}
     fresh = tmp_path / "h200_141gb.yaml"
-    sweep.update_table(fresh, "h200_141gb", "esm2_8m", {"micro_batch_size": 128})
+    results.update_table(fresh, "h200_141gb", "esm2_8m", {"micro_batch_size": 128})
     assert yaml.safe_load(fresh.read_text())["rows"] == {"esm2_8m": {"micro_batch_size": 128}}
     try:  # the launcher reads both back (when its schema is there)
         from launchers.config import BenchmarkTable
@@ -145,15 +166,15 @@ def test_table_row_keeps_global_batch_only_when_divisible():
     result = {"policies": {"none": {"micro_batch_size": 48, "max_micro_batch_size": 64}},
               "tensor_parallel": 1, "world_size": 8, "date": "2026-01-02T03:04:05+00:00",
               "gpu": "h100_80gb"}
-    row = sweep.table_row(result, {"global_batch_size": 2048, "notes": "x"}, "r.json")
+    row = results.table_row(result, {"global_batch_size": 2048, "notes": "x"}, "r.json")
     assert row["global_batch_size"] is None and row["notes"] == "x"  # 2048 % 48 != 0
     assert row["micro_batch_size"] == 48 and row["max_micro_batch_size"] == 64
     assert row["gpus"] == 8 and row["measured"] is True and "2026-01-02" in row["source"]
-    columns = sweep.table_columns()
+    columns = results.table_columns()
     if columns is not None:  # whatever the launcher's schema, the row must pass it
         assert set(row) <= columns, set(row) - columns
     result["policies"]["none"]["micro_batch_size"] = 32
-    assert sweep.table_row(result, {"global_batch_size": 2048}, "r.json")["global_batch_size"] == 2048
+    assert results.table_row(result, {"global_batch_size": 2048}, "r.json")["global_batch_size"] == 2048
 
 
 # ------------------------------------------------------------------------------------ real sweep
@@ -175,14 +196,14 @@ sys.exit(main([str(run_dir)]))
 def vm_peaks(tmp: Path, args, sizes, world: int = 1, env: dict | None = None) -> dict[int, int]:
     """Peak address space in bytes of a trial of each size (the largest over its `world`
     ranks), all measured concurrently. `env` is added to the trials' environment."""
-    preset = sweep.load_base(args)
-    env, procs = {**sweep.trial_environment(args), **(env or {})}, {}
+    preset = trials.load_base(args)
+    env, procs = {**trials.trial_environment(args), **(env or {})}, {}
     for m in sizes:
         run_dir = tmp / f"calibrate-{m}"
         run_dir.mkdir()
-        cfg = sweep.trial_config(preset, args, "none", m)
+        cfg = trials.trial_config(preset, args, "none", m)
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": cfg}))
-        port = sweep.free_port()
+        port = trials.free_port()
         for rank in range(world):
             rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(world),
                         "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
@@ -197,20 +218,22 @@ def vm_peaks(tmp: Path, args, sizes, world: int = 1, env: dict | None = None) ->
                    for r in range(world)) for m in sizes}
 
 
-def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch):
+def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2-core CI machines; also steadier memory
     common = ["--model", "esm2_8m", "--recompute", "none", "--gpu-name", "cpu",
               "--set", *TINY_MODEL, *data_overrides(data_dir), *SEARCH]
-    # The calibration runs get the same environment as the trials (allocator settings included).
+    # The calibration runs get the trials' config (the launcher's) and environment (allocator
+    # settings included).
     lo, hi = CALIBRATION
-    peaks = vm_peaks(tmp_path, sweep.parse_args([*common, "--cpu-memory-limit-gib", "1"]),
-                     CALIBRATION)
+    calibrate = dry_run(capsys, tmp_path, [*common, "--cpu-memory-limit-gib", "1"])
+    peaks = vm_peaks(tmp_path, orchestrator.parse_args(calibrate), CALIBRATION)
     per_sequence = (peaks[hi] - peaks[lo]) / (hi - lo)
     assert per_sequence > 5 * 2**20, peaks  # activations must dominate, or the test means little
     limit_gib = (peaks[lo] + peaks[hi]) / 2 / 2**30
     print(f"VmPeak {peaks}; {per_sequence / 2**20:.1f} MiB per sequence; limit {limit_gib:.3f} GiB")
 
     out, work = tmp_path / "out", tmp_path / "work"
+    # the compatibility shim (benchmarks/sweep.py): the old command line, through the launcher
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.sweep", *common, "--cpu-memory-limit-gib",
          f"{limit_gib:.4f}", "--out", str(out), "--work-dir", str(work)],

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from bionemo.rundir import LOGS, REQUEUE_EXIT_CODE
+from launchers import sweep
 from launchers.backends.base import Backend, BackendError, Submission
 from launchers.spec import JobSpec
 
@@ -176,6 +177,8 @@ class LocalBackend(Backend):
     name = "local"
 
     def describe(self, spec: JobSpec) -> str:
+        if spec.config.kind == "sweep":  # the sweep's orchestrator, here (launchers/sweep.py)
+            return sweep.describe_local(spec)
         saved = spec.config.model_dump(mode="json")
         nproc = _nproc(saved)
         env = {k: v for k, v in environment(saved["cluster"], nproc).items()
@@ -189,8 +192,16 @@ class LocalBackend(Backend):
                 f"WORLD_SIZE={nproc} MASTER_ADDR=127.0.0.1 MASTER_PORT=<a free port>\n" + line)
 
     def submit(self, spec: JobSpec) -> Submission:
+        if spec.config.kind == "sweep":
+            try:
+                return Submission(job_id=None, exit_code=sweep.run_local(spec))
+            except OSError as e:
+                raise BackendError(f"cannot start {spec.cluster.python}: {e}") from None
         return Submission(job_id=None, exit_code=run(spec.config.model_dump(mode="json"),
                                                      spec.run_dir))
 
     def resubmit(self, run_dir: Path, saved: dict) -> Submission:
+        if saved.get("sweep"):
+            raise BackendError("a local sweep is run again, not resumed: start a new one with "
+                               "`python -m launchers sweep --backend local ...` (make sweep)")
         return Submission(job_id=None, exit_code=run(saved, Path(run_dir)))

@@ -62,7 +62,7 @@ Mapping:
 
 A sweep job (`python -m launchers sweep`, launchers/sweep.py) has one task, `sweep`: NeMo-Run's
 srun step is ONE task on the first node (srun flags --nodes=1 --ntasks=1, after NeMo-Run's own),
-outside any container, running `python -m benchmarks.sweep --inside-allocation ...`; the trials
+outside any container, running `python -m launchers.sweeping --inside-allocation ...`; the trials
 are srun steps of the same job with --overlap. The allocation is the profile's; no warning
 signal, no requeue trap (a sweep is run again, not resumed), retries=0.
 """
@@ -211,12 +211,12 @@ def trainer_script(spec: JobSpec, run):
 
 
 def sweep_script(spec: JobSpec, run):
-    """`python -m benchmarks.sweep --inside-allocation ...` (launchers/sweep.py) as a Script."""
+    """`python -m launchers.sweeping --inside-allocation ...` (launchers/sweep.py) as a Script."""
     from launchers import sweep
 
     words = sweep.command(spec, in_step=True)
-    assert words[1:3] == ["-m", "benchmarks.sweep"], words
-    return run.Script(path="benchmarks.sweep", m=True, args=[shlex.quote(w) for w in words[3:]],
+    assert words[1:3] == ["-m", sweep.MODULE], words
+    return run.Script(path=sweep.MODULE, m=True, args=[shlex.quote(w) for w in words[3:]],
                       entrypoint=shlex.quote(words[0]))
 
 

@@ -223,7 +223,7 @@ class SweepFailed(RuntimeError):
 
 
 class SweepJob:
-    """A sweep job's one task: run the orchestrator (`python -m benchmarks.sweep
+    """A sweep job's one task: run the orchestrator (`python -m launchers.sweeping
     --inside-allocation ...`) in the workdir and fail the job when it fails."""
 
     def __init__(self, command: list[str], workdir: str):

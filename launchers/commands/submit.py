@@ -234,6 +234,8 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
         return 1
     if sub.job_id is None:  # local backend: it ran in the foreground
         record.add_job(spec.run_dir, None, command)
+        if spec.config.kind == "sweep":
+            return _local_sweep_done(spec, sub.exit_code)
         return _run_local_attempt(spec.run_dir, sub, command)
     total = time.perf_counter() - STARTED[0]
     # seconds since `python -m launchers` started (imports included, interpreter start-up not)
@@ -246,6 +248,18 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
         echo(f"  results: {spec.config.sweep.out}/<gpu>/{sweep.model_name(spec)}.md, copied to "
              f"{spec.run_dir / sweep.RESULTS}")
     return 0
+
+
+def _local_sweep_done(spec, rc: int) -> int:
+    """Record a local sweep's outcome (a sweep is run again, never resumed)."""
+    where = f"{spec.config.sweep.out}/<gpu>/{sweep.model_name(spec)}.md"
+    reason = (f"sweep finished: results in {where}, copied to {spec.run_dir / sweep.RESULTS}"
+              if rc == 0 else f"sweep exited {rc} (its log is in {spec.run_dir / rundir.LOGS})")
+    record.add_attempt(spec.run_dir, dict(job_id=None, restart=0, exit_code=rc, latest_step=None,
+                                          outcome="finished" if rc == 0 else "local",
+                                          decision="none", reason=reason, command="sweep"))
+    echo(f"[launcher] {reason}")
+    return rc
 
 
 def cmd_recipe(args) -> int:
@@ -280,7 +294,8 @@ def cmd_recipe(args) -> int:
     return 0
 
 
-# The sweep's options (benchmarks/sweep.py's flags) and the keys they set: (flag, key, help).
+# The sweep's options and the keys they set: (flag, key, help). The only place they are
+# declared: launchers/cli.py adds them, launchers/sweep.py hands the keys to the orchestrator.
 SWEEP_OPTIONS = (
     ("--gpus-per-trial", "sweep.gpus_per_trial",
      "ranks (GPUs) per node of each trial; default: the profile's ranks per node"),
@@ -301,7 +316,11 @@ SWEEP_OPTIONS = (
 
 
 def cmd_sweep(args) -> int:
+    """`python -m launchers sweep` and `make sweep` (with or without BACKEND; without, the local
+    backend runs the sweep here): one grammar, SWEEP_OPTIONS plus the launcher's own."""
     args.kind = "sweep"
+    if args.backend == "local" and args.nodes is None:
+        args.nodes = 1  # trials on this machine; the profile's job.nodes is for SLURM jobs
     args.options = [(flag, key, getattr(args, flag[2:].replace("-", "_")))
                     for flag, key, _ in SWEEP_OPTIONS]
     args.options += [("--compile", "trainer.train.compile", args.compile),

@@ -70,11 +70,7 @@ def _check(cfg: LaunchConfig, origins, table: BenchmarkTable, row: BenchmarkRow 
             f"the lead ({cl.signal_lead_s} s) and the limit is {limit} s")
 
     # Backend
-    if job.backend == "local" and cfg.sweep is not None:
-        err("job.backend", "a sweep job runs in a SLURM allocation, not with the local backend",
-            "choose --backend sbatch, submitit or nemo_run; for a sweep on this machine run "
-            "`make sweep` without BACKEND (python -m benchmarks.sweep)")
-    elif job.backend == "local" and job.nodes != 1:
+    if job.backend == "local" and job.nodes != 1:  # a local sweep too: its trials run here
         err("job.nodes", f"the local backend runs on this machine only, not on {job.nodes} nodes",
             "use job.nodes=1 (--nodes 1) or --backend sbatch")
     elif job.backend == "nemo_run":

@@ -298,16 +298,16 @@ class ClusterConfig(Section):
 # --------------------------------------------------------------------------------------------
 
 Policy = Literal["none", "selective", "full"]
-POLICIES: tuple[Policy, ...] = ("none", "selective", "full")  # = benchmarks.sweep.POLICIES, most memory first
+POLICIES: tuple[Policy, ...] = ("none", "selective", "full")  # most memory first (the sweep's order)
 
 
 class SweepConfig(Section):
     """A micro-batch sweep in ONE allocation (`python -m launchers sweep`, docs/sweep.md): the
-    batch script runs `python -m benchmarks.sweep --inside-allocation` once, and every trial is an
-    srun step of the job. Trials start from the resolved `trainer` section; the sweep's
-    tensor-parallel size, memory cap and compile switch are trainer.parallel.tensor,
-    trainer.train.memory_cap_gib and trainer.train.compile (flags --tp, --memory-cap-gib,
-    --compile). A trial spans all job.nodes nodes."""
+    batch script runs the sweep's orchestrator (`python -m launchers.sweeping`) once, and every
+    trial is an srun step of the job; with the local backend it runs here. Trials start from
+    the resolved `trainer` section; the sweep's tensor-parallel size, memory cap and compile
+    switch are trainer.parallel.tensor, trainer.train.memory_cap_gib and trainer.train.compile
+    (flags --tp, --memory-cap-gib, --compile). A trial spans all job.nodes nodes."""
 
     gpus_per_trial: int | None = Field(None, ge=1, description=(
         "Ranks per node of each trial (GPUs per node); default: the profile's ranks per node."))

@@ -1,6 +1,6 @@
 """Micro-batch sweeps through the launcher (`python -m launchers sweep`, `make sweep BACKEND=...`)
 on the bundled SLURM cluster: ONE job per sweep, whose allocation (2 nodes, one rank each, gloo)
-runs benchmarks/sweep.py once; every trial is an srun step of that job, never a job of its own.
+runs the sweep (launchers/sweeping/) once; every trial is an srun step of that job, never a job of its own.
 
 - sbatch: the CPU search under a real address-space limit finds the exact boundary. The limit is
   calibrated here as in tests/test_sweep.py (halfway between the peak address space of micro
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import sweep
+from launchers.sweeping import orchestrator as sweep
 from tests.test_sweep import TINY_MODEL, vm_peaks
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,7 +1,8 @@
 """PNG plots of a micro-batch sweep: throughput and peak memory against micro batch size.
 
 One line per recompute policy over the sizes that fit; an x on the axis marks each size that ran
-out of memory. Trials are the dicts of benchmarks.sweep's results file.
+out of memory. Trials are the dicts of the sweep's results file; results.py imports this module
+only once there is data to plot (matplotlib is slow to import and optional).
 """
 
 from __future__ import annotations
