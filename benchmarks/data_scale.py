@@ -108,8 +108,10 @@ def generate(out, n_clusters: int, n_ids: int, seed: int = 0) -> Path:
 
     path, tmp = out / TRAIN_FILE, out / f".{TRAIN_FILE}.tmp"
     workers = min(8, os.cpu_count() or 1)
-    with pq.ParquetWriter(tmp, schema, compression="snappy", use_dictionary=False) as writer, \
-            ThreadPoolExecutor(workers) as pool:
+    with (
+        pq.ParquetWriter(tmp, schema, compression="snappy", use_dictionary=False) as writer,
+        ThreadPoolExecutor(workers) as pool,
+    ):
         starts = range(0, n_clusters, ROW_GROUP_CLUSTERS)
         pending = deque(pool.submit(row_group, f) for f in starts[:workers])
         for i in range(len(starts)):
@@ -182,11 +184,12 @@ def scdl_tile(src: Path, out: Path, copies: int) -> Path:
         (tiled / index).mkdir(exist_ok=True)
         for name in ("labels.npy", "version.npy"):
             shutil.copy(store / index / name, tiled / index / name)
-        np.save(tiled / index / "cumulative_sum_index.npy",
-                np.array([-1, copies * n_cells], dtype=np.int64))
+        np.save(
+            tiled / index / "cumulative_sum_index.npy",
+            np.array([-1, copies * n_cells], dtype=np.int64),
+        )
     obs = pq.read_table(store / "obs_features" / "dataframe_0.parquet")
-    pq.write_table(pa.concat_tables([obs] * copies),
-                   tiled / "obs_features" / "dataframe_0.parquet")
+    pq.write_table(pa.concat_tables([obs] * copies), tiled / "obs_features" / "dataframe_0.parquet")
     return tiled
 
 
@@ -214,7 +217,8 @@ def memory(pid="self") -> dict[str, int]:
         "rss": fields.get("Rss", 0),
         "pss": fields.get("Pss", -1),
         "uss": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-        if "Private_Clean" in fields else -1,
+        if "Private_Clean" in fields
+        else -1,
         "anon": fields.get("Anonymous", -1),
     }
 
@@ -260,8 +264,12 @@ def rank_main(args) -> None:
         from bionemo.data.cells_tokenizer import GeneVocab
 
         data = Path(args.data)
-        cfg = CellDataConfig(train=data / "train", valid=None, vocab=data / "vocab.json",
-                             gene_medians=data / "gene_medians.json")
+        cfg = CellDataConfig(
+            train=data / "train",
+            valid=None,
+            vocab=data / "vocab.json",
+            gene_medians=data / "gene_medians.json",
+        )
         vocab = GeneVocab.load(cfg.vocab)
         cells = open_cells(cfg, SEQ_LENGTH, "train", vocab)
         rec["clusters_s"] = time.monotonic() - t0
@@ -269,8 +277,9 @@ def rank_main(args) -> None:
         store = cells.store()
         index = (store.data, store.col_index, store.row_index)
     else:
-        clusters = synthetic_clusters()(Path(args.data) / TRAIN_FILE, Path(args.data), COLUMN,
-                                        memory_map=args.path == "mmap")
+        clusters = synthetic_clusters()(
+            Path(args.data) / TRAIN_FILE, Path(args.data), COLUMN, memory_map=args.path == "mmap"
+        )
         rec["clusters_s"] = time.monotonic() - t0
         dataset = MLMDataset(clusters, SEQ_LENGTH, DataConfig(), seed=1234)
         index = (clusters.offsets, clusters.id_offsets, clusters.id_bytes)
@@ -311,12 +320,35 @@ def run_ranks(data: Path, path: str, ranks: int, samples: int, cold: bool) -> di
     sync.mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start, avail0 = time.monotonic(), mem_available()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.data_scale", "_rank", "--data", str(data),
-         "--path", path, "--rank", str(r), "--ranks", str(ranks), "--samples", str(samples),
-         "--sync", str(sync), "--spawned-at", repr(time.time())],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for r in range(ranks)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.data_scale",
+                "_rank",
+                "--data",
+                str(data),
+                "--path",
+                path,
+                "--rank",
+                str(r),
+                "--ranks",
+                str(ranks),
+                "--samples",
+                str(samples),
+                "--sync",
+                str(sync),
+                "--spawned-at",
+                repr(time.time()),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(ranks)
+    ]
     peak = {"pss_sum": 0, "rss_sum": 0, "mem_available_min": avail0}
     stop, aborted, low = threading.Event(), [], [0]
 
@@ -340,15 +372,23 @@ def run_ranks(data: Path, path: str, ranks: int, samples: int, cold: bool) -> di
     stop.set()
     watcher.join()
     shutil.rmtree(sync, ignore_errors=True)
-    result = {"path": path, "ranks": ranks, "cold": cold, "wall_s": time.monotonic() - start,
-              "mem_available_before": avail0, "node_peak": peak, "per_rank": []}
+    result = {
+        "path": path,
+        "ranks": ranks,
+        "cold": cold,
+        "wall_s": time.monotonic() - start,
+        "mem_available_before": avail0,
+        "node_peak": peak,
+        "per_rank": [],
+    }
     for p, (out, err) in zip(procs, outs):
         lines = [line for line in out.splitlines() if line.startswith("{")]
         if p.returncode == 0 and lines:
             result["per_rank"].append(json.loads(lines[-1]))
         else:
             result.setdefault("failed", []).append(
-                {"returncode": p.returncode, "stderr_tail": err[-1500:]})
+                {"returncode": p.returncode, "stderr_tail": err[-1500:]}
+            )
     if aborted:
         result["aborted"] = aborted[0]
     return result
@@ -370,8 +410,8 @@ def summarize(run: dict) -> dict:
         "sample_ms_mean": sum(r["sample_ms"] for r in ranks) / len(ranks),
         "peak_rss_gib_max": top(lambda r: r["peak_rss"]) / GiB,
         # private memory the dataset added to a rank (anonymous pages over the imports' own)
-        "dataset_anon_gib_max": top(
-            lambda r: r["mem_started"]["anon"] - r["mem_imports"]["anon"]) / GiB,
+        "dataset_anon_gib_max": top(lambda r: r["mem_started"]["anon"] - r["mem_imports"]["anon"])
+        / GiB,
     }
     for stage in ("mem_started", "mem_touched"):
         if stage in ranks[0]:
@@ -379,11 +419,13 @@ def summarize(run: dict) -> dict:
                 out[f"{stage}_{k}_gib_max"] = top(lambda r: r[stage][k]) / GiB
                 out[f"{stage}_{k}_gib_sum"] = sum(r[stage][k] for r in ranks) / GiB
             # what the dataset added to a rank, over the interpreter + torch baseline
-            out[f"{stage}_pss_minus_imports_gib_sum"] = sum(
-                r[stage]["pss"] - r["mem_imports"]["pss"] for r in ranks) / GiB
+            out[f"{stage}_pss_minus_imports_gib_sum"] = (
+                sum(r[stage]["pss"] - r["mem_imports"]["pss"] for r in ranks) / GiB
+            )
     out["node_peak_pss_sum_gib"] = run["node_peak"]["pss_sum"] / GiB
     out["node_mem_available_drop_gib"] = (
-        run["mem_available_before"] - run["node_peak"]["mem_available_min"]) / GiB
+        run["mem_available_before"] - run["node_peak"]["mem_available_min"]
+    ) / GiB
     return out
 
 
@@ -391,9 +433,15 @@ def machine() -> dict:
     import pyarrow
 
     meminfo = Path("/proc/meminfo").read_text().splitlines()[0]
-    return {"host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
-            "meminfo_total": meminfo, "python": platform.python_version(),
-            "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "meminfo_total": meminfo,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
 
 
 def measure(args) -> dict:
@@ -402,15 +450,18 @@ def measure(args) -> dict:
     data = Path(args.data)
     if (data / "train" / "metadata.json").is_file():  # an SCDL folder (scdl runs)
         store = data / "train"
-        info = {"cells": json.loads((store / "metadata.json").read_text())["num_rows"],
-                "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file())}
+        info = {
+            "cells": json.loads((store / "metadata.json").read_text())["num_rows"],
+            "store_bytes": sum(f.stat().st_size for f in store.rglob("*") if f.is_file()),
+        }
     else:
         meta = pq.ParquetFile(data / TRAIN_FILE).metadata
         info = {"clusters": meta.num_rows, "parquet_bytes": (data / TRAIN_FILE).stat().st_size}
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.data_scale", *sys.argv[1:]]),
-        "commit": args.commit or _git_commit(), "machine": machine(),
+        "commit": args.commit or _git_commit(),
+        "machine": machine(),
         "data": info,
         "runs": [],
     }
@@ -420,14 +471,22 @@ def measure(args) -> dict:
         ranks, cold = int(ranks), path.endswith("-cold")
         path = path.removesuffix("-cold")
         entry = {"path": path, "ranks": ranks, "cold": cold}
-        alone = next((r for r in report["runs"] if r["path"] == path and r["ranks"] == 1
-                      and r.get("summary")), None)
+        alone = next(
+            (
+                r
+                for r in report["runs"]
+                if r["path"] == path and r["ranks"] == 1 and r.get("summary")
+            ),
+            None,
+        )
         need = alone and alone["summary"]["peak_rss_gib_max"] * ranks
         left = args.deadline_s - (time.monotonic() - start)
         if path == "parquet" and need and need > 0.9 * args.mem_limit_gib:
-            entry["skipped"] = (f"predicted not to fit: {ranks} x {need / ranks:.1f} GiB peak "
-                                f"RSS (1-rank run) = {need:.0f} GiB > 90% of "
-                                f"{args.mem_limit_gib} GiB")
+            entry["skipped"] = (
+                f"predicted not to fit: {ranks} x {need / ranks:.1f} GiB peak "
+                f"RSS (1-rank run) = {need:.0f} GiB > 90% of "
+                f"{args.mem_limit_gib} GiB"
+            )
         elif left < (2 * alone["wall_s"] + 10 if alone else 30):
             entry["skipped"] = f"out of time: {left:.0f} s of --deadline-s left"
         else:
@@ -449,15 +508,19 @@ def measure(args) -> dict:
 
 
 def table(report: dict) -> str:
-    rows = ["| path | ranks | index | start-up s (max rank) | of which clusters s "
-            "| peak RSS/rank GiB | RSS/rank GiB | PSS/rank GiB | USS/rank GiB | sum PSS GiB "
-            "| dataset's private GiB/rank | after touching all: RSS/rank, sum PSS GiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| path | ranks | index | start-up s (max rank) | of which clusters s "
+        "| peak RSS/rank GiB | RSS/rank GiB | PSS/rank GiB | USS/rank GiB | sum PSS GiB "
+        "| dataset's private GiB/rank | after touching all: RSS/rank, sum PSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in report["runs"]:
-        name = {"mmap": "memory-mapped", "parquet": "parquet in memory",
-                "scdl": "SCDL store"}[run["path"]]
+        name = {"mmap": "memory-mapped", "parquet": "parquet in memory", "scdl": "SCDL store"}[
+            run["path"]
+        ]
         idx = {"parquet": "-", "scdl": "(memmaps)"}.get(run["path"]) or (
-            "built by this run" if run["cold"] else "present")
+            "built by this run" if run["cold"] else "present"
+        )
         s = run.get("summary")
         if not s:
             why = run.get("skipped") or run.get("aborted") or f"failed: {run.get('failed')}"
@@ -471,14 +534,16 @@ def table(report: dict) -> str:
             f"{s['clusters_s_max']:.1f} | {s['peak_rss_gib_max']:.2f} | "
             f"{s['mem_started_rss_gib_max']:.2f} | {s['mem_started_pss_gib_max']:.2f} | "
             f"{s['mem_started_uss_gib_max']:.2f} | {s['mem_started_pss_gib_sum']:.2f} | "
-            f"{s['dataset_anon_gib_max']:.2f} | {touched} |")
+            f"{s['dataset_anon_gib_max']:.2f} | {touched} |"
+        )
     return "\n".join(rows)
 
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -493,13 +558,20 @@ def main(argv=None) -> None:
     g.add_argument("--seed", type=int, default=0)
     m = sub.add_parser("measure", help="start-up and memory per rank")
     m.add_argument("--data", required=True, type=Path)
-    m.add_argument("--runs", default="parquet:1,parquet:8,mmap-cold:8,mmap:1,mmap:8",
-                   help="comma-separated PATH:RANKS, PATH parquet, mmap, mmap-cold or scdl "
-                        "(--data: a folder made by scdl-tile)")
+    m.add_argument(
+        "--runs",
+        default="parquet:1,parquet:8,mmap-cold:8,mmap:1,mmap:8",
+        help="comma-separated PATH:RANKS, PATH parquet, mmap, mmap-cold or scdl "
+        "(--data: a folder made by scdl-tile)",
+    )
     m.add_argument("--samples", type=int, default=256, help="samples each rank reads")
     m.add_argument("--json", type=Path)
-    m.add_argument("--mem-limit-gib", type=float, default=128,
-                   help="skip a parquet run whose ranks' predicted peak exceeds 90%% of this")
+    m.add_argument(
+        "--mem-limit-gib",
+        type=float,
+        default=128,
+        help="skip a parquet run whose ranks' predicted peak exceeds 90%% of this",
+    )
     m.add_argument("--deadline-s", type=float, default=1e9, help="skip runs that would overrun")
     m.add_argument("--commit", help="the project's commit (default: git rev-parse HEAD)")
     t = sub.add_parser("scdl-tile", help="a larger SCDL store: a small one's cells, repeated")
@@ -516,8 +588,10 @@ def main(argv=None) -> None:
     if args.cmd == "generate":
         t0 = time.monotonic()
         path = generate(args.out, args.clusters, args.ids, args.seed)
-        print(f"{args.clusters} clusters, {args.ids} ids -> {path} "
-              f"({path.stat().st_size / GiB:.2f} GiB, {time.monotonic() - t0:.0f} s)")
+        print(
+            f"{args.clusters} clusters, {args.ids} ids -> {path} "
+            f"({path.stat().st_size / GiB:.2f} GiB, {time.monotonic() - t0:.0f} s)"
+        )
     elif args.cmd == "measure":
         measure(args)
     elif args.cmd == "scdl-tile":

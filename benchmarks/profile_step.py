@@ -65,15 +65,25 @@ def host_batches(cfg: ModelConfig, mbs: int, pad: str, n: int) -> tuple[list[dic
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 # ------------------------------------------------------------------------------------ step
 
 
-def build(cfg: ModelConfig, device, baseline: str | None, compile_: bool, *,
-          recompute_pointwise: bool | None = None, fp8: bool = False, fp32_residual: bool = False):
+def build(
+    cfg: ModelConfig,
+    device,
+    baseline: str | None,
+    compile_: bool,
+    *,
+    recompute_pointwise: bool | None = None,
+    fp8: bool = False,
+    fp32_residual: bool = False,
+):
     from bionemo.engines.torch_engine import MaskedLMLoss, build_optimizer
 
     if baseline:
@@ -93,8 +103,15 @@ def build(cfg: ModelConfig, device, baseline: str | None, compile_: bool, *,
     if compile_ or fp8:
         from bionemo.distributed.parallel import wrap_for_training
 
-        step_fn = wrap_for_training(step_fn, model, compile=compile_, dp=1, device=device,
-                                    recompute_pointwise=recompute_pointwise, fp8=fp8)
+        step_fn = wrap_for_training(
+            step_fn,
+            model,
+            compile=compile_,
+            dp=1,
+            device=device,
+            recompute_pointwise=recompute_pointwise,
+            fp8=fp8,
+        )
     return model, optimizer, step_fn
 
 
@@ -169,20 +186,37 @@ def run_step(args) -> list[dict]:
         overrides["num_layers"] = args.layers
     cfg = model_config(args.model, **overrides)
     t0 = time.perf_counter()
-    model, optimizer, step_fn = build(cfg, device, args.baseline, args.compile,
-                                      recompute_pointwise=args.recompute_pointwise, fp8=args.fp8,
-                                      fp32_residual=args.fp32_residual)
+    model, optimizer, step_fn = build(
+        cfg,
+        device,
+        args.baseline,
+        args.compile,
+        recompute_pointwise=args.recompute_pointwise,
+        fp8=args.fp8,
+        fp32_residual=args.fp32_residual,
+    )
     build_s = time.perf_counter() - t0
     label = "baseline" if args.baseline else ("compiled" if args.compile else "eager")
-    label += "".join(f"+{name}" for name, on in (("pointwise-recompute", args.recompute_pointwise),
-                                                 ("fp32-residual", args.fp32_residual),
-                                                 ("fp8", args.fp8)) if on)
+    label += "".join(
+        f"+{name}"
+        for name, on in (
+            ("pointwise-recompute", args.recompute_pointwise),
+            ("fp32-residual", args.fp32_residual),
+            ("fp8", args.fp8),
+        )
+        if on
+    )
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     results = []
     for mbs in [int(m) for m in args.mbs.split(",")]:
-        row = {"model": args.model, "variant": label, "recompute": args.recompute, "pad": args.pad,
-               "mbs": mbs}
+        row = {
+            "model": args.model,
+            "variant": label,
+            "recompute": args.recompute,
+            "pad": args.pad,
+            "mbs": mbs,
+        }
         batches = None
         try:
             host, loader_ms = host_batches(cfg, mbs, args.pad, args.distinct)
@@ -203,27 +237,37 @@ def run_step(args) -> list[dict]:
             times, losses = [], []
             for i in range(args.steps):
                 t0 = time.perf_counter()
-                losses.append(train_step(step_fn, model, optimizer, batches[i % len(batches)]).item())
+                losses.append(
+                    train_step(step_fn, model, optimizer, batches[i % len(batches)]).item()
+                )
                 times.append(time.perf_counter() - t0)
             dt = statistics.median(times)
             alloc = torch.cuda.max_memory_allocated() if cuda else 0
             row.update(
-                fits=True, step_ms=dt * 1e3,
-                tokens_per_s=per_batch["padded"] / dt, useful_tokens_per_s=per_batch["useful"] / dt,
+                fits=True,
+                step_ms=dt * 1e3,
+                tokens_per_s=per_batch["padded"] / dt,
+                useful_tokens_per_s=per_batch["useful"] / dt,
                 tflops=per_batch["flops"] / dt / 1e12,
                 mfu=per_batch["flops"] / dt / 1e12 / peak if peak else None,
                 peak_gib=alloc / GIB,
                 reserved_gib=torch.cuda.max_memory_reserved() / GIB if cuda else 0,
-                static_gib=base / GIB, act_gib_per_seq=(alloc - base) / GIB / mbs,
-                first_step_s=first_s, loader_ms=loader_ms, tokens_per_batch=per_batch["padded"],
+                static_gib=base / GIB,
+                act_gib_per_seq=(alloc - base) / GIB / mbs,
+                first_step_s=first_s,
+                loader_ms=loader_ms,
+                tokens_per_batch=per_batch["padded"],
                 losses=[round(x, 4) for x in losses],
             )
             if args.profile and mbs in [int(m) for m in args.profile.split(",")]:
-                print(f"\n### profile: {args.model} {label} recompute={args.recompute} "
-                      f"pad={args.pad} micro batch {mbs}")
+                print(
+                    f"\n### profile: {args.model} {label} recompute={args.recompute} "
+                    f"pad={args.pad} micro batch {mbs}"
+                )
                 it = iter(range(10**9))
                 row["profile"] = profile_table(
-                    lambda: train_step(step_fn, model, optimizer, batches[next(it) % len(batches)]))
+                    lambda: train_step(step_fn, model, optimizer, batches[next(it) % len(batches)])
+                )
         except torch.OutOfMemoryError:
             row.update(fits=False)
         finally:
@@ -240,18 +284,24 @@ def run_step(args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| model | variant | recompute | pad | mbs | tokens/s | useful tokens/s | TFLOP/s | MFU "
-          "| peak GiB | act GiB/seq | step ms | 1st step s | loader ms/batch |")
+    print(
+        "\n| model | variant | recompute | pad | mbs | tokens/s | useful tokens/s | TFLOP/s | MFU "
+        "| peak GiB | act GiB/seq | step ms | 1st step s | loader ms/batch |"
+    )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if not r["fits"]:
-            print(f"| {r['model']} | {r['variant']} | {r['recompute']} | {r['pad']} | {r['mbs']} "
-                  "| OOM |  |  |  |  |  |  |  |  |")
+            print(
+                f"| {r['model']} | {r['variant']} | {r['recompute']} | {r['pad']} | {r['mbs']} "
+                "| OOM |  |  |  |  |  |  |  |  |"
+            )
             continue
-        print(f"| {r['model']} | {r['variant']} | {r['recompute']} | {r['pad']} | {r['mbs']} "
-              f"| {r['tokens_per_s']:,.0f} | {r['useful_tokens_per_s']:,.0f} | {r['tflops']:.0f} "
-              f"| {100 * (r['mfu'] or 0):.1f}% | {r['peak_gib']:.1f} | {r['act_gib_per_seq']:.3f} "
-              f"| {r['step_ms']:.1f} | {r['first_step_s']:.1f} | {r['loader_ms']:.1f} |")
+        print(
+            f"| {r['model']} | {r['variant']} | {r['recompute']} | {r['pad']} | {r['mbs']} "
+            f"| {r['tokens_per_s']:,.0f} | {r['useful_tokens_per_s']:,.0f} | {r['tflops']:.0f} "
+            f"| {100 * (r['mfu'] or 0):.1f}% | {r['peak_gib']:.1f} | {r['act_gib_per_seq']:.3f} "
+            f"| {r['step_ms']:.1f} | {r['first_step_s']:.1f} | {r['loader_ms']:.1f} |"
+        )
 
 
 # ------------------------------------------------------------------------------------ micro benches
@@ -286,8 +336,9 @@ def run_attention(args) -> None:
     B, S = mask.shape
     lengths = mask.sum(-1)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B * S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(B * S, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)
+    )
     grad = torch.randn_like(q)
     scale = D**-0.5
     key_mask = mask[:, None, None, :]
@@ -302,10 +353,15 @@ def run_attention(args) -> None:
         def f(q, k, v):
             ctx = sdpa_kernel(backend) if backend is not None else nullcontext()
             with ctx:
-                o = F.scaled_dot_product_attention(padded(q), padded(k), padded(v),
-                                                   attn_mask=key_mask if with_mask else None,
-                                                   scale=scale)
+                o = F.scaled_dot_product_attention(
+                    padded(q),
+                    padded(k),
+                    padded(v),
+                    attn_mask=key_mask if with_mask else None,
+                    scale=scale,
+                )
             return o.transpose(1, 2).flatten(0, 1)
+
         return f
 
     def varlen(piece_cu, m):
@@ -322,29 +378,41 @@ def run_attention(args) -> None:
         return F.pad(ends.flatten(), (1, 0))
 
     def packed(q, k, v):  # only the real tokens (what packing computes), scattered back
-        out = varlen_attn(q[real], k[real], v[real], cu_packed, cu_packed, max_real, max_real,
-                          scale=scale)
+        out = varlen_attn(
+            q[real], k[real], v[real], cu_packed, cu_packed, max_real, max_real, scale=scale
+        )
         return torch.zeros_like(q).index_put_((real.nonzero()[:, 0],), out)
 
     variants = {
         "sdpa + key mask (default backend)": sdpa(),
         "sdpa + key mask, efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
         "sdpa + key mask, cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-        "sdpa flash, no mask (wrong: attends to pads; floor of full SxS)": sdpa(SDPBackend.FLASH_ATTENTION, False),
-        "varlen, padding as key-only/query-only segments (model)": varlen2(*padded_segments(mask), S),
+        "sdpa flash, no mask (wrong: attends to pads; floor of full SxS)": sdpa(
+            SDPBackend.FLASH_ATTENTION, False
+        ),
+        "varlen, padding as key-only/query-only segments (model)": varlen2(
+            *padded_segments(mask), S
+        ),
         "varlen, padding in 128-token pieces": varlen(pieces(mask), S),
         "varlen, real tokens only (packed; gather+scatter)": packed,
     }
     ref = None
-    flops = 4 * 2 * float((lengths.double() ** 2).sum()) * H * D * 3.5 / 2  # fwd 4*n^2*H*D, bwd 2.5x
-    print(f"\nattention {args.model}: B={B} S={S} heads={H} head_dim={D}; real tokens "
-          f"{int(lengths.sum())} of {B * S} (mean length {float(lengths.float().mean()):.0f})")
-    print("| implementation | fwd ms | fwd+bwd ms | useful TFLOP/s | max rel err vs fp32 (real rows) |")
+    flops = (
+        4 * 2 * float((lengths.double() ** 2).sum()) * H * D * 3.5 / 2
+    )  # fwd 4*n^2*H*D, bwd 2.5x
+    print(
+        f"\nattention {args.model}: B={B} S={S} heads={H} head_dim={D}; real tokens "
+        f"{int(lengths.sum())} of {B * S} (mean length {float(lengths.float().mean()):.0f})"
+    )
+    print(
+        "| implementation | fwd ms | fwd+bwd ms | useful TFLOP/s | max rel err vs fp32 (real rows) |"
+    )
     print("|---|---:|---:|---:|---:|")
     qf, kf, vf = (t.float() for t in (q, k, v))
     with torch.no_grad():
-        o = F.scaled_dot_product_attention(padded(qf), padded(kf), padded(vf), attn_mask=key_mask,
-                                           scale=scale)
+        o = F.scaled_dot_product_attention(
+            padded(qf), padded(kf), padded(vf), attn_mask=key_mask, scale=scale
+        )
         ref = o.transpose(1, 2).flatten(0, 1)[real]
     for name, fn in variants.items():
         try:
@@ -367,8 +435,20 @@ def run_attention(args) -> None:
         @staticmethod
         def forward(ctx, q, k, v):
             o, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
-                q, k, v, None, cu_packed, cu_packed, max_real, max_real, True, 0.0, False, False,
-                scale=scale)
+                q,
+                k,
+                v,
+                None,
+                cu_packed,
+                cu_packed,
+                max_real,
+                max_real,
+                True,
+                0.0,
+                False,
+                False,
+                scale=scale,
+            )
             ctx.save_for_backward(q, k, v, o, lse, seed, offset)
             return o
 
@@ -378,21 +458,55 @@ def run_attention(args) -> None:
             try:
                 bias = None
                 grads = torch.ops.aten._cudnn_attention_backward(
-                    g.contiguous(), q, k, v, o, lse, seed, offset, bias, cu_packed, cu_packed,
-                    max_real, max_real, 0.0, False, scale=scale)
+                    g.contiguous(),
+                    q,
+                    k,
+                    v,
+                    o,
+                    lse,
+                    seed,
+                    offset,
+                    bias,
+                    cu_packed,
+                    cu_packed,
+                    max_real,
+                    max_real,
+                    0.0,
+                    False,
+                    scale=scale,
+                )
             except (TypeError, RuntimeError):
                 bias = torch.empty(0, device=q.device, dtype=q.dtype)
                 grads = torch.ops.aten._cudnn_attention_backward(
-                    g.contiguous(), q, k, v, o, lse, seed, offset, bias, cu_packed, cu_packed,
-                    max_real, max_real, 0.0, False, scale=scale)
+                    g.contiguous(),
+                    q,
+                    k,
+                    v,
+                    o,
+                    lse,
+                    seed,
+                    offset,
+                    bias,
+                    cu_packed,
+                    cu_packed,
+                    max_real,
+                    max_real,
+                    0.0,
+                    False,
+                    scale=scale,
+                )
             return grads
 
     qp, kp, vp = (t[real].contiguous() for t in (q, k, v))
     gp = grad[real].contiguous()
-    print("\n| packed real tokens only | fwd ms | fwd+bwd ms | useful TFLOP/s | rel err out / dq dk dv vs flash |")
+    print(
+        "\n| packed real tokens only | fwd ms | fwd+bwd ms | useful TFLOP/s | rel err out / dq dk dv vs flash |"
+    )
     print("|---|---:|---:|---:|---:|")
+
     def flash_packed(q, k, v):
         return varlen_attn(q, k, v, cu_packed, cu_packed, max_real, max_real, scale=scale)
+
     grads_ref = None
     for name, fn in {"flash varlen": flash_packed, "cudnn ragged": CudnnRagged.apply}.items():
         try:
@@ -407,15 +521,24 @@ def run_attention(args) -> None:
             with torch.no_grad():
                 fwd = bench(lambda: fn(qp, kp, vp))
             both = bench(lambda: fn(qq, kk, vv).backward(gp))
-            print(f"| {name} | {fwd:.2f} | {both:.2f} | {flops / both / 1e9:.0f} | {err:.1e} / {gerr:.1e} |")
+            print(
+                f"| {name} | {fwd:.2f} | {both:.2f} | {flops / both / 1e9:.0f} | {err:.1e} / {gerr:.1e} |"
+            )
         except Exception as e:
             print(f"| {name} | - | - | - | {type(e).__name__}: {str(e).splitlines()[0][:100]} |")
+
 
 def run_gemm(args) -> None:
     cfg = model_config(args.model)
     h, f, T = cfg.hidden_size, cfg.ffn_hidden_size, args.tokens
-    shapes = {"qkv": (T, h, 3 * h), "out": (T, h, h), "fc1": (T, h, f), "fc2": (T, f, h),
-              "wgrad fc1 (K=T)": (f, T, h), "dgrad fc2": (T, h, f)}
+    shapes = {
+        "qkv": (T, h, 3 * h),
+        "out": (T, h, h),
+        "fc1": (T, h, f),
+        "fc2": (T, f, h),
+        "wgrad fc1 (K=T)": (f, T, h),
+        "dgrad fc2": (T, h, f),
+    }
     print(f"\nGEMMs of a {args.model} block, {T} tokens: TFLOP/s")
     print("| GEMM | M x K x N | bf16 | fp8 e4m3 (tensorwise scales) |\n|---|---|---:|---:|")
     for name, (M, K, N) in shapes.items():
@@ -426,9 +549,11 @@ def run_gemm(args) -> None:
         try:
             a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
             one = torch.ones((), device="cuda")
-            fp8 = tf / bench(lambda: torch._scaled_mm(a8, b8.t(), one, one,
-                                                      out_dtype=torch.bfloat16,
-                                                      use_fast_accum=True))
+            fp8 = tf / bench(
+                lambda: torch._scaled_mm(
+                    a8, b8.t(), one, one, out_dtype=torch.bfloat16, use_fast_accum=True
+                )
+            )
             fp8s = f"{fp8:.0f}"
         except Exception as e:
             fp8s = f"{type(e).__name__}"
@@ -442,8 +567,14 @@ def run_check(args) -> None:
     from bionemo.models.esm2 import ESM2
 
     torch.manual_seed(0)
-    cfg = ModelConfig(name="check", num_layers=4, hidden_size=320, num_attention_heads=20,
-                      ffn_hidden_size=1280, seq_length=256)
+    cfg = ModelConfig(
+        name="check",
+        num_layers=4,
+        hidden_size=320,
+        num_attention_heads=20,
+        ffn_hidden_size=1280,
+        seq_length=256,
+    )
     model = ESM2(cfg).cuda().train()
     rng = torch.Generator().manual_seed(0)
     lengths = [256, 200, 17, 129, 128, 64, 3, 255]  # a full row: zero-length padding pieces
@@ -475,8 +606,12 @@ def run_check(args) -> None:
         h32 = model(padded["input_ids"], mask)[mask]  # fp32, SDPA + key mask: the reference
         with torch.autocast("cuda", dtype=torch.bfloat16):
             h_flash = model(padded["input_ids"], mask)[mask]
-            hp = model(packed["input_ids"], packed["attention_mask"], packed["cu_seqlens"],
-                       packed["max_seqlen"])[0, : int(mask.sum())]
+            hp = model(
+                packed["input_ids"],
+                packed["attention_mask"],
+                packed["cu_seqlens"],
+                packed["max_seqlen"],
+            )[0, : int(mask.sum())]
             model._flash = lambda device: False
             h_sdpa = model(padded["input_ids"], mask)[mask]
             model._flash = flash_ok
@@ -484,25 +619,39 @@ def run_check(args) -> None:
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         hall = model(padded["input_ids"], mask)
     print(f"| padded, all positions finite (padding too) | - | {bool(hall.isfinite().all())} |")
-    print(f"| padded, flash (padding segments) vs fp32 SDPA | {rel(h_flash, h32):.2e} | {bool(h_flash.isfinite().all())} |")
-    print(f"| padded, bf16 SDPA vs fp32 SDPA | {rel(h_sdpa, h32):.2e} | {bool(h_sdpa.isfinite().all())} |")
+    print(
+        f"| padded, flash (padding segments) vs fp32 SDPA | {rel(h_flash, h32):.2e} | {bool(h_flash.isfinite().all())} |"
+    )
+    print(
+        f"| padded, bf16 SDPA vs fp32 SDPA | {rel(h_sdpa, h32):.2e} | {bool(h_sdpa.isfinite().all())} |"
+    )
     print(f"| packed flash vs padded fp32 | {rel(hp, h32):.2e} | {bool(hp.isfinite().all())} |")
     l_pad, g_pad = grads_and_loss(model.loss, **padded)
     l_pack, g_pack = grads_and_loss(model.loss, **packed)
     model._flash = lambda device: False
     l_ref, g_ref = grads_and_loss(model.loss, **padded)
     model._flash = flash_ok
-    print(f"| loss padded flash vs SDPA | {abs(l_pad - l_ref).item() / l_ref.item():.2e} | "
-          f"{bool(l_pad.isfinite())} |")
-    print(f"| grads padded flash vs SDPA | {rel(g_pad, g_ref):.2e} | {bool(g_pad.isfinite().all())} |")
-    print(f"| loss packed vs padded SDPA | {abs(l_pack - l_ref).item() / l_ref.item():.2e} | "
-          f"{bool(l_pack.isfinite())} |")
-    print(f"| grads packed vs padded SDPA | {rel(g_pack, g_ref):.2e} | {bool(g_pack.isfinite().all())} |")
+    print(
+        f"| loss padded flash vs SDPA | {abs(l_pad - l_ref).item() / l_ref.item():.2e} | "
+        f"{bool(l_pad.isfinite())} |"
+    )
+    print(
+        f"| grads padded flash vs SDPA | {rel(g_pad, g_ref):.2e} | {bool(g_pad.isfinite().all())} |"
+    )
+    print(
+        f"| loss packed vs padded SDPA | {abs(l_pack - l_ref).item() / l_ref.item():.2e} | "
+        f"{bool(l_pack.isfinite())} |"
+    )
+    print(
+        f"| grads packed vs padded SDPA | {rel(g_pack, g_ref):.2e} | {bool(g_pack.isfinite().all())} |"
+    )
     model.fp32_residual = True
     l_f, g_f = grads_and_loss(model.loss, **padded)
     model.fp32_residual = False
-    print(f"| bf16 vs fp32 residual stream: loss / grads | "
-          f"{abs(l_pad - l_f).item() / l_f.item():.2e} / {rel(g_pad, g_f):.2e} | - |")
+    print(
+        f"| bf16 vs fp32 residual stream: loss / grads | "
+        f"{abs(l_pad - l_f).item() / l_f.item():.2e} / {rel(g_pad, g_f):.2e} | - |"
+    )
     eager = model
     model = copy.deepcopy(eager)
     compile_regions(model)
@@ -512,23 +661,33 @@ def run_check(args) -> None:
         l_e, g_e = grads_and_loss(eager.loss, **padded)
         l_c, g_c = grads_and_loss(model.loss, **padded)
         l_k, g_k = grads_and_loss(model.loss, **packed)
-        print(f"| compiled vs eager, recompute={policy}: loss / grads | "
-              f"{abs(l_c - l_e).item() / l_e.item():.2e} / {rel(g_c, g_e):.2e} | "
-              f"{bool(g_c.isfinite().all())} |")
-        print(f"| compiled packed vs eager padded, recompute={policy}: loss / grads | "
-              f"{abs(l_k - l_e).item() / l_e.item():.2e} / {rel(g_k, g_e):.2e} | "
-              f"{bool(g_k.isfinite().all())} |")
+        print(
+            f"| compiled vs eager, recompute={policy}: loss / grads | "
+            f"{abs(l_c - l_e).item() / l_e.item():.2e} / {rel(g_c, g_e):.2e} | "
+            f"{bool(g_c.isfinite().all())} |"
+        )
+        print(
+            f"| compiled packed vs eager padded, recompute={policy}: loss / grads | "
+            f"{abs(l_k - l_e).item() / l_e.item():.2e} / {rel(g_k, g_e):.2e} | "
+            f"{bool(g_k.isfinite().all())} |"
+        )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["step", "attention", "gemm", "check"])
     p.add_argument("--model", default="esm2_650m")
-    p.add_argument("--mbs", default="16,32", help="micro batches, increasing (step); first: attention")
+    p.add_argument(
+        "--mbs", default="16,32", help="micro batches, increasing (step); first: attention"
+    )
     p.add_argument("--compile", action="store_true", help="regional compile (distributed.parallel)")
     p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
-    p.add_argument("--recompute-pointwise", action="store_true", default=None,
-                   help="compiled: partitioner recomputes elementwise results (default: selective)")
+    p.add_argument(
+        "--recompute-pointwise",
+        action="store_true",
+        default=None,
+        help="compiled: partitioner recomputes elementwise results (default: selective)",
+    )
     p.add_argument("--fp32-residual", action="store_true", help="residual stream in fp32")
     p.add_argument("--fp8", action="store_true", help="torchao float8 GEMMs in the blocks")
     p.add_argument("--pad", default="max_length", choices=["max_length", "none", "longest"])

@@ -35,8 +35,10 @@ sys.path.insert(0, str(REPO))
 from bionemo.train import COMPILE_CACHE, use_compile_cache  # noqa: E402 -- torch-free
 
 TIMED = REPO / "benchmarks" / "slurm_gpu" / "timed_train.py"
-CACHE_LINE = re.compile(r"compile cache (\S+): fx graph hits (\d+) misses (\d+), "
-                        r"aot autograd hits (\d+) misses (\d+)")
+CACHE_LINE = re.compile(
+    r"compile cache (\S+): fx graph hits (\d+) misses (\d+), "
+    r"aot autograd hits (\d+) misses (\d+)"
+)
 
 
 def say(msg: str) -> None:
@@ -48,23 +50,41 @@ def make_run(run: Path, args, async_save: bool) -> None:
     t = preset["trainer"]
     t["model"]["seq_length"] = args.seq_length
     data = args.data.resolve()
-    t["data"] = {"train_clusters": str(data / "train_clusters.parquet"),
-                 "database": str(data / "proteins.sqlite"), "pad_to": "max_length"}
+    t["data"] = {
+        "train_clusters": str(data / "train_clusters.parquet"),
+        "database": str(data / "proteins.sqlite"),
+        "pad_to": "max_length",
+    }
     t["optim"]["warmup_steps"] = 10
-    t["train"] = {"max_steps": args.steps, "micro_batch_size": args.mbs, "compile": True,
-                  "log_every": 5, "device": args.device}
+    t["train"] = {
+        "max_steps": args.steps,
+        "micro_batch_size": args.mbs,
+        "compile": True,
+        "log_every": 5,
+        "device": args.device,
+    }
     if args.device == "cpu":  # a check of this script on a machine without a GPU
         t["train"]["precision"] = "fp32"
     if args.num_layers:
         t["model"]["num_layers"] = args.num_layers
-    t["checkpoint"] = {"every_steps": args.every, "keep_last": 1, "async_save": async_save,
-                       "export_final": False}
+    t["checkpoint"] = {
+        "every_steps": args.every,
+        "keep_last": 1,
+        "async_save": async_save,
+        "export_final": False,
+    }
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(preset))
 
 
-def start(run: Path, name: str, deadline: float, cache: Path | None = None,
-          stop_after_first_step: bool = False, sleep: float = 0.0) -> dict:
+def start(
+    run: Path,
+    name: str,
+    deadline: float,
+    cache: Path | None = None,
+    stop_after_first_step: bool = False,
+    sleep: float = 0.0,
+) -> dict:
     """One process start of the trainer on `run`; its log is run/<name>.log."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BIONEMO_STEP_SLEEP": str(sleep)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -76,8 +96,12 @@ def start(run: Path, name: str, deadline: float, cache: Path | None = None,
     with open(log_file, "w") as log:
         log.write(f"[timing] {t0:.3f} process start\n")
         log.flush()
-        proc = subprocess.Popen([sys.executable, str(TIMED), "-m", "bionemo.train", str(run)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(TIMED), "-m", "bionemo.train", str(run)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         killed = timed_out = False
         while proc.poll() is None:
             if time.monotonic() > deadline:
@@ -99,14 +123,24 @@ def start(run: Path, name: str, deadline: float, cache: Path | None = None,
         prev = t
     first = next((t for t, p in stamps if p == "first step done"), None)
     hit = CACHE_LINE.search(text)
-    out = {"name": name, "rc": rc, "killed_after_first_step": killed, "timed_out": timed_out,
-           "wall_s": round(wall, 1), "cache_dir": env["TORCHINDUCTOR_CACHE_DIR"],
-           "start_to_first_step_s": round(first - t0, 2) if first else None, "phases": phases}
+    out = {
+        "name": name,
+        "rc": rc,
+        "killed_after_first_step": killed,
+        "timed_out": timed_out,
+        "wall_s": round(wall, 1),
+        "cache_dir": env["TORCHINDUCTOR_CACHE_DIR"],
+        "start_to_first_step_s": round(first - t0, 2) if first else None,
+        "phases": phases,
+    }
     if hit:
-        out["compile_cache"] = dict(zip(["fx_hits", "fx_misses", "aot_hits", "aot_misses"],
-                                        map(int, hit.groups()[1:])))
-    say(f"{name}: rc={rc} wall {wall:.1f}s first step at {out['start_to_first_step_s']}s "
-        f"cache {out.get('compile_cache')} (log tail: {text.strip().splitlines()[-1:]} )")
+        out["compile_cache"] = dict(
+            zip(["fx_hits", "fx_misses", "aot_hits", "aot_misses"], map(int, hit.groups()[1:]))
+        )
+    say(
+        f"{name}: rc={rc} wall {wall:.1f}s first step at {out['start_to_first_step_s']}s "
+        f"cache {out.get('compile_cache')} (log tail: {text.strip().splitlines()[-1:]} )"
+    )
     return out
 
 
@@ -115,8 +149,12 @@ def saves(run: Path, log_name: str) -> list[dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
     committed = {}
     log = (run / log_name).read_text(errors="replace")
-    for day, ms, step in re.findall(r"^(\S+ \S+),(\d+) .*saved \S+step-0*(\d+) "
-                                    r"\(written in the background\)", log, re.M):
+    for day, ms, step in re.findall(
+        r"^(\S+ \S+),(\d+) .*saved \S+step-0*(\d+) "
+        r"\(written in the background\)",
+        log,
+        re.M,
+    ):
         committed[int(step)] = time.mktime(time.strptime(day, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
     out = []
     for r in recs:
@@ -124,15 +162,20 @@ def saves(run: Path, log_name: str) -> list[dict]:
             continue
         row = {"step": r["step"], "async": r["async"], "blocking_s": round(r["save_blocking_s"], 3)}
         if r["step"] in committed:  # from the save's start to the commit seen by poll()
-            row["write_to_commit_s"] = round(committed[r["step"]] - (r["time"] - r["save_blocking_s"]), 2)
+            row["write_to_commit_s"] = round(
+                committed[r["step"]] - (r["time"] - r["save_blocking_s"]), 2
+            )
         out.append(row)
     return out
 
 
 def step_times(run: Path) -> list[dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-    return [{k: r.get(k) for k in ("step", "loss", "time", "tokens_per_s", "peak_memory_gib") if k in r}
-            for r in recs if r["kind"] == "train"]
+    return [
+        {k: r.get(k) for k in ("step", "loss", "time", "tokens_per_s", "peak_memory_gib") if k in r}
+        for r in recs
+        if r["kind"] == "train"
+    ]
 
 
 def main() -> int:
@@ -147,9 +190,13 @@ def main() -> int:
     p.add_argument("--every", type=int, default=10)
     p.add_argument("--device", default="cuda", help="cpu: a check of this script")
     p.add_argument("--num-layers", type=int, help="shrink the model (the CPU check)")
-    p.add_argument("--sleep", type=float, default=0.5,
-                   help="BIONEMO_STEP_SLEEP: seconds added per step, so a background write has "
-                        "time to finish before the next save (real runs save minutes apart)")
+    p.add_argument(
+        "--sleep",
+        type=float,
+        default=0.5,
+        help="BIONEMO_STEP_SLEEP: seconds added per step, so a background write has "
+        "time to finish before the next save (real runs save minutes apart)",
+    )
     p.add_argument("--budget", type=float, default=225, help="seconds for everything")
     args = p.parse_args()
     t_begin = time.monotonic()
@@ -161,12 +208,21 @@ def main() -> int:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     # Versions and inductor's cache defaults, in a process of their own beside the first run.
-    probe = subprocess.Popen([sys.executable, "-c", (
-        "import json, torch, torch._inductor.config as i, torch._functorch.config as f;"
-        "print(json.dumps({'torch': torch.__version__, 'gpu': torch.cuda.is_available() and torch.cuda.get_device_name(0),"
-        "'fx_graph_cache': i.fx_graph_cache, 'autograd_cache': f.enable_autograd_cache,"
-        "'bundle_triton_into_fx_graph_cache': i.bundle_triton_into_fx_graph_cache}))")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    probe = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import json, torch, torch._inductor.config as i, torch._functorch.config as f;"
+                "print(json.dumps({'torch': torch.__version__, 'gpu': torch.cuda.is_available() and torch.cuda.get_device_name(0),"
+                "'fx_graph_cache': i.fx_graph_cache, 'autograd_cache': f.enable_autograd_cache,"
+                "'bundle_triton_into_fx_graph_cache': i.bundle_triton_into_fx_graph_cache}))"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     a, b = args.runs / "async", args.runs / "sync"
     make_run(a, args, async_save=True)
@@ -195,14 +251,20 @@ def main() -> int:
     if deadline - time.monotonic() > s["restart_warm"]["wall_s"] + saved + 10:
         empty = args.runs / "empty_cache"
         empty.mkdir()
-        s["restart_cold"] = start(a, "restart_cold", deadline, cache=empty, stop_after_first_step=True)
+        s["restart_cold"] = start(
+            a, "restart_cold", deadline, cache=empty, stop_after_first_step=True
+        )
     else:
         summary["restart_cold"] = "skipped: too little of the budget left"
     summary["total_s"] = round(time.monotonic() - t_begin, 1)
     write()
     with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
         for run in (a, b):
-            for f in sorted(run.glob("*.log")) + sorted(run.glob("*metrics.jsonl")) + [run / "config.yaml"]:
+            for f in (
+                sorted(run.glob("*.log"))
+                + sorted(run.glob("*metrics.jsonl"))
+                + [run / "config.yaml"]
+            ):
                 tar.add(f, arcname=f"{run.name}/{f.name}")
     say(f"done in {summary['total_s']} s")
     return 0

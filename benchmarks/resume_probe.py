@@ -1,6 +1,7 @@
 """Probe: load a megatron checkpoint at another layout (one process, TP=PP=1) and check that the
 distributed optimizer's fp32 main weights equal the loaded model weights (copying main -> model
 must change nothing beyond bf16 rounding)."""
+
 import sys
 from pathlib import Path
 
@@ -24,8 +25,14 @@ def probe(run: Path, step: int):
     raw["parallel"]["tensor"] = 1
     raw["parallel"]["pipeline"] = 1
     cfg = TrainerConfig.model_validate(raw)
-    env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                  master_port=free_port(), stop_signal="USR2")
+    env = DistEnv(
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+        stop_signal="USR2",
+    )
     engine = MegatronEngine(cfg, env, torch.device("cuda", 0), None)
     engine.load(rundir.step_dir(run, step))
     before = {n: p.detach().float().clone() for n, p in engine.inner.named_parameters()}
@@ -46,8 +53,18 @@ if __name__ == "__main__":
     model, key = sys.argv[1], sys.argv[2]  # e.g. esm2_8m pipeline
     root = Path(sys.argv[3])
     init = init_checkpoint(root, model)
-    run = make_run(root, f"probe-{key}2", model, {
-        "train.max_steps": 6, "train.micro_batch_size": 4, "checkpoint.init_from": str(init),
-        "checkpoint.every_steps": 3, "train.engine": "megatron", f"parallel.{key}": 2})
+    run = make_run(
+        root,
+        f"probe-{key}2",
+        model,
+        {
+            "train.max_steps": 6,
+            "train.micro_batch_size": 4,
+            "checkpoint.init_from": str(init),
+            "checkpoint.every_steps": 3,
+            "train.engine": "megatron",
+            f"parallel.{key}": 2,
+        },
+    )
     train(run, 2)
     probe(run, 3)

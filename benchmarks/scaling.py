@@ -50,43 +50,82 @@ def run(args: argparse.Namespace) -> dict:
     gpu = sweep.gpu_table_name(device) if is_gpu else "cpu"
     points = []
     for n in args.gpus:
-        sweep_args = sweep.parse_args([
-            "--model", args.model, "--gpus-per-trial", str(n), "--min", str(args.mbs),
-            "--max", str(args.mbs), "--recompute", "none", "--steps", str(args.steps),
-            "--warmup-steps", str(args.warmup_steps),
-            *(["--set", *args.overrides] if args.overrides else [])])
-        runner = sweep.Runner(sweep_args, sweep.load_base(sweep_args),
-                              (args.work_dir / gpu / args.model / f"gpus{n}").resolve())
+        sweep_args = sweep.parse_args(
+            [
+                "--model",
+                args.model,
+                "--gpus-per-trial",
+                str(n),
+                "--min",
+                str(args.mbs),
+                "--max",
+                str(args.mbs),
+                "--recompute",
+                "none",
+                "--steps",
+                str(args.steps),
+                "--warmup-steps",
+                str(args.warmup_steps),
+                *(["--set", *args.overrides] if args.overrides else []),
+            ]
+        )
+        runner = sweep.Runner(
+            sweep_args,
+            sweep.load_base(sweep_args),
+            (args.work_dir / gpu / args.model / f"gpus{n}").resolve(),
+        )
         print(f"[scaling] {n} GPU(s): ", end="", flush=True)
         trial = runner("none", args.mbs)
         if not trial.fits:
             raise sweep.SweepError(f"micro batch {args.mbs} does not fit at {n} GPU(s)")
-        points.append({"gpus": n, "tokens_per_s_per_gpu": trial.tokens_per_s_per_gpu,
-                       "tokens_per_s": trial.tokens_per_s_per_gpu * n, "mfu": trial.mfu,
-                       "peak_memory_gib": trial.peak_memory_gib, "run_dir": trial.run_dir})
+        points.append(
+            {
+                "gpus": n,
+                "tokens_per_s_per_gpu": trial.tokens_per_s_per_gpu,
+                "tokens_per_s": trial.tokens_per_s_per_gpu * n,
+                "mfu": trial.mfu,
+                "peak_memory_gib": trial.peak_memory_gib,
+                "run_dir": trial.run_dir,
+            }
+        )
     base = points[0]["tokens_per_s_per_gpu"]
     for p in points:
         p["efficiency"] = round(p["tokens_per_s_per_gpu"] / base, 4)
-    return {"model": args.model, "gpu": gpu, "device": device, "micro_batch_size": args.mbs,
-            "scaling": "weak (fixed micro batch per GPU, data parallel)",
-            "command": shlex.join(["python", "-m", "benchmarks.scaling", *args.argv]),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": socket.gethostname(), "torch": sweep.torch_version(),
-            "git_commit": sweep.git_commit(), "timed_steps": args.steps,
-            "warmup_steps": args.warmup_steps, "points": points}
+    return {
+        "model": args.model,
+        "gpu": gpu,
+        "device": device,
+        "micro_batch_size": args.mbs,
+        "scaling": "weak (fixed micro batch per GPU, data parallel)",
+        "command": shlex.join(["python", "-m", "benchmarks.scaling", *args.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "torch": sweep.torch_version(),
+        "git_commit": sweep.git_commit(),
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "points": points,
+    }
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Data-parallel scaling: {r['model']} on {r['device']}", "",
-             f"`{r['command']}` ({r['date']}, torch {r['torch']}, commit {r['git_commit']})", "",
-             f"Micro batch {r['micro_batch_size']} per GPU, {r['scaling']}; medians over "
-             f"{r['timed_steps']} timed steps after {r['warmup_steps']} warm-up steps.", "",
-             "| GPUs | tokens/s/GPU | tokens/s | efficiency | MFU | peak GiB |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Data-parallel scaling: {r['model']} on {r['device']}",
+        "",
+        f"`{r['command']}` ({r['date']}, torch {r['torch']}, commit {r['git_commit']})",
+        "",
+        f"Micro batch {r['micro_batch_size']} per GPU, {r['scaling']}; medians over "
+        f"{r['timed_steps']} timed steps after {r['warmup_steps']} warm-up steps.",
+        "",
+        "| GPUs | tokens/s/GPU | tokens/s | efficiency | MFU | peak GiB |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for p in r["points"]:
         mfu = "-" if p["mfu"] is None else f"{p['mfu']:.1%}"
-        lines.append(f"| {p['gpus']} | {p['tokens_per_s_per_gpu']:,.0f} | {p['tokens_per_s']:,.0f} "
-                     f"| {p['efficiency']:.1%} | {mfu} | {p['peak_memory_gib']:.1f} |")
+        lines.append(
+            f"| {p['gpus']} | {p['tokens_per_s_per_gpu']:,.0f} | {p['tokens_per_s']:,.0f} "
+            f"| {p['efficiency']:.1%} | {mfu} | {p['peak_memory_gib']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

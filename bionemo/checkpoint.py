@@ -51,13 +51,17 @@ from bionemo.savefail import WRITE_ERRORS, agree_written, one_line
 
 log = logging.getLogger(__name__)
 # A single process saves and loads without a process group on purpose; DCP warns about it each time.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings(
+    "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+)
 
 TRAINER_STATE = "trainer_state.json"
 # Tests set this to a step number: the process SIGKILLs itself after writing that step's data but
 # before the checkpoint is committed, which is the worst moment for a real node failure.
 KILL_DURING_SAVE = "BIONEMO_KILL_DURING_SAVE"
-REJECTED_SUFFIX = ".corrupt"  # a rejected step-N folder is renamed step-N.corrupt: never tried again
+REJECTED_SUFFIX = (
+    ".corrupt"  # a rejected step-N folder is renamed step-N.corrupt: never tried again
+)
 # Not in the manifest: the marker is written after it; the manifest cannot hold its own checksum.
 _UNLISTED = (rundir.COMPLETE, rundir.MANIFEST)
 
@@ -88,8 +92,13 @@ def _rng_state() -> dict:
     name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
         "python": random.getstate(),  # (version, 625 ints, gauss_next float or None)
-        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss),
-                  float(cached)),
+        "numpy": (
+            name,
+            torch.from_numpy(key.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -119,8 +128,10 @@ def _rng_payload(engine) -> dict:
             for i, v in enumerate(x):
                 check(v, f"{where}[{i}]")
         elif not isinstance(x, (torch.Tensor, str, int, float, bool, type(None))):
-            raise TypeError(f"RNG state {where} is a {type(x).__name__}; RNG files hold tensors, "
-                            f"numbers, strings, lists, tuples and dicts only (weights_only load)")
+            raise TypeError(
+                f"RNG state {where} is a {type(x).__name__}; RNG files hold tensors, "
+                f"numbers, strings, lists, tuples and dicts only (weights_only load)"
+            )
 
     check(payload, "rng")
     return payload
@@ -128,8 +139,12 @@ def _rng_payload(engine) -> dict:
 
 # Files written before the manifest existed hold numpy's key as an ndarray. These four rebuild a
 # plain array and nothing else; any other global (os.system, builtins.open, ...) is still refused.
-_LEGACY_RNG_TYPES = [np.ndarray((0,)).__reduce__()[0],  # numpy's _reconstruct (module moved in 2.0)
-                     np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_LEGACY_RNG_TYPES = [
+    np.ndarray((0,)).__reduce__()[0],  # numpy's _reconstruct (module moved in 2.0)
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
 
 
 def _load_rng(path: Path) -> dict:
@@ -296,8 +311,10 @@ class Checkpointer:
         if not (dist.is_available() and dist.is_initialized()):
             return None
         if self._groups is None:
-            self._groups = {"writer": dist.new_group(backend="gloo"),
-                            "poll": dist.new_group(backend="gloo")}
+            self._groups = {
+                "writer": dist.new_group(backend="gloo"),
+                "poll": dist.new_group(backend="gloo"),
+            }
         return self._groups[role]
 
     def _commit(self, tmp: Path, final: Path, step: int, error) -> Path:
@@ -327,8 +344,11 @@ class Checkpointer:
         if rank == 0:
             files = {name: entry for part in parts for name, entry in part.items()}
             try:
-                (folder / rundir.MANIFEST).write_text(json.dumps(
-                    {"checksum": "crc32", "files": dict(sorted(files.items()))}, indent=1))
+                (folder / rundir.MANIFEST).write_text(
+                    json.dumps(
+                        {"checksum": "crc32", "files": dict(sorted(files.items()))}, indent=1
+                    )
+                )
             except WRITE_ERRORS as e:
                 error = e
         agree_written(error, folder, step, rank)  # a full disk here too: SaveFailed on every rank
@@ -348,8 +368,11 @@ class Checkpointer:
         rejected = [d for d in incomplete if d.name.endswith(REJECTED_SUFFIX)]
         if self.rank == 0:
             for d in incomplete:
-                why = "rejected as corrupt by an earlier start" if d in rejected else \
-                    "its save never finished"
+                why = (
+                    "rejected as corrupt by an earlier start"
+                    if d in rejected
+                    else "its save never finished"
+                )
                 log.warning("ignoring incomplete checkpoint %s (%s)", d, why)
         if not steps and rejected:
             names = sorted(d.name for d in rejected)
@@ -359,11 +382,13 @@ class Checkpointer:
         return rundir.step_dir(self.run_dir, steps[-1]) if steps else None
 
     def _no_intact_message(self, rejected: list[str]) -> str:
-        return (f"no intact checkpoint in {self.root}: every complete checkpoint was rejected "
-                f"({', '.join(rejected)}; the reasons are in the log and in "
-                f"{self.run_dir / rundir.EVENTS}); refusing to train from step 0. Restore a "
-                f"checkpoint folder from a copy, or delete the *{REJECTED_SUFFIX} folders to "
-                f"start this run over")
+        return (
+            f"no intact checkpoint in {self.root}: every complete checkpoint was rejected "
+            f"({', '.join(rejected)}; the reasons are in the log and in "
+            f"{self.run_dir / rundir.EVENTS}); refusing to train from step 0. Restore a "
+            f"checkpoint folder from a copy, or delete the *{REJECTED_SUFFIX} folders to "
+            f"start this run over"
+        )
 
     def resume(self, engine) -> tuple[Path, TrainerState]:
         """Load the newest intact complete checkpoint: verify it against its manifest, load it,
@@ -392,8 +417,11 @@ class Checkpointer:
             return plan["problem"]
         if "files" not in plan:
             if self.rank == 0 and not self._warned_unverified:
-                log.warning("%s has no %s (written by an older version): loading it unverified",
-                            path, rundir.MANIFEST)
+                log.warning(
+                    "%s has no %s (written by an older version): loading it unverified",
+                    path,
+                    rundir.MANIFEST,
+                )
                 self._warned_unverified = True
             return None
         files = plan["files"]
@@ -434,7 +462,9 @@ class Checkpointer:
                 return {"problem": (name, "not in the manifest (added after the save)")}
         return {"files": files}
 
-    def _load_agreed(self, path: Path, engine) -> tuple[TrainerState | None, tuple[str, str] | None]:
+    def _load_agreed(
+        self, path: Path, engine
+    ) -> tuple[TrainerState | None, tuple[str, str] | None]:
         """load() on every rank; one rank's failure is every rank's failure. A run that uses the
         other engine and running out of memory are not damage: those propagate. (DCP reports a
         read error on every rank; an engine whose load raised on one rank only inside its own
@@ -451,10 +481,16 @@ class Checkpointer:
         if self.rank != 0:
             return
         target = path.with_name(path.name + REJECTED_SUFFIX)
-        log.error("checkpoint %s rejected: %s: %s; renaming it %s and trying the next older one",
-                  path, file, reason, target.name)
-        rundir.append_event(self.run_dir, "checkpoint_rejected", step=step, file=file,
-                            reason=reason, path=str(path))
+        log.error(
+            "checkpoint %s rejected: %s: %s; renaming it %s and trying the next older one",
+            path,
+            file,
+            reason,
+            target.name,
+        )
+        rundir.append_event(
+            self.run_dir, "checkpoint_rejected", step=step, file=file, reason=reason, path=str(path)
+        )
         try:
             shutil.rmtree(target, ignore_errors=True)
             os.rename(path, target)

@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The trainer's exit codes are defined once, in the torch-free run-directory contract.
 from bionemo.rundir import OOM_EXIT_CODE, REQUEUE_EXIT_CODE  # noqa: E402,F401
@@ -44,20 +43,30 @@ class ModelConfig(Section):
     activation: Literal["gelu", "relu"] = Field("gelu", description="ESM-2 GELU; Geneformer ReLU")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="ESM-2 none; Geneformer 0.02")
     attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout of attention weights")
-    activation_checkpointing: Literal["none", "selective", "full"] = Field("none", description=(
-        "Activation recompute: \"none\"; \"selective\": keep no LayerNorm/GELU outputs, recompute "
-        "them (no matrix multiply or attention is recomputed; eager mode checkpoints the MLP); "
-        "\"full\": recompute each whole block in the backward pass."))
-    plugin: str | None = Field(None, description=(
-        "a user's model instead of the family's: package.module:factory, imported by the trainer; "
-        "family still picks the data (bionemo/models/__init__.py, examples/tiny_plugin)"))
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none",
+        description=(
+            'Activation recompute: "none"; "selective": keep no LayerNorm/GELU outputs, recompute '
+            "them (no matrix multiply or attention is recomputed; eager mode checkpoints the MLP); "
+            '"full": recompute each whole block in the backward pass.'
+        ),
+    )
+    plugin: str | None = Field(
+        None,
+        description=(
+            "a user's model instead of the family's: package.module:factory, imported by the trainer; "
+            "family still picks the data (bionemo/models/__init__.py, examples/tiny_plugin)"
+        ),
+    )
 
     @field_validator("plugin")
     @classmethod
     def _plugin(cls, v: str | None) -> str | None:
         if v is not None and not PLUGIN_PATH.match(v):
-            raise ValueError(f"{v!r} is not module:factory; write e.g. my_pkg.model:build (a "
-                             "dotted module path, a colon, the function that builds the model)")
+            raise ValueError(
+                f"{v!r} is not module:factory; write e.g. my_pkg.model:build (a "
+                "dotted module path, a colon, the function that builds the model)"
+            )
         return v
 
     @field_validator("seq_length")
@@ -67,7 +76,8 @@ class ModelConfig(Section):
             raise ValueError(
                 f"{v} positions is more than any input of these models has: titin, the longest "
                 f"known protein, has 34,350 residues, and a Geneformer cell lists each gene of its "
-                f"~25k-gene vocabulary at most once; use at most {MAX_SEQ_LENGTH}")
+                f"~25k-gene vocabulary at most once; use at most {MAX_SEQ_LENGTH}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -79,11 +89,15 @@ class ModelConfig(Section):
             )
         # One family's switches on the other would be accepted and ignored: refuse them.
         if self.family == "esm2" and self.activation != "gelu":
-            raise ValueError(f"activation {self.activation!r}: ESM-2 is built with GELU only; "
-                             "remove model.activation (it is Geneformer's)")
+            raise ValueError(
+                f"activation {self.activation!r}: ESM-2 is built with GELU only; "
+                "remove model.activation (it is Geneformer's)"
+            )
         if self.family == "geneformer" and self.token_dropout:
-            raise ValueError("token_dropout is ESM-2's; Geneformer (BERT) has none: set "
-                             "model.token_dropout=false")
+            raise ValueError(
+                "token_dropout is ESM-2's; Geneformer (BERT) has none: set "
+                "model.token_dropout=false"
+            )
         return self
 
     @property
@@ -119,15 +133,21 @@ class ModelConfig(Section):
         per attended (query, key) pair. Not 6N: N includes embedding and position tables, which
         are looked up, not multiplied (for Geneformer 106M 6N overstates by 1.15x, 10M 1.59x)."""
         head_tokens = tokens if self.head_on_every_token else scored
-        return (6 * self.block_matmul_parameters * tokens
-                + 6 * self.head_matmul_parameters * head_tokens
-                + 12 * self.num_layers * self.hidden_size * attention_pairs)
+        return (
+            6 * self.block_matmul_parameters * tokens
+            + 6 * self.head_matmul_parameters * head_tokens
+            + 12 * self.num_layers * self.hidden_size * attention_pairs
+        )
 
 
 PARQUET_MAGIC = b"PAR1"  # a parquet file starts and ends with it
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
-_KINDS = {"parquet": "a parquet file", "sqlite": "an SQLite database",
-          "scdl": "an SCDL store (a folder with metadata.json)", "file": "a regular file"}
+_KINDS = {
+    "parquet": "a parquet file",
+    "sqlite": "an SQLite database",
+    "scdl": "an SCDL store (a folder with metadata.json)",
+    "file": "a regular file",
+}
 
 
 def input_problem(path: str | Path, kind: str) -> str | None:
@@ -160,8 +180,15 @@ def input_problem(path: str | Path, kind: str) -> str | None:
         return None
     if kind == "parquet" and head[:4] == PARQUET_MAGIC:
         return f"{p} is not a whole parquet file (no PAR1 footer: cut off while copying?)"
-    seen = ("empty" if not size else _KINDS["sqlite"] if head == SQLITE_MAGIC
-            else _KINDS["parquet"] if head[:4] == PARQUET_MAGIC else "something else")
+    seen = (
+        "empty"
+        if not size
+        else _KINDS["sqlite"]
+        if head == SQLITE_MAGIC
+        else _KINDS["parquet"]
+        if head[:4] == PARQUET_MAGIC
+        else "something else"
+    )
     return f"{p} is not {_KINDS[kind]} (its first bytes say: {seen})"
 
 
@@ -171,30 +198,40 @@ def _check_files(data, make: str) -> None:
         problem = None if path is None else input_problem(path, kind)
         if problem:
             error = ValueError if Path(path).exists() else FileNotFoundError
-            raise error(f"data.{key}: {problem}; {make} or point data.{key} at "
-                        f"{_KINDS[kind]}")
+            raise error(f"data.{key}: {problem}; {make} or point data.{key} at {_KINDS[kind]}")
 
 
 class DataConfig(Section):
     # BioNeMo's UniRef layout: clusters parquet (column ur90_id, a list per UniRef50 cluster),
     # validation parquet (column ur50_id) and SQLite protein(id TEXT PRIMARY KEY, sequence TEXT).
-    train_clusters: Path = Field(Path("data/sample/train_clusters.parquet"),
-                                 description="training clusters parquet (ur90_id lists)")
-    valid_clusters: Path | None = Field(Path("data/sample/valid_clusters.parquet"), description=(
-        "validation parquet (column ur50_id); null: no validation"))
-    database: Path = Field(Path("data/sample/proteins.sqlite"), description=(
-        "SQLite protein(id TEXT PRIMARY KEY, sequence TEXT)"))
+    train_clusters: Path = Field(
+        Path("data/sample/train_clusters.parquet"),
+        description="training clusters parquet (ur90_id lists)",
+    )
+    valid_clusters: Path | None = Field(
+        Path("data/sample/valid_clusters.parquet"),
+        description=("validation parquet (column ur50_id); null: no validation"),
+    )
+    database: Path = Field(
+        Path("data/sample/proteins.sqlite"),
+        description=("SQLite protein(id TEXT PRIMARY KEY, sequence TEXT)"),
+    )
     mask_prob: float = Field(0.15, gt=0, lt=1, description="fraction of positions masked (MLM)")
     mask_token_prob: float = Field(0.8, ge=0, le=1, description="of masked positions: <mask>")
     random_token_prob: float = Field(0.1, ge=0, le=1, description="of masked positions: random")
-    random_token_pool: Literal["all_tokens", "amino_acids_only"] = Field("all_tokens", description=(
-        "where random replacement tokens come from"))
+    random_token_pool: Literal["all_tokens", "amino_acids_only"] = Field(
+        "all_tokens", description=("where random replacement tokens come from")
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
-    pad_to: Literal["longest", "max_length", "none"] = Field("longest", description=(
-        "\"longest\": pad each batch to its longest sequence (rounded up to 8); \"max_length\": "
-        "always to model.seq_length (what throughput tables quote as padded tokens); \"none\": no "
-        "padding, the micro batch's sequences are packed into one row and attend within their own "
-        "sequence only (variable-length flash attention): all compute goes to real tokens."))
+    pad_to: Literal["longest", "max_length", "none"] = Field(
+        "longest",
+        description=(
+            '"longest": pad each batch to its longest sequence (rounded up to 8); "max_length": '
+            'always to model.seq_length (what throughput tables quote as padded tokens); "none": no '
+            "padding, the micro batch's sequences are packed into one row and attend within their own "
+            "sequence only (variable-length flash attention): all compute goes to real tokens."
+        ),
+    )
     seed: int = Field(42, description="seed of sampling and masking")
 
     @model_validator(mode="after")
@@ -221,14 +258,18 @@ class CellDataConfig(Section):
     """Geneformer's single-cell data: SCDL memory-mapped stores (built from .h5ad) or the recipe's
     parquet of pre-tokenized `input_ids`; the gene vocabulary and per-gene medians ship with it."""
 
-    format: Literal["scdl", "parquet"] = Field("scdl", description=(
-        "scdl (memory-mapped stores from .h5ad) or parquet of input_ids"))
+    format: Literal["scdl", "parquet"] = Field(
+        "scdl", description=("scdl (memory-mapped stores from .h5ad) or parquet of input_ids")
+    )
     train: Path = Field(Path("data/geneformer_sample/train"), description="SCDL folder or parquet")
-    valid: Path | None = Field(Path("data/geneformer_sample/valid"), description=(
-        "validation store or parquet; null: no validation"))
+    valid: Path | None = Field(
+        Path("data/geneformer_sample/valid"),
+        description=("validation store or parquet; null: no validation"),
+    )
     vocab: Path = Field(Path("data/geneformer_sample/vocab.json"), description="token -> id")
-    gene_medians: Path = Field(Path("data/geneformer_sample/gene_medians.json"), description=(
-        "Ensembl id -> median"))
+    gene_medians: Path = Field(
+        Path("data/geneformer_sample/gene_medians.json"), description=("Ensembl id -> median")
+    )
     normalize_total: float = Field(10_000.0, gt=0, description="counts per cell, pre-median")
     mask_prob: float = Field(0.15, gt=0, lt=1, description="fraction of genes masked (MLM)")
     mask_token_prob: float = Field(0.8, ge=0, le=1, description="of masked positions: <mask>")
@@ -257,9 +298,12 @@ class OptimConfig(Section):
     eps: float = Field(1e-8, description="AdamW epsilon")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     schedule: Literal["warmup_anneal_decay_hold", "cosine", "linear"] = Field(
-        "warmup_anneal_decay_hold", description=(
+        "warmup_anneal_decay_hold",
+        description=(
             "learning-rate schedule (formulas: bionemo/lr.py): warmup_anneal_decay_hold is "
-            "BioNeMo's ESM-2 schedule, cosine its Geneformer one, linear this project's earlier"))
+            "BioNeMo's ESM-2 schedule, cosine its Geneformer one, linear this project's earlier"
+        ),
+    )
     warmup_steps: int = Field(2000, ge=0, description="steps of linear warmup to lr")
     decay_steps: int | None = Field(None, gt=0, description="default max_steps")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="min_lr = min_lr_ratio * lr")
@@ -269,43 +313,77 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    micro_batch_size: int = Field(gt=0, description=(
-        "sequences per rank per forward pass (set by the benchmark table row)"))
-    global_batch_size: int | None = Field(None, gt=0, description=(
-        "None: micro_batch_size x data-parallel size (no accumulation). Otherwise must be a "
-        "multiple of that product; the quotient is the number of accumulation steps."))
+    micro_batch_size: int = Field(
+        gt=0, description=("sequences per rank per forward pass (set by the benchmark table row)")
+    )
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "None: micro_batch_size x data-parallel size (no accumulation). Otherwise must be a "
+            "multiple of that product; the quotient is the number of accumulation steps."
+        ),
+    )
     max_steps: int = Field(500_000, gt=0, description="optimizer steps of the run")
     seed: int = Field(1234, description="seed of weight initialization")
-    precision: Literal["bf16-mixed", "fp32"] = Field("bf16-mixed", description=(
-        "bf16 autocast on GPU; fp32 on CPU"))
+    precision: Literal["bf16-mixed", "fp32"] = Field(
+        "bf16-mixed", description=("bf16 autocast on GPU; fp32 on CPU")
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if any")
     compile: bool = Field(False, description="torch.compile the model")
     log_every: int = Field(10, gt=0, description="steps between metrics.jsonl records")
     val_every: int = Field(10_000, gt=0, description="steps between validations")
     limit_val_batches: int = Field(2, ge=0, description="batches per validation")
-    memory_cap_gib: float | None = Field(None, gt=0, description=(
-        "Emulate a smaller card: cap this process's GPU memory (torch's per-process memory "
-        "fraction)."))
-    stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = Field("USR2", description=(
-        "The warning signal the scheduler sends before the time limit (SIGTERM is always handled "
-        "too)."))
-    dist_timeout_s: int = Field(600, gt=0, description=(
-        "The process group's timeout: store operations and collectives wait at most this long "
-        "(connecting to the rendezvous at most 300 s of it). 600 s is torch's NCCL default, "
-        "within which the 15B runs (benchmarks/results/h200_141gb) started."))
-    watchdog_s: float = Field(0, ge=0, description=(
-        "Hung-rank watchdog (bionemo/watchdog.py): seconds without a finished step before a rank "
-        "dumps its stacks, records a \"hung\" event and exits 124. 0 = auto: max(10 x the slowest "
-        "of the last 20 steps, 300 s, the first step's duration). Start-up, saves and validation "
-        "always get at least 30 min."))
-    engine: Literal["torch", "megatron"] = Field("torch", description=(
-        "\"torch\": our PyTorch modules, DDP, CPU or GPU (the default, and CI's). \"megatron\": "
-        "megatron-core (CUDA only): tensor/pipeline parallel, distributed optimizer, sharded "
-        "checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md)."))
-    fp8: Literal["none", "tensorwise", "rowwise"] = Field("none", description=(
-        "FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or "
-        "FSDP): \"tensorwise\" one scale per tensor, \"rowwise\" one per row (closer to bf16, "
-        "slower). Needs an FP8 GPU (H100/H200 class) and is fast only with train.compile."))
+    memory_cap_gib: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Emulate a smaller card: cap this process's GPU memory (torch's per-process memory "
+            "fraction)."
+        ),
+    )
+    stop_signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = Field(
+        "USR2",
+        description=(
+            "The warning signal the scheduler sends before the time limit (SIGTERM is always handled "
+            "too)."
+        ),
+    )
+    dist_timeout_s: int = Field(
+        600,
+        gt=0,
+        description=(
+            "The process group's timeout: store operations and collectives wait at most this long "
+            "(connecting to the rendezvous at most 300 s of it). 600 s is torch's NCCL default, "
+            "within which the 15B runs (benchmarks/results/h200_141gb) started."
+        ),
+    )
+    watchdog_s: float = Field(
+        0,
+        ge=0,
+        description=(
+            "Hung-rank watchdog (bionemo/watchdog.py): seconds without a finished step before a rank "
+            'dumps its stacks, records a "hung" event and exits 124. 0 = auto: max(10 x the slowest '
+            "of the last 20 steps, 300 s, the first step's duration). Start-up, saves and validation "
+            "always get at least 30 min."
+        ),
+    )
+    engine: Literal["torch", "megatron"] = Field(
+        "torch",
+        description=(
+            '"torch": our PyTorch modules, DDP, CPU or GPU (the default, and CI\'s). "megatron": '
+            "megatron-core (CUDA only): tensor/pipeline parallel, distributed optimizer, sharded "
+            "checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md)."
+        ),
+    )
+    fp8: Literal["none", "tensorwise", "rowwise"] = Field(
+        "none",
+        description=(
+            "FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or "
+            'FSDP): "tensorwise" one scale per tensor, "rowwise" one per row (closer to bf16, '
+            "slower). Needs an FP8 GPU (H100/H200 class) and is fast only with train.compile."
+        ),
+    )
 
     def grad_accumulation(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
@@ -324,35 +402,59 @@ class CheckpointConfig(Section):
     enabled: bool = Field(True, description="false: nothing saved (throughput trials)")
     every_steps: int = Field(1000, gt=0, description="steps between periodic saves")
     keep_last: int = Field(2, gt=0, description="complete checkpoints kept")
-    init_from: Path | None = Field(None, description=(
-        "Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path): a "
-        "checkpoint folder of either engine, or a Hugging Face model folder (config.json + "
-        "model.safetensors, bionemo/hf.py). Ignored when the run directory already has a "
-        "checkpoint to resume from."))
-    export_final: bool = Field(True, description=(
-        "write <run>/final_model/ (Hugging Face folder) from the last checkpoint at the end, in a "
-        "CPU process; a failure is logged only (`python -m bionemo.export` redoes it)"))
-    async_save: bool = Field(False, description=(
-        "periodic saves through DCP's async_save (torch engine): training goes on while a thread "
-        "writes; stop and last saves stay synchronous; blocking time per save in metrics.jsonl"))
+    init_from: Path | None = Field(
+        None,
+        description=(
+            "Weights-only start for fine-tuning (BioNeMo's --restore-from-checkpoint-path): a "
+            "checkpoint folder of either engine, or a Hugging Face model folder (config.json + "
+            "model.safetensors, bionemo/hf.py). Ignored when the run directory already has a "
+            "checkpoint to resume from."
+        ),
+    )
+    export_final: bool = Field(
+        True,
+        description=(
+            "write <run>/final_model/ (Hugging Face folder) from the last checkpoint at the end, in a "
+            "CPU process; a failure is logged only (`python -m bionemo.export` redoes it)"
+        ),
+    )
+    async_save: bool = Field(
+        False,
+        description=(
+            "periodic saves through DCP's async_save (torch engine): training goes on while a thread "
+            "writes; stop and last saves stay synchronous; blocking time per save in metrics.jsonl"
+        ),
+    )
 
 
 class ParallelConfig(Section):
     tensor: int = Field(1, gt=0, description="megatron engine only")
     pipeline: int = Field(1, gt=0, description="megatron engine only")
-    distributed_optimizer: bool = Field(True, description=(
-        "megatron engine: shard optimizer state (fp32 main weights, Adam moments) over "
-        "data-parallel ranks (megatron-core's distributed optimizer); the torch engine: see "
-        "data_parallel."))
-    data_parallel: Literal["ddp", "fsdp", "hsdp"] = Field("ddp", description=(
-        "torch engine's data parallelism: \"ddp\" replicates weights, gradients and Adam state on "
-        "every rank (PyTorch DDP); \"fsdp\" shards all three over the ranks (FSDP2: each block, "
-        "then the rest at the root; bf16 compute, fp32 master weights and gradient reduction); "
-        "\"hsdp\" shards inside a node and replicates across nodes (needs more than one node)."))
-    fsdp_cpu_offload: bool = Field(False, description=(
-        "fsdp/hsdp on GPU: keep the shards of weights, gradients and Adam state in host memory "
-        "(the optimizer step runs on the CPU): slower, for a model whose state does not fit the "
-        "GPUs."))
+    distributed_optimizer: bool = Field(
+        True,
+        description=(
+            "megatron engine: shard optimizer state (fp32 main weights, Adam moments) over "
+            "data-parallel ranks (megatron-core's distributed optimizer); the torch engine: see "
+            "data_parallel."
+        ),
+    )
+    data_parallel: Literal["ddp", "fsdp", "hsdp"] = Field(
+        "ddp",
+        description=(
+            'torch engine\'s data parallelism: "ddp" replicates weights, gradients and Adam state on '
+            'every rank (PyTorch DDP); "fsdp" shards all three over the ranks (FSDP2: each block, '
+            "then the rest at the root; bf16 compute, fp32 master weights and gradient reduction); "
+            '"hsdp" shards inside a node and replicates across nodes (needs more than one node).'
+        ),
+    )
+    fsdp_cpu_offload: bool = Field(
+        False,
+        description=(
+            "fsdp/hsdp on GPU: keep the shards of weights, gradients and Adam state in host memory "
+            "(the optimizer step runs on the CPU): slower, for a model whose state does not fit the "
+            "GPUs."
+        ),
+    )
 
 
 class LoggingConfig(Section):
@@ -369,23 +471,41 @@ class TaskConfig(Section):
     table (bionemo/finetune.py, bionemo/data/labelled.py). Fine-tuning reads `data` here instead of
     trainer.data's files (trainer.data's seed, pad_to and num_workers still apply)."""
 
-    kind: Literal["mlm", "sequence_regression", "sequence_classification",
-                  "token_classification"] = Field("mlm", description="mlm: pretraining")
+    kind: Literal[
+        "mlm", "sequence_regression", "sequence_classification", "token_classification"
+    ] = Field("mlm", description="mlm: pretraining")
     data: Path | None = Field(None, description=".csv or .parquet, one row per sequence")
     sequence_column: str = Field("sequence", description="the table's column of sequences")
-    label_column: str = Field("label", description=(
-        "sequence_regression: a number; sequence_classification: an int class id "
-        "(0..num_classes-1) or a class name; token_classification: a string with one class "
-        "character per residue, or a list (int ids or names) with one entry per residue."))
+    label_column: str = Field(
+        "label",
+        description=(
+            "sequence_regression: a number; sequence_classification: an int class id "
+            "(0..num_classes-1) or a class name; token_classification: a string with one class "
+            "character per residue, or a list (int ids or names) with one entry per residue."
+        ),
+    )
     num_classes: int | None = Field(None, ge=2, description="checked against labels")
-    valid_fraction: float = Field(0.1, ge=0, lt=1, description=(
-        "Rows whose hash of (data.seed, row number) falls below this are validation rows: the "
-        "split depends on neither the row order of other rows nor the world size."))
-    pooling: Literal["mean", "cls"] = Field("mean", description=(
-        "Sequence tasks: \"mean\" over the residues (not <cls>/<eos>/padding) or the <cls> state."))
+    valid_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description=(
+            "Rows whose hash of (data.seed, row number) falls below this are validation rows: the "
+            "split depends on neither the row order of other rows nor the world size."
+        ),
+    )
+    pooling: Literal["mean", "cls"] = Field(
+        "mean",
+        description=(
+            'Sequence tasks: "mean" over the residues (not <cls>/<eos>/padding) or the <cls> state.'
+        ),
+    )
     freeze_encoder: bool = Field(False, description="train the head only")
-    head_lr: float | None = Field(None, gt=0, description=(
-        "The head's peak learning rate (default optim.lr), on the same schedule."))
+    head_lr: float | None = Field(
+        None,
+        gt=0,
+        description=("The head's peak learning rate (default optim.lr), on the same schedule."),
+    )
     head_dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the task head")
 
     @property
@@ -420,8 +540,9 @@ class TrainerConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     parallel: ParallelConfig = ParallelConfig()
     logging: LoggingConfig = LoggingConfig()
-    task: TaskConfig = Field(TaskConfig(), description=(
-        "mlm = pretraining; otherwise fine-tuning (bionemo/finetune.py)"))
+    task: TaskConfig = Field(
+        TaskConfig(), description=("mlm = pretraining; otherwise fine-tuning (bionemo/finetune.py)")
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -444,32 +565,47 @@ class TrainerConfig(Section):
         t = self.task
         if not t.fine_tuning:
             if t.data is not None:
-                raise ValueError("task.data is set but task.kind is mlm (pretraining reads "
-                                 "trainer.data); set task.kind to a fine-tuning task")
+                raise ValueError(
+                    "task.data is set but task.kind is mlm (pretraining reads "
+                    "trainer.data); set task.kind to a fine-tuning task"
+                )
             return self
         if t.data is None:
-            raise ValueError(f"task.data is missing for task.kind={t.kind}; point it at a .csv or "
-                             ".parquet file with sequence and label columns")
+            raise ValueError(
+                f"task.data is missing for task.kind={t.kind}; point it at a .csv or "
+                ".parquet file with sequence and label columns"
+            )
         classes = t.kind != "sequence_regression"
         if classes and t.num_classes is None:
-            raise ValueError(f"task.num_classes is missing for task.kind={t.kind}; set it to the "
-                             "number of classes")
+            raise ValueError(
+                f"task.num_classes is missing for task.kind={t.kind}; set it to the "
+                "number of classes"
+            )
         if not classes and t.num_classes is not None:
-            raise ValueError("task.num_classes is for classification, not sequence_regression; "
-                             "remove it")
+            raise ValueError(
+                "task.num_classes is for classification, not sequence_regression; remove it"
+            )
         if self.train.engine != "torch":
-            raise ValueError(f"task.kind={t.kind}: fine-tuning runs on the torch engine only; "
-                             "set train.engine=torch (the megatron engine trains masked LM)")
+            raise ValueError(
+                f"task.kind={t.kind}: fine-tuning runs on the torch engine only; "
+                "set train.engine=torch (the megatron engine trains masked LM)"
+            )
         if self.model.plugin:
-            raise ValueError(f"task.kind={t.kind}: fine-tuning heads sit on the project's ESM-2 "
-                             "encoder, not on model.plugin's model; train the plugin with "
-                             "task.kind=mlm, or fine-tune an ESM-2 preset")
+            raise ValueError(
+                f"task.kind={t.kind}: fine-tuning heads sit on the project's ESM-2 "
+                "encoder, not on model.plugin's model; train the plugin with "
+                "task.kind=mlm, or fine-tune an ESM-2 preset"
+            )
         if self.model.family != "esm2":
-            raise ValueError(f"task.kind={t.kind}: fine-tuning is built for ESM-2 only (model."
-                             f"family is {self.model.family!r}); use an ESM-2 preset")
+            raise ValueError(
+                f"task.kind={t.kind}: fine-tuning is built for ESM-2 only (model."
+                f"family is {self.model.family!r}); use an ESM-2 preset"
+            )
         if self.data.pad_to == "none":
-            raise ValueError("data.pad_to=none packs sequences into one row; fine-tuning pads "
-                             "them: set data.pad_to=longest or max_length")
+            raise ValueError(
+                "data.pad_to=none packs sequences into one row; fine-tuning pads "
+                "them: set data.pad_to=longest or max_length"
+            )
         return self
 
     @model_validator(mode="after")
@@ -484,47 +620,71 @@ class TrainerConfig(Section):
             raise ValueError(
                 f"parallel.tensor={tp} does not divide model.num_attention_heads "
                 f"{self.model.num_attention_heads}; choose a tensor-parallel size that divides "
-                f"the head count")
+                f"the head count"
+            )
         if self.train.engine == "megatron":
             if self.model.plugin:
-                raise ValueError("train.engine=megatron builds its own ESM-2, not model.plugin's "
-                                 "model; a plugin trains with train.engine=torch")
+                raise ValueError(
+                    "train.engine=megatron builds its own ESM-2, not model.plugin's "
+                    "model; a plugin trains with train.engine=torch"
+                )
             if self.model.family != "esm2":
-                raise ValueError(f"train.engine=megatron builds ESM-2 only; model.family is "
-                                 f"{self.model.family!r}: use train.engine=torch")
+                raise ValueError(
+                    f"train.engine=megatron builds ESM-2 only; model.family is "
+                    f"{self.model.family!r}: use train.engine=torch"
+                )
             if self.data.pad_to == "none":
-                raise ValueError("data.pad_to=none (packed rows) is a torch-engine feature; with "
-                                 "train.engine=megatron use data.pad_to=longest or max_length")
+                raise ValueError(
+                    "data.pad_to=none (packed rows) is a torch-engine feature; with "
+                    "train.engine=megatron use data.pad_to=longest or max_length"
+                )
             if pp > 1 and self.data.pad_to != "max_length":
-                raise ValueError("data.pad_to must be max_length with parallel.pipeline > 1 "
-                                 "(pipeline stages exchange fixed-shape activations); set "
-                                 "data.pad_to=max_length")
+                raise ValueError(
+                    "data.pad_to must be max_length with parallel.pipeline > 1 "
+                    "(pipeline stages exchange fixed-shape activations); set "
+                    "data.pad_to=max_length"
+                )
             if self.model.num_layers % pp:
-                raise ValueError(f"model.num_layers {self.model.num_layers} is not divisible by "
-                                 f"parallel.pipeline {pp}; choose a pipeline size that divides it")
+                raise ValueError(
+                    f"model.num_layers {self.model.num_layers} is not divisible by "
+                    f"parallel.pipeline {pp}; choose a pipeline size that divides it"
+                )
             if self.train.device == "cpu":
-                raise ValueError("train.engine=megatron needs CUDA (megatron-core is GPU-only); "
-                                 "use train.device=auto/cuda, or train.engine=torch on CPU")
+                raise ValueError(
+                    "train.engine=megatron needs CUDA (megatron-core is GPU-only); "
+                    "use train.device=auto/cuda, or train.engine=torch on CPU"
+                )
         return self
 
     @model_validator(mode="after")
     def _strategy_supports(self) -> "TrainerConfig":
-        dp, offload, fp8 = (self.parallel.data_parallel, self.parallel.fsdp_cpu_offload,
-                            self.train.fp8)
+        dp, offload, fp8 = (
+            self.parallel.data_parallel,
+            self.parallel.fsdp_cpu_offload,
+            self.train.fp8,
+        )
         if dp != "ddp" and self.train.engine != "torch":
-            raise ValueError(f"parallel.data_parallel={dp} is the torch engine's (FSDP2); the "
-                             f"megatron engine shards with parallel.distributed_optimizer: set "
-                             f"parallel.data_parallel=ddp or train.engine=torch")
+            raise ValueError(
+                f"parallel.data_parallel={dp} is the torch engine's (FSDP2); the "
+                f"megatron engine shards with parallel.distributed_optimizer: set "
+                f"parallel.data_parallel=ddp or train.engine=torch"
+            )
         if offload and dp == "ddp":
-            raise ValueError("parallel.fsdp_cpu_offload offloads FSDP shards; set "
-                             "parallel.data_parallel=fsdp (or hsdp), or remove the offload")
+            raise ValueError(
+                "parallel.fsdp_cpu_offload offloads FSDP shards; set "
+                "parallel.data_parallel=fsdp (or hsdp), or remove the offload"
+            )
         if offload and self.train.device == "cpu":
-            raise ValueError("parallel.fsdp_cpu_offload moves GPU state to the host; on "
-                             "train.device=cpu it is already there: remove the offload")
+            raise ValueError(
+                "parallel.fsdp_cpu_offload moves GPU state to the host; on "
+                "train.device=cpu it is already there: remove the offload"
+            )
         if fp8 != "none" and (self.train.engine != "torch" or self.train.device == "cpu"):
-            raise ValueError(f"train.fp8={fp8} runs the torch engine's GEMMs in FP8 on an FP8 "
-                             f"GPU (H100/H200 class); set train.fp8=none for train.engine="
-                             f"{self.train.engine} train.device={self.train.device}")
+            raise ValueError(
+                f"train.fp8={fp8} runs the torch engine's GEMMs in FP8 on an FP8 "
+                f"GPU (H100/H200 class); set train.fp8=none for train.engine="
+                f"{self.train.engine} train.device={self.train.device}"
+            )
         return self
 
     def check_parallel(self, world_size: int) -> int:

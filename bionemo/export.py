@@ -30,13 +30,17 @@ def resolve(source: Path, config: Path | None) -> tuple[Path, Path]:
     elif (source / rundir.CONFIG).is_file():
         step = rundir.latest_complete_step(source)
         if step is None:
-            raise ValueError(f"{source} has no complete checkpoint to export "
-                             f"(checkpoints/step-N with a {rundir.COMPLETE} marker)")
+            raise ValueError(
+                f"{source} has no complete checkpoint to export "
+                f"(checkpoints/step-N with a {rundir.COMPLETE} marker)"
+            )
         ckpt = rundir.step_dir(source, step)
         config = config or source / rundir.CONFIG
     else:
-        raise ValueError(f"{source} is neither a run directory (with {rundir.CONFIG}) nor a "
-                         f"complete checkpoint folder (with {rundir.COMPLETE})")
+        raise ValueError(
+            f"{source} is neither a run directory (with {rundir.CONFIG}) nor a "
+            f"complete checkpoint folder (with {rundir.COMPLETE})"
+        )
     if not Path(config).is_file():
         raise ValueError(f"{config} does not exist; pass the run's config with --config")
     return ckpt, Path(config)
@@ -83,8 +87,9 @@ def export_state(state_dict: dict, cfg, out: Path) -> Path:
         extra = head_files(head, cfg)
     # Geneformer's gene dictionary (relative paths are the run's working directory's, as in the
     # trainer); ESM-2's tokenizer is fixed and written from bionemo.data.tokenizer.
-    return hf.export_state(state_dict, cfg.model, out, vocab_file=getattr(cfg.data, "vocab", None),
-                           extra=extra)
+    return hf.export_state(
+        state_dict, cfg.model, out, vocab_file=getattr(cfg.data, "vocab", None), extra=extra
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,8 +62,9 @@ class TaskModel(nn.Module):
             return F.mse_loss(out, target)
         if self.kind == "sequence_classification":
             return F.cross_entropy(out, labels)
-        total = F.cross_entropy(out.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+        total = F.cross_entropy(
+            out.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -137,8 +138,9 @@ def evaluate(engine, cfg: TrainerConfig, loader, device: torch.device) -> dict:
                 keep = keep[:, None] & (y != IGNORE_INDEX)
                 out, y, keep = out.flatten(0, 1), y.flatten(), keep.flatten()
             ce = F.cross_entropy(out, y.clamp(min=0), reduction="none")
-            sums += torch.stack([(ce * keep).sum(), ((out.argmax(-1) == y) & keep).sum(),
-                                 keep.sum()]).double()
+            sums += torch.stack(
+                [(ce * keep).sum(), ((out.argmax(-1) == y) & keep).sum(), keep.sum()]
+            ).double()
     finally:
         model.train()
     if kind != "sequence_regression":
@@ -149,8 +151,12 @@ def evaluate(engine, cfg: TrainerConfig, loader, device: torch.device) -> dict:
     pred, y = _gather(np.concatenate(preds)), _gather(np.concatenate(targets))
     mse = float(np.mean((pred - y) ** 2))
     scale = float(model.head.label_scale)
-    return {"loss": mse / scale**2, "mse": mse, "pearson": _pearson(pred, y),
-            "spearman": _pearson(_ranks(pred), _ranks(y))}
+    return {
+        "loss": mse / scale**2,
+        "mse": mse,
+        "pearson": _pearson(pred, y),
+        "spearman": _pearson(_ranks(pred), _ranks(y)),
+    }
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -184,7 +190,7 @@ def split_state(state_dict: dict) -> tuple[dict, dict]:
     parts: dict[str, dict] = {"encoder.": {}, "head.": {}}
     for k, v in state_dict.items():
         prefix = next(p for p in parts if k.startswith(p))
-        parts[prefix][k[len(prefix):]] = v
+        parts[prefix][k[len(prefix) :]] = v
     return parts["encoder."], parts["head."]
 
 
@@ -195,21 +201,28 @@ def head_files(head_state: dict, cfg: TrainerConfig) -> dict[str, bytes]:
     task = cfg.task
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in head_state.items()}
     config = {
-        "task": task.kind, "pooling": None if task.kind == "token_classification" else task.pooling,
+        "task": task.kind,
+        "pooling": None if task.kind == "token_classification" else task.pooling,
         "hidden_size": cfg.model.hidden_size,
         "num_outputs": 1 if task.kind == "sequence_regression" else task.num_classes,
         "layers": "net.0 dropout, net.1 Linear(H, H), net.2 GELU (erf), net.3 dropout, "
-                  "net.4 Linear(H, num_outputs)",
+        "net.4 Linear(H, num_outputs)",
         "input": "the encoder's final hidden states (after its final LayerNorm): "
-                 + ("every position" if task.kind == "token_classification" else
-                    "mean over residues, without <cls>, <eos> and padding" if task.pooling == "mean"
-                    else "the <cls> position"),
+        + (
+            "every position"
+            if task.kind == "token_classification"
+            else "mean over residues, without <cls>, <eos> and padding"
+            if task.pooling == "mean"
+            else "the <cls> position"
+        ),
         "id2label": _class_names(cfg),
     }
     if task.kind == "sequence_regression":
         config["prediction"] = "output * label_scale + label_shift (label units)"
-    return {HEAD_WEIGHTS: save(tensors, metadata={"format": "pt"}),
-            HEAD_CONFIG: (json.dumps(config, indent=2) + "\n").encode()}
+    return {
+        HEAD_WEIGHTS: save(tensors, metadata={"format": "pt"}),
+        HEAD_CONFIG: (json.dumps(config, indent=2) + "\n").encode(),
+    }
 
 
 def _class_names(cfg: TrainerConfig) -> dict | None:

@@ -63,43 +63,64 @@ def weights_problem(path, model) -> tuple[str, str] | None:
 
     path = Path(path)
     if not path.is_dir():
-        return (f"{path} is not a folder", "point it at a runs/.../checkpoints/step-N folder or "
-                "a Hugging Face model folder (config.json + model.safetensors)")
+        return (
+            f"{path} is not a folder",
+            "point it at a runs/.../checkpoints/step-N folder or "
+            "a Hugging Face model folder (config.json + model.safetensors)",
+        )
     if not is_hf_folder(path):
         if (path / rundir.COMPLETE).is_file():
             return None
         if (path / WEIGHTS).is_file() or any((path / p).is_file() for p in PICKLED):
-            return (f"{path} has weights but no {CONFIG} (a partial Hugging Face folder)",
-                    "copy the complete model folder (config.json and model.safetensors)")
-        return (f"{path} is neither a complete checkpoint folder (no {rundir.COMPLETE} marker) "
-                f"nor a Hugging Face model folder (no {CONFIG})",
-                "point it at a runs/.../checkpoints/step-N folder or a Hugging Face model folder")
+            return (
+                f"{path} has weights but no {CONFIG} (a partial Hugging Face folder)",
+                "copy the complete model folder (config.json and model.safetensors)",
+            )
+        return (
+            f"{path} is neither a complete checkpoint folder (no {rundir.COMPLETE} marker) "
+            f"nor a Hugging Face model folder (no {CONFIG})",
+            "point it at a runs/.../checkpoints/step-N folder or a Hugging Face model folder",
+        )
     if not (path / WEIGHTS).is_file():
         pickled = [p for p in PICKLED if (path / p).is_file()]
         if pickled:
-            return (f"{path} holds {pickled[0]} (a pickle, which can run code when loaded) and "
-                    f"no {WEIGHTS}", "convert it where you trust it: python -c \"from "
-                    "transformers import AutoModelForMaskedLM as M; M.from_pretrained('IN')"
-                    ".save_pretrained('OUT', safe_serialization=True)\" and point "
-                    "trainer.checkpoint.init_from at OUT")
-        return (f"{path} has {CONFIG} but no {WEIGHTS}",
-                "copy the complete model folder (config.json and model.safetensors)")
+            return (
+                f"{path} holds {pickled[0]} (a pickle, which can run code when loaded) and "
+                f"no {WEIGHTS}",
+                'convert it where you trust it: python -c "from '
+                "transformers import AutoModelForMaskedLM as M; M.from_pretrained('IN')"
+                ".save_pretrained('OUT', safe_serialization=True)\" and point "
+                "trainer.checkpoint.init_from at OUT",
+            )
+        return (
+            f"{path} has {CONFIG} but no {WEIGHTS}",
+            "copy the complete model folder (config.json and model.safetensors)",
+        )
     try:
         hf = read_config(path)
     except ValueError as e:
         return (str(e), "copy the model folder again")
     want = MODEL_TYPE[model.family]
     if hf.get("model_type") != want:
-        return (f"{path}/{CONFIG} has model_type {hf.get('model_type')!r}, not {want!r} "
-                f"({model.family})", "choose the preset of that model family")
-    if model.family == "esm2" and (hf.get("position_embedding_type", "absolute") != "rotary"
-                                   or hf.get("emb_layer_norm_before")):
-        return (f"{path}/{CONFIG} is not an ESM-2 model (position_embedding_type "
-                f"{hf.get('position_embedding_type')!r}, emb_layer_norm_before "
-                f"{hf.get('emb_layer_norm_before')!r})", "ESM-2 needs 'rotary' and false; "
-                "ESM-1 models are not supported")
-    mismatched = [(ours, hf.get(theirs), getattr(model, ours)) for theirs, ours in SHAPE_KEYS.items()
-                  if hf.get(theirs) != getattr(model, ours)]
+        return (
+            f"{path}/{CONFIG} has model_type {hf.get('model_type')!r}, not {want!r} "
+            f"({model.family})",
+            "choose the preset of that model family",
+        )
+    if model.family == "esm2" and (
+        hf.get("position_embedding_type", "absolute") != "rotary" or hf.get("emb_layer_norm_before")
+    ):
+        return (
+            f"{path}/{CONFIG} is not an ESM-2 model (position_embedding_type "
+            f"{hf.get('position_embedding_type')!r}, emb_layer_norm_before "
+            f"{hf.get('emb_layer_norm_before')!r})",
+            "ESM-2 needs 'rotary' and false; ESM-1 models are not supported",
+        )
+    mismatched = [
+        (ours, hf.get(theirs), getattr(model, ours))
+        for theirs, ours in SHAPE_KEYS.items()
+        if hf.get(theirs) != getattr(model, ours)
+    ]
     if model.family == "geneformer":
         if hf.get("max_position_embeddings") != model.seq_length:
             mismatched.append(("seq_length", hf.get("max_position_embeddings"), model.seq_length))
@@ -108,8 +129,10 @@ def weights_problem(path, model) -> tuple[str, str] | None:
     if mismatched:
         have = ", ".join(f"{k} {theirs} (configured: {ours})" for k, theirs, ours in mismatched)
         sets = " ".join(f"trainer.model.{k}={theirs}" for k, theirs, _ in mismatched)
-        return (f"{path}/{CONFIG} has another shape: {have}",
-                f"use the preset of that size or set {sets}")
+        return (
+            f"{path}/{CONFIG} has another shape: {have}",
+            f"use the preset of that size or set {sets}",
+        )
     return None
 
 
@@ -128,8 +151,11 @@ def load_state(path, model_cfg) -> dict:
         from bionemo.models.esm2.convert import hf_to_ours
 
         if ESM_POSITION_TABLE in sd:  # rotary ESM-2 never reads it (see the module docstring)
-            log.info("%s: dropping %s, an absolute-position table that rotary ESM-2 does not use",
-                     path, ESM_POSITION_TABLE)
+            log.info(
+                "%s: dropping %s, an absolute-position table that rotary ESM-2 does not use",
+                path,
+                ESM_POSITION_TABLE,
+            )
             del sd[ESM_POSITION_TABLE]
     else:
         from bionemo.models.geneformer.convert import hf_to_ours
@@ -149,8 +175,9 @@ def load_into(path, model) -> None:
     sd = load_state(path, model.cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint.init_from: {path}: weights missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint.init_from: {path}: weights missing {missing}, unexpected {unexpected}"
+        )
 
 
 def export(model, out, *, vocab_file=None) -> Path:
@@ -158,8 +185,9 @@ def export(model, out, *, vocab_file=None) -> Path:
     return export_state(model.state_dict(), model.cfg, out, vocab_file=vocab_file)
 
 
-def export_state(state_dict: dict, model_cfg, out, *, vocab_file=None,
-                 extra: dict[str, bytes] | None = None) -> Path:
+def export_state(
+    state_dict: dict, model_cfg, out, *, vocab_file=None, extra: dict[str, bytes] | None = None
+) -> Path:
     """Write our state dict as a Hugging Face folder `out` (model.safetensors, config.json,
     tokenizer files), atomically (`out.partial`, then a rename). Needs safetensors, not
     transformers: the files are what `save_pretrained` writes for the same network. `extra`:
@@ -180,7 +208,8 @@ def export_state(state_dict: dict, model_cfg, out, *, vocab_file=None,
         # as HF computes the one and as zeros for the untrained other, so nothing loads missing.
         d = model_cfg.hidden_size // model_cfg.num_attention_heads
         tensors["esm.rotary_embeddings.inv_freq"] = 1.0 / (
-            ROPE_BASE ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+            ROPE_BASE ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+        )
         heads = model_cfg.num_layers * model_cfg.num_attention_heads
         tensors["esm.contact_head.regression.weight"] = torch.zeros(1, heads)
         tensors["esm.contact_head.regression.bias"] = torch.zeros(1)
@@ -191,8 +220,11 @@ def export_state(state_dict: dict, model_cfg, out, *, vocab_file=None,
     tmp = out.with_name(out.name + ".partial")
     _remove(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(tmp / WEIGHTS),
+        metadata={"format": "pt"},
+    )
     (tmp / CONFIG).write_text(json.dumps(hf_config_dict(model_cfg), indent=2) + "\n")
     _write_tokenizer(model_cfg, tmp, vocab_file)
     for name, data in (extra or {}).items():
@@ -207,12 +239,21 @@ def _write_tokenizer(cfg, out: Path, vocab_file) -> None:
         from bionemo.data.tokenizer import TOKENS
 
         (out / "vocab.txt").write_text("\n".join(TOKENS) + "\n")
-        specials = {"cls_token": "<cls>", "pad_token": "<pad>", "eos_token": "<eos>",
-                    "unk_token": "<unk>", "mask_token": "<mask>"}
+        specials = {
+            "cls_token": "<cls>",
+            "pad_token": "<pad>",
+            "eos_token": "<eos>",
+            "unk_token": "<unk>",
+            "mask_token": "<mask>",
+        }
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "EsmTokenizer", "model_max_length": cfg.seq_length, **specials},
-            indent=2) + "\n")
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(
+                {"tokenizer_class": "EsmTokenizer", "model_max_length": cfg.seq_length, **specials},
+                indent=2,
+            )
+            + "\n"
+        )
     elif vocab_file is not None and Path(vocab_file).is_file():
         # Geneformer has no HF tokenizer class: its "tokenizer" is the gene -> id dictionary.
         (out / "token_dictionary.json").write_bytes(Path(vocab_file).read_bytes())

@@ -20,8 +20,9 @@ import math
 SCHEDULES = ("warmup_anneal_decay_hold", "cosine", "linear")
 
 
-def lr_multiplier(step: int, schedule: str, *, warmup: int, last: int, min_ratio: float,
-                  hold: int = 0) -> float:
+def lr_multiplier(
+    step: int, schedule: str, *, warmup: int, last: int, min_ratio: float, hold: int = 0
+) -> float:
     if schedule == "warmup_anneal_decay_hold":
         if step < warmup:
             return min_ratio + (1.0 - min_ratio) * step / warmup
@@ -34,7 +35,9 @@ def lr_multiplier(step: int, schedule: str, *, warmup: int, last: int, min_ratio
         decay = last - warmup - hold
         if decay <= 0 or step > warmup + decay:
             return min_ratio
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / decay))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (
+            1.0 + math.cos(math.pi * (step - warmup) / decay)
+        )
     if schedule == "linear":
         if step < warmup:
             return (step + 1) / warmup

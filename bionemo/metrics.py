@@ -55,8 +55,9 @@ class Throughput:
     """Tokens and FLOPs since the last report, per GPU. A batch seen by this rank is shared by
     the `model_parallel` (TP x PP) GPUs of its model replica."""
 
-    def __init__(self, model: ModelConfig, world_size: int, device: torch.device,
-                 model_parallel: int = 1):
+    def __init__(
+        self, model: ModelConfig, world_size: int, device: torch.device, model_parallel: int = 1
+    ):
         self.model, self.world, self.device = model, world_size, device
         self.mp = model_parallel
         self.peak = peak_tflops(device)
@@ -98,8 +99,9 @@ class MetricsLogger:
     """Rank 0 writes; the other ranks' calls do nothing. The trainer calls rewind(step) once, at the
     step it starts from, before the first log(): the TensorBoard and W&B writers open there."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, is_main: bool, wandb_id: str | None,
-                 config: dict):
+    def __init__(
+        self, run_dir: Path, cfg: LoggingConfig, is_main: bool, wandb_id: str | None, config: dict
+    ):
         self.is_main = is_main
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / rundir.METRICS
@@ -144,8 +146,13 @@ class MetricsLogger:
         self._mark = (step, time.perf_counter())
         self.tensorboard = _tensorboard_writer(self.run_dir / TENSORBOARD, step)
         if self.cfg.wandb_project:
-            self.wandb = _wandb_run(self.cfg, self.wandb_id, self.run_dir, self.config,
-                                    rewind_to=step if rewound else None)
+            self.wandb = _wandb_run(
+                self.cfg,
+                self.wandb_id,
+                self.run_dir,
+                self.config,
+                rewind_to=step if rewound else None,
+            )
 
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         if not self.is_main:
@@ -168,8 +175,9 @@ class MetricsLogger:
                     self.tensorboard.add_scalar(f"{kind}/{k}", v, step)
             self.tensorboard.flush()  # what metrics.jsonl holds, TensorBoard holds too
         if self.wandb is not None:
-            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if v is not None},
-                           step=step)
+            self.wandb.log(
+                {f"{kind}/{k}": v for k, v in values.items() if v is not None}, step=step
+            )
 
     def _steps_per_s(self, step: int) -> float | None:
         """Steps per second since the previous train record of this process (wall clock: saves
@@ -201,22 +209,29 @@ def _tensorboard_writer(folder: Path, step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:  # torch.utils.tensorboard needs the `tensorboard` package
-        log.warning("no TensorBoard event files (%s); metrics.jsonl has every record; "
-                    "pip install tensorboard to write them", e)
+        log.warning(
+            "no TensorBoard event files (%s); metrics.jsonl has every record; "
+            "pip install tensorboard to write them",
+            e,
+        )
         return None
     return SummaryWriter(log_dir=str(folder), purge_step=step + 1)
 
 
-def _wandb_run(cfg: LoggingConfig, run_id: str, run_dir: Path, config: dict,
-               rewind_to: int | None):
+def _wandb_run(cfg: LoggingConfig, run_id: str, run_dir: Path, config: dict, rewind_to: int | None):
     """The W&B run, continued. W&B ignores steps lower than the run's last one, so a resume from
     an older checkpoint rewinds the run to that step (resume_from; offline, the rewind is in the
     run's file and applies when it is synced). A wandb or a server without rewind continues the
     run as before: W&B then drops the steps trained again, and the warning says so."""
     import wandb
 
-    common = dict(project=cfg.wandb_project, entity=cfg.wandb_entity, dir=str(run_dir),
-                  config=config, mode="offline" if cfg.wandb_offline else "online")
+    common = dict(
+        project=cfg.wandb_project,
+        entity=cfg.wandb_entity,
+        dir=str(run_dir),
+        config=config,
+        mode="offline" if cfg.wandb_offline else "online",
+    )
     if rewind_to is not None:
         if "resume_from" in inspect.signature(wandb.init).parameters:
             try:
@@ -225,9 +240,14 @@ def _wandb_run(cfg: LoggingConfig, run_id: str, run_dir: Path, config: dict,
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
         else:
             why = f"wandb {wandb.__version__} has no resume_from (0.17.1 added it)"
-        log.warning("W&B run %s not rewound to step %d (%s): W&B drops steps %d.. as it already "
-                    "has them; metrics.jsonl and TensorBoard have the new ones",
-                    run_id, rewind_to, why, rewind_to + 1)
+        log.warning(
+            "W&B run %s not rewound to step %d (%s): W&B drops steps %d.. as it already "
+            "has them; metrics.jsonl and TensorBoard have the new ones",
+            run_id,
+            rewind_to,
+            why,
+            rewind_to + 1,
+        )
     return wandb.init(**common, id=run_id, resume="allow")
 
 

@@ -1,21 +1,21 @@
 """The run directory: the one place the launcher and the trainer meet (torch-free).
 
-    runs/<experiment>/<run>/
-      config.yaml          resolved configuration (sections job, cluster, trainer)
-      train.sbatch         rendered batch script (SLURM backends)
-      submission.json      the launcher's record: backend, job ids, attempts and decisions
-      logs/                scheduler and trainer output
-      metrics.jsonl        one JSON object per logged step / validation
-      events.jsonl         the trainer's faults, one JSON object a line (checkpoint_rejected,
-                           no_intact_checkpoint, hung, disk_full, oom, stopped), and the launcher's
-                           `decision` when submission.json could not be written (full disk):
-                           what `status` and the requeue decision read
-      heartbeats/rank-N.json   each rank's last step and time (the watchdog names a hung rank)
-      checkpoints/step-00000040/   complete only once its COMPLETE marker and manifest.json exist
-      final_model/         the last weights as a Hugging Face folder (bionemo/export.py)
-      tensorboard/         TensorBoard event files beside metrics.jsonl
-      plots/               loss and throughput plots (make plot)
-      finished             written by the trainer after the last step; never requeue after it
+runs/<experiment>/<run>/
+  config.yaml          resolved configuration (sections job, cluster, trainer)
+  train.sbatch         rendered batch script (SLURM backends)
+  submission.json      the launcher's record: backend, job ids, attempts and decisions
+  logs/                scheduler and trainer output
+  metrics.jsonl        one JSON object per logged step / validation
+  events.jsonl         the trainer's faults, one JSON object a line (checkpoint_rejected,
+                       no_intact_checkpoint, hung, disk_full, oom, stopped), and the launcher's
+                       `decision` when submission.json could not be written (full disk):
+                       what `status` and the requeue decision read
+  heartbeats/rank-N.json   each rank's last step and time (the watchdog names a hung rank)
+  checkpoints/step-00000040/   complete only once its COMPLETE marker and manifest.json exist
+  final_model/         the last weights as a Hugging Face folder (bionemo/export.py)
+  tensorboard/         TensorBoard event files beside metrics.jsonl
+  plots/               loss and throughput plots (make plot)
+  finished             written by the trainer after the last step; never requeue after it
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ EVENTS = "events.jsonl"
 HEARTBEATS = "heartbeats"  # <run_dir>/heartbeats/rank-00001.json, one file per rank
 TENSORBOARD = "tensorboard"  # <run_dir>/tensorboard/: event files (rank 0)
 PLOTS = "plots"  # <run_dir>/plots/: make plot
-COMPILE_CACHE = "compile_cache"  # <run_dir>/compile_cache/: torch.compile's caches (bionemo/train.py)
+COMPILE_CACHE = (
+    "compile_cache"  # <run_dir>/compile_cache/: torch.compile's caches (bionemo/train.py)
+)
 
 # The trainer's exit codes: the contract read by the requeue decision (launchers/requeue.py).
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: told to stop, every rank saved; requeue me
@@ -83,9 +85,14 @@ def append_event(run_dir: Path, event: str, **fields) -> dict:
     """Append one fault record to `events.jsonl` (any rank, any time; one short O_APPEND write, so
     lines from several processes do not interleave). Never raises: on a full disk the record is
     lost but the caller's own error handling goes on; the record is returned for logging."""
-    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event,
-           "host": socket.gethostname(), "job_id": os.environ.get("SLURM_JOB_ID"),
-           "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0), **fields}
+    rec = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "event": event,
+        "host": socket.gethostname(),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+        **fields,
+    }
     try:
         line = (json.dumps(rec, default=str) + "\n").encode()
         fd = os.open(Path(run_dir) / EVENTS, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

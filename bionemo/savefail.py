@@ -33,15 +33,26 @@ WRITTEN, FAILED, NO_SPACE = 0, 1, 2  # a rank's outcome, all-reduced
 class SaveFailed(Exception):
     """The save of `step` failed on `ranks`; raised on every rank."""
 
-    def __init__(self, *, step: int, path: Path, ranks: list[int], disk_full: bool, detail: str,
-                 free: int | None, removed: bool | None):
+    def __init__(
+        self,
+        *,
+        step: int,
+        path: Path,
+        ranks: list[int],
+        disk_full: bool,
+        detail: str,
+        free: int | None,
+        removed: bool | None,
+    ):
         self.step, self.path, self.ranks, self.disk_full = step, Path(path), ranks, disk_full
         # free: bytes left when it failed; removed: the partial folder is gone (None: not rank 0)
         self.detail, self.free_bytes, self.removed = detail, free, removed
         self.filesystem = mount_point(path)
         what = "no space left on device" if disk_full else "write failed"
-        super().__init__(f"saving step {step} to {path} failed on rank(s) "
-                         f"{', '.join(map(str, ranks))}: {what} ({detail})")
+        super().__init__(
+            f"saving step {step} to {path} failed on rank(s) "
+            f"{', '.join(map(str, ranks))}: {what} ({detail})"
+        )
 
 
 def agree_written(error: BaseException | None, tmp: Path, step: int, rank: int) -> None:
@@ -50,8 +61,11 @@ def agree_written(error: BaseException | None, tmp: Path, step: int, rank: int) 
     code = WRITTEN if error is None else NO_SPACE if no_space_left(error, tmp) else FAILED
     codes = [code]
     if dist.is_available() and dist.is_initialized():
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
         t = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
         t[dist.get_rank()] = code
         dist.all_reduce(t)
@@ -61,10 +75,15 @@ def agree_written(error: BaseException | None, tmp: Path, step: int, rank: int) 
     free = free_bytes(tmp)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    raise SaveFailed(step=step, path=tmp, ranks=[r for r, c in enumerate(codes) if c],
-                     disk_full=NO_SPACE in codes, free=free,
-                     removed=not tmp.exists() if rank == 0 else None,
-                     detail=one_line(error) if error is not None else "another rank failed")
+    raise SaveFailed(
+        step=step,
+        path=tmp,
+        ranks=[r for r, c in enumerate(codes) if c],
+        disk_full=NO_SPACE in codes,
+        free=free,
+        removed=not tmp.exists() if rank == 0 else None,
+        detail=one_line(error) if error is not None else "another rank failed",
+    )
 
 
 def one_line(error: BaseException) -> str:

@@ -31,7 +31,9 @@ class StopFlag:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self.group = (
+                dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            )
 
     def agreed(self) -> bool:
         local = self.requested is not None

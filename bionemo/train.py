@@ -25,13 +25,18 @@ def use_compile_cache(run_dir: Path, environ: MutableMapping[str, str] = os.envi
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m bionemo.train <run_dir>   (the folder holding config.yaml)",
-              file=sys.stderr)
+        print(
+            "usage: python -m bionemo.train <run_dir>   (the folder holding config.yaml)",
+            file=sys.stderr,
+        )
         return 2
     run_dir = Path(args[0])
     if not (run_dir / "config.yaml").is_file():
-        print(f"error: {run_dir}/config.yaml does not exist; create the run with "
-              f"`python -m launchers render|submit|debug`", file=sys.stderr)
+        print(
+            f"error: {run_dir}/config.yaml does not exist; create the run with "
+            f"`python -m launchers render|submit|debug`",
+            file=sys.stderr,
+        )
         return 2
     from bionemo.config import load_trainer_config
     from bionemo.stop import StopFlag

@@ -55,8 +55,13 @@ def memory_cap_fraction(cap_gib: float, device: torch.device) -> float:
     free, total = torch.cuda.mem_get_info(device)
     card = cap_gib / 80 * REAL_80GB_MIB * 2**20
     fraction = max(0.0, min(1.0, (card - (total - free)) / total))
-    log.info("memory cap %g GB: allocator limit %.0f MiB of %.0f (%.0f MiB held outside it)",
-             cap_gib, fraction * total / 2**20, total / 2**20, (total - free) / 2**20)
+    log.info(
+        "memory cap %g GB: allocator limit %.0f MiB of %.0f (%.0f MiB held outside it)",
+        cap_gib,
+        fraction * total / 2**20,
+        total / 2**20,
+        (total - free) / 2**20,
+    )
     return fraction
 
 
@@ -89,15 +94,26 @@ def train(run_dir: Path, stop: StopFlag | None = None) -> int:
     if env.world_size > 1:
         store = rendezvous_store(env, cfg.train.dist_timeout_s)
         dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", store=store, timeout=store.timeout,
-            rank=env.rank, world_size=env.world_size, device_id=device if device.type == "cuda" else None,
+            "nccl" if device.type == "cuda" else "gloo",
+            store=store,
+            timeout=store.timeout,
+            rank=env.rank,
+            world_size=env.world_size,
+            device_id=device if device.type == "cuda" else None,
         )
     if cfg.train.memory_cap_gib and device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(memory_cap_fraction(cfg.train.memory_cap_gib, device), device)
+        torch.cuda.set_per_process_memory_fraction(
+            memory_cap_fraction(cfg.train.memory_cap_gib, device), device
+        )
     try:
         stop.join_process_group()
-        with Watchdog(run_dir, env.rank, env.world_size, cfg.train.watchdog_s,
-                      attempt=f"{env.job_id}/{env.restart_count}") as watchdog:
+        with Watchdog(
+            run_dir,
+            env.rank,
+            env.world_size,
+            cfg.train.watchdog_s,
+            attempt=f"{env.job_id}/{env.restart_count}",
+        ) as watchdog:
             return _loop(cfg, env, device, run_dir, stop, watchdog)
     except (torch.OutOfMemoryError, MemoryError) as e:
         return _out_of_memory(run_dir, env, str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -118,8 +134,14 @@ def _out_of_memory(run_dir: Path, env: DistEnv, what: str) -> int:
     return OOM_EXIT_CODE
 
 
-def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
-          stop: StopFlag, watchdog: Watchdog) -> int:
+def _loop(
+    cfg: TrainerConfig,
+    env: DistEnv,
+    device: torch.device,
+    run_dir: Path,
+    stop: StopFlag,
+    watchdog: Watchdog,
+) -> int:
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
     latest = ckpt.latest()
     init_from = cfg.checkpoint.init_from if latest is None else None
@@ -127,29 +149,49 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
     dp = engine.dp_size
     accum = cfg.train.grad_accumulation(dp)
     samples_per_step = cfg.train.micro_batch_size * dp * accum
-    state = TrainerState(world_size=env.world_size, engine=engine.name,
-                         tensor_parallel=engine.tp, pipeline_parallel=engine.pp)
+    state = TrainerState(
+        world_size=env.world_size,
+        engine=engine.name,
+        tensor_parallel=engine.tp,
+        pipeline_parallel=engine.pp,
+    )
     if latest is not None:  # the newest intact one (damaged ones are rejected)
         latest, state = ckpt.resume(engine)
         state.world_size, state.tensor_parallel, state.pipeline_parallel = (
-            env.world_size, engine.tp, engine.pp)
-        log.info("resumed from %s (step %d, %d samples)", latest, state.step, state.consumed_samples)
+            env.world_size,
+            engine.tp,
+            engine.pp,
+        )
+        log.info(
+            "resumed from %s (step %d, %d samples)", latest, state.step, state.consumed_samples
+        )
     elif init_from is not None:
         log.info("initialised weights from %s", init_from)
 
     build_dataloader = dataloader_builder("labelled" if cfg.task.fine_tuning else cfg.model.family)
     loader_args = dict(
-        data_cfg=cfg.data, seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size, dp_rank=engine.dp_rank, dp_size=dp,
+        data_cfg=cfg.data,
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_rank=engine.dp_rank,
+        dp_size=dp,
         pad_to=cfg.data.pad_to,
     )
     if cfg.model.family == "geneformer":  # the gene vocabulary file must match the embedding
         loader_args["vocab_size"] = cfg.model.vocab_size
     if cfg.task.fine_tuning:  # the labelled table and its split
         loader_args["task"] = cfg.task
-    batches = iter(build_dataloader(**loader_args, grad_accumulation=accum,
-                                    start_sample=state.consumed_samples, split="train"))
-    metrics = MetricsLogger(run_dir, cfg.logging, env.is_main, state.wandb_id, cfg.model_dump(mode="json"))
+    batches = iter(
+        build_dataloader(
+            **loader_args,
+            grad_accumulation=accum,
+            start_sample=state.consumed_samples,
+            split="train",
+        )
+    )
+    metrics = MetricsLogger(
+        run_dir, cfg.logging, env.is_main, state.wandb_id, cfg.model_dump(mode="json")
+    )
     state.wandb_id = metrics.wandb_id
     metrics.rewind(state.step)
     meter = Throughput(cfg.model, env.world_size, device, engine.tp * engine.pp)
@@ -161,8 +203,13 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
 
     while state.step < cfg.train.max_steps:
         lr = cfg.optim.lr * lr_multiplier(
-            state.step, cfg.optim.schedule, warmup=cfg.optim.warmup_steps, last=decay_until,
-            min_ratio=cfg.optim.min_lr_ratio, hold=cfg.optim.hold_steps)
+            state.step,
+            cfg.optim.schedule,
+            warmup=cfg.optim.warmup_steps,
+            last=decay_until,
+            min_ratio=cfg.optim.min_lr_ratio,
+            hold=cfg.optim.hold_steps,
+        )
         micro_batches = [next(batches) for _ in range(accum)]
         for batch in micro_batches:
             meter.add(batch)
@@ -181,22 +228,36 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
                 dist.all_reduce(loss_sum)
                 loss_sum /= env.world_size
             mean_loss = loss_sum.item() / steps_in_window
-            metrics.log(state.step, {"loss": mean_loss, **_perplexity(cfg, mean_loss),
-                                     "lr": lr, "consumed_samples": state.consumed_samples,
-                                     **meter.report()})
+            metrics.log(
+                state.step,
+                {
+                    "loss": mean_loss,
+                    **_perplexity(cfg, mean_loss),
+                    "lr": lr,
+                    "consumed_samples": state.consumed_samples,
+                    **meter.report(),
+                },
+            )
             loss_sum.zero_()
             steps_in_window = 0
         valid_set = (cfg.task if cfg.task.fine_tuning else cfg.data).validation_set
         if valid_set and cfg.train.limit_val_batches and state.step % cfg.train.val_every == 0:
             with watchdog.slow("validate"):
-                val = validate(engine, cfg, build_dataloader(**loader_args, grad_accumulation=1,
-                                                             start_sample=0, split="valid"), device)
+                val = validate(
+                    engine,
+                    cfg,
+                    build_dataloader(
+                        **loader_args, grad_accumulation=1, start_sample=0, split="valid"
+                    ),
+                    device,
+                )
             metrics.log(state.step, val, kind="valid")
 
         stopping = stop.agreed()
         last = state.step >= cfg.train.max_steps
-        due = cfg.checkpoint.enabled and (stopping or last
-                                          or state.step % cfg.checkpoint.every_steps == 0)
+        due = cfg.checkpoint.enabled and (
+            stopping or last or state.step % cfg.checkpoint.every_steps == 0
+        )
         try:
             if due:
                 # The stop protocol's save and the last one stay synchronous: the process exits
@@ -206,10 +267,17 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
                     t0 = time.perf_counter()
                     path = ckpt.save(engine, state, asynchronous=background)
                     blocked = time.perf_counter() - t0
-                log.info("%s step %d: training blocked %.2f s", "writing in the background:"
-                         if path is None else f"saved {path}:", state.step, blocked)
-                metrics.log(state.step, {"save_blocking_s": blocked, "async": path is None},
-                            kind="checkpoint")
+                log.info(
+                    "%s step %d: training blocked %.2f s",
+                    "writing in the background:" if path is None else f"saved {path}:",
+                    state.step,
+                    blocked,
+                )
+                metrics.log(
+                    state.step,
+                    {"save_blocking_s": blocked, "async": path is None},
+                    kind="checkpoint",
+                )
             elif ckpt.pending:
                 with watchdog.slow("save"):
                     path = ckpt.poll()
@@ -228,11 +296,16 @@ def _loop(cfg: TrainerConfig, env: DistEnv, device: torch.device, run_dir: Path,
             metrics.close()
             return 0
         if stopping:
-            log.info("stop requested (%s): saved at step %d, exiting %d for requeue",
-                     stop.requested or "by another rank", state.step, REQUEUE_EXIT_CODE)
+            log.info(
+                "stop requested (%s): saved at step %d, exiting %d for requeue",
+                stop.requested or "by another rank",
+                state.step,
+                REQUEUE_EXIT_CODE,
+            )
             if env.is_main:  # srun --kill-on-bad-exit may report the first rank's 75 as a kill
-                rundir.append_event(run_dir, "stopped", step=state.step,
-                                    signal=stop.requested or "another rank's")
+                rundir.append_event(
+                    run_dir, "stopped", step=state.step, signal=stop.requested or "another rank's"
+                )
             metrics.close()
             return REQUEUE_EXIT_CODE
     return 0
@@ -245,15 +318,32 @@ def _save_failed(e: SaveFailed, run_dir: Path, env: DistEnv) -> int:
         raise e
     kept = rundir.latest_complete_step(run_dir)
     partial = {True: "removed", False: "could not be removed", None: "removed by rank 0"}[e.removed]
-    log.error("saving step %d failed: no space left on device in %s (filesystem %s, %s bytes "
-              "free; failed on rank(s) %s: %s); the partial folder %s; newest complete "
-              "checkpoint: %s; exiting %d", e.step, e.path, e.filesystem, e.free_bytes,
-              ", ".join(map(str, e.ranks)), e.detail, partial,
-              "none" if kept is None else f"step {kept}", rundir.DISK_FULL_EXIT_CODE)
+    log.error(
+        "saving step %d failed: no space left on device in %s (filesystem %s, %s bytes "
+        "free; failed on rank(s) %s: %s); the partial folder %s; newest complete "
+        "checkpoint: %s; exiting %d",
+        e.step,
+        e.path,
+        e.filesystem,
+        e.free_bytes,
+        ", ".join(map(str, e.ranks)),
+        e.detail,
+        partial,
+        "none" if kept is None else f"step {kept}",
+        rundir.DISK_FULL_EXIT_CODE,
+    )
     if env.is_main:
-        rundir.append_event(run_dir, "disk_full", step=e.step, path=str(e.path),
-                            filesystem=e.filesystem, free_bytes=e.free_bytes, ranks=e.ranks,
-                            detail=e.detail, kept_step=kept)
+        rundir.append_event(
+            run_dir,
+            "disk_full",
+            step=e.step,
+            path=str(e.path),
+            filesystem=e.filesystem,
+            free_bytes=e.free_bytes,
+            ranks=e.ranks,
+            detail=e.detail,
+            kept_step=kept,
+        )
     return rundir.DISK_FULL_EXIT_CODE
 
 
@@ -275,9 +365,12 @@ def export_final_model(run_dir: Path, engine, cfg: TrainerConfig) -> None:
             import subprocess
             import sys
 
-            done = subprocess.run([sys.executable, "-m", "bionemo.export", str(run_dir), str(out)],
-                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "bionemo.export", str(run_dir), str(out)],
+                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
                 raise RuntimeError((done.stderr or done.stdout).strip().splitlines()[-1:])
     except Exception as e:  # noqa: BLE001 -- the training result stands; say how to redo it
@@ -292,10 +385,14 @@ def log_compile_cache() -> None:
     from torch._dynamo.utils import counters
 
     fx, aot = counters["inductor"], counters["aot_autograd"]
-    log.info("compile cache %s: fx graph hits %d misses %d, aot autograd hits %d misses %d",
-             os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(inductor's default)"),
-             fx["fxgraph_cache_hit"], fx["fxgraph_cache_miss"],
-             aot["autograd_cache_hit"], aot["autograd_cache_miss"])
+    log.info(
+        "compile cache %s: fx graph hits %d misses %d, aot autograd hits %d misses %d",
+        os.environ.get("TORCHINDUCTOR_CACHE_DIR", "(inductor's default)"),
+        fx["fxgraph_cache_hit"],
+        fx["fxgraph_cache_miss"],
+        aot["autograd_cache_hit"],
+        aot["autograd_cache_miss"],
+    )
 
 
 def _perplexity(cfg: TrainerConfig, loss: float) -> dict:

@@ -70,8 +70,15 @@ class Watchdog:
     """Use as a context manager around the training loop; `beat(step)` after every step,
     `with slow("save"):` around saves and validation."""
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, configured_s: float = 0.0,
-                 startup_s: float = STARTUP_S, attempt: str = ""):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        world_size: int,
+        configured_s: float = 0.0,
+        startup_s: float = STARTUP_S,
+        attempt: str = "",
+    ):
         """`attempt` names this start of the run (job id and restart): heartbeat files of an
         older start are not evidence."""
         self.run_dir, self.rank, self.world_size = Path(run_dir), rank, world_size
@@ -115,8 +122,10 @@ class Watchdog:
         return self._state[1]
 
     def __enter__(self) -> "Watchdog":
-        self._threads = [threading.Thread(target=self._watch, name="watchdog", daemon=True),
-                         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._watch, name="watchdog", daemon=True),
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True),
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -159,9 +168,18 @@ class Watchdog:
 
     def _write_heartbeat(self, fd: int, state: str) -> None:
         since, _, phase, step = self._state
-        rec = dict(rank=self.rank, host=self.host, pid=self.pid, attempt=self.attempt, step=step,
-                   phase=phase, state=state, interval_s=self.interval_s,
-                   progress_time=time.time() - (time.monotonic() - since), written=time.time())
+        rec = dict(
+            rank=self.rank,
+            host=self.host,
+            pid=self.pid,
+            attempt=self.attempt,
+            step=step,
+            phase=phase,
+            state=state,
+            interval_s=self.interval_s,
+            progress_time=time.time() - (time.monotonic() - since),
+            written=time.time(),
+        )
         # fixed length, written in place: no new inode per beat, and a reader never sees a
         # shorter record followed by the tail of a longer one
         data = json.dumps(rec).encode().ljust(511) + b"\n"
@@ -173,28 +191,44 @@ class Watchdog:
     def _fire(self, waited: float, limit: float, phase: str, step: int, frozen_s: float) -> None:
         found: dict = {}
         if frozen_s:
-            found.update(suspect_rank=self.rank, suspect_host=self.host,
-                         suspect_reason=f"this rank: its process did not run for {frozen_s:.1f} s "
-                                        "(stopped or frozen)")
-        recorder = threading.Thread(target=self._record, args=(waited, limit, phase, step, found),
-                                    name="watchdog-record", daemon=True)
+            found.update(
+                suspect_rank=self.rank,
+                suspect_host=self.host,
+                suspect_reason=f"this rank: its process did not run for {frozen_s:.1f} s "
+                "(stopped or frozen)",
+            )
+        recorder = threading.Thread(
+            target=self._record,
+            args=(waited, limit, phase, step, found),
+            name="watchdog-record",
+            daemon=True,
+        )
         recorder.start()
         recorder.join(EVENT_WAIT_S)
         suspect = found.get("suspect_reason") or "not known"
-        _stderr(f"[watchdog] rank {self.rank}: no progress for {waited:.1f} s (limit {limit:.1f} s)"
-                f" in {phase} after step {step}; suspect: {suspect}; stacks of every thread "
-                f"follow; exiting {rundir.HUNG_EXIT_CODE}\n")
+        _stderr(
+            f"[watchdog] rank {self.rank}: no progress for {waited:.1f} s (limit {limit:.1f} s)"
+            f" in {phase} after step {step}; suspect: {suspect}; stacks of every thread "
+            f"follow; exiting {rundir.HUNG_EXIT_CODE}\n"
+        )
         faulthandler.dump_traceback(file=2, all_threads=True)
         os._exit(rundir.HUNG_EXIT_CODE)
 
     def _record(self, waited: float, limit: float, phase: str, step: int, found: dict) -> None:
         if not found and self.rank < SCAN_RANKS:
             found.update(find_suspect(self.run_dir, self.world_size, self.attempt, self.rank, step))
-        rundir.append_event(self.run_dir, "hung", rank=self.rank, step=step, phase=phase,
-                            waited_s=round(waited, 1), limit_s=round(limit, 1),
-                            suspect_rank=found.get("suspect_rank"),
-                            suspect_host=found.get("suspect_host"),
-                            suspect_reason=found.get("suspect_reason"))
+        rundir.append_event(
+            self.run_dir,
+            "hung",
+            rank=self.rank,
+            step=step,
+            phase=phase,
+            waited_s=round(waited, 1),
+            limit_s=round(limit, 1),
+            suspect_rank=found.get("suspect_rank"),
+            suspect_host=found.get("suspect_host"),
+            suspect_reason=found.get("suspect_reason"),
+        )
 
 
 def _stderr(text: str) -> None:
@@ -222,8 +256,9 @@ def read_heartbeats(run_dir: Path, world_size: int) -> dict[int, dict]:
     return out
 
 
-def find_suspect(run_dir: Path, world_size: int, attempt: str, me: int, my_step: int,
-                 now: float | None = None) -> dict:
+def find_suspect(
+    run_dir: Path, world_size: int, attempt: str, me: int, my_step: int, now: float | None = None
+) -> dict:
     """The rank most likely to hold the others up, from the heartbeat files: first one whose
     file stopped being written (stopped, frozen or gone), then one with no heartbeat from this
     start of the run, then the one furthest behind (this rank included). {} when nothing stands
@@ -240,12 +275,22 @@ def find_suspect(run_dir: Path, world_size: int, attempt: str, me: int, my_step:
             continue
         age = now - float(rec.get("written", 0))
         if rec.get("state") == "exited":
-            silent.append((rank, f"rank {rank} on {rec.get('host')} (pid {rec.get('pid')}) "
-                                 f"exited after step {rec.get('step')}"))
+            silent.append(
+                (
+                    rank,
+                    f"rank {rank} on {rec.get('host')} (pid {rec.get('pid')}) "
+                    f"exited after step {rec.get('step')}",
+                )
+            )
         elif age > 3 * float(rec.get("interval_s", 5.0)) + 1:
-            silent.append((rank, f"rank {rank} on {rec.get('host')} (pid {rec.get('pid')}): no "
-                                 f"heartbeat for {age:.1f} s, after step {rec.get('step')} "
-                                 "(process stopped, frozen or gone)"))
+            silent.append(
+                (
+                    rank,
+                    f"rank {rank} on {rec.get('host')} (pid {rec.get('pid')}): no "
+                    f"heartbeat for {age:.1f} s, after step {rec.get('step')} "
+                    "(process stopped, frozen or gone)",
+                )
+            )
         else:
             steps[rank] = int(rec.get("step", 0))
     if silent:
@@ -254,10 +299,13 @@ def find_suspect(run_dir: Path, world_size: int, attempt: str, me: int, my_step:
         rank, reason = missing[0], f"rank {missing[0]}: no heartbeat from this start of the run"
     elif steps and min(steps.values()) < max(steps.values()):
         rank = min(steps, key=steps.get)
-        reason = (f"rank {rank} on {beats.get(rank, {}).get('host', socket.gethostname())}: "
-                  f"behind, at step {steps[rank]} while others reached {max(steps.values())}")
+        reason = (
+            f"rank {rank} on {beats.get(rank, {}).get('host', socket.gethostname())}: "
+            f"behind, at step {steps[rank]} while others reached {max(steps.values())}"
+        )
     else:
         return {}
-    host = (None if rank in missing else socket.gethostname() if rank == me
-            else beats[rank].get("host"))
+    host = (
+        None if rank in missing else socket.gethostname() if rank == me else beats[rank].get("host")
+    )
     return dict(suspect_rank=rank, suspect_host=host, suspect_reason=reason)

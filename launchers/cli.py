@@ -55,31 +55,53 @@ def cmd_cluster(args) -> int:
 
 def _job_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("--model", help="model preset: configs/models/<MODEL>.yaml (or a path)")
-    p.add_argument("--cluster", help="cluster profile: configs/clusters/<CLUSTER>.yaml (or a path)"
-                   "; default local")
+    p.add_argument(
+        "--cluster",
+        help="cluster profile: configs/clusters/<CLUSTER>.yaml (or a path); default local",
+    )
     p.add_argument("--nodes", type=int, help="number of nodes (job.nodes)")
     if backend:
-        p.add_argument("--backend",
-                       help="sbatch (default), submitit, nemo_run or local (job.backend)")
-    p.add_argument("--config", action="append", metavar="FILE",
-                   help="a config file with job/cluster/trainer sections (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. trainer.train.max_steps=100 "
-                        "job.time_limit=01:00:00")
+        p.add_argument(
+            "--backend", help="sbatch (default), submitit, nemo_run or local (job.backend)"
+        )
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="a config file with job/cluster/trainer sections (repeatable)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. trainer.train.max_steps=100 job.time_limit=01:00:00",
+    )
 
 
 def _sweep_options(s: argparse.ArgumentParser) -> None:
     _job_options(s)
     for flag, _, text in SWEEP_OPTIONS:
         s.add_argument(flag, help=text)
-    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="trainer.train.compile in the trials (default: the config's)")
-    s.add_argument("--write-table", action="store_true",
-                   help="update the model's row in <tables>/<gpu>.yaml")
-    s.add_argument("--set", metavar="KEY=VALUE", nargs="+",
-                   help="trainer overrides: KEY=VALUE is trainer.KEY=VALUE")
-    s.add_argument("--dry-run", action="store_true",
-                   help="print the batch script and the resolved config; submit nothing")
+    s.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trainer.train.compile in the trials (default: the config's)",
+    )
+    s.add_argument(
+        "--write-table", action="store_true", help="update the model's row in <tables>/<gpu>.yaml"
+    )
+    s.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        nargs="+",
+        help="trainer overrides: KEY=VALUE is trainer.KEY=VALUE",
+    )
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the batch script and the resolved config; submit nothing",
+    )
 
 
 def _debug_options(s: argparse.ArgumentParser) -> None:
@@ -95,21 +117,28 @@ def _recipe_options(s: argparse.ArgumentParser) -> None:
 
 
 def _list_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("root", nargs="?", metavar="ROOT",
-                   help="runs root (default: --cluster's cluster.runs_root)")
+    s.add_argument(
+        "root", nargs="?", metavar="ROOT", help="runs root (default: --cluster's cluster.runs_root)"
+    )
     s.add_argument("--cluster", help="cluster profile whose runs_root to list; default local")
 
 
 def _run_options(name: str):
     def add(s: argparse.ArgumentParser) -> None:
-        s.add_argument("run", nargs="?", metavar="RUN",
-                       help="run directory (default: the newest under runs/)")
+        s.add_argument(
+            "run", nargs="?", metavar="RUN", help="run directory (default: the newest under runs/)"
+        )
         if name == "logs":
             s.add_argument("-n", "--lines", type=int, default=40)
             s.add_argument("-f", "--follow", action="store_true")
         if name == "resume":
-            s.add_argument("overrides", nargs="*", metavar="key=value",
-                           help="changes to the saved config (e.g. trainer.train.max_steps=2000)")
+            s.add_argument(
+                "overrides",
+                nargs="*",
+                metavar="key=value",
+                help="changes to the saved config (e.g. trainer.train.max_steps=2000)",
+            )
+
     return add
 
 
@@ -117,11 +146,18 @@ def _run_options(name: str):
 COMMANDS = {
     "submit": (cmd_submit, "validate, write the run directory and submit", _job_options),
     "render": (cmd_render, "dry run: print the script and the resolved config", _job_options),
-    "sweep": (cmd_sweep, "submit a micro-batch sweep: one allocation, every trial an srun step "
-              "of it (docs/sweep.md)", _sweep_options),
+    "sweep": (
+        cmd_sweep,
+        "submit a micro-batch sweep: one allocation, every trial an srun step "
+        "of it (docs/sweep.md)",
+        _sweep_options,
+    ),
     "debug": (cmd_debug, "run ~50 steps here, in the foreground (local backend)", _debug_options),
-    "recipe": (cmd_recipe, "write the resolved config as an editable, commented file; "
-               "`submit --config FILE` runs it", _recipe_options),
+    "recipe": (
+        cmd_recipe,
+        "write the resolved config as an editable, commented file; `submit --config FILE` runs it",
+        _recipe_options,
+    ),
     "status": (cmd_status, "what the run is doing, and why it stopped", _run_options("status")),
     "logs": (cmd_logs, "the run's newest logs", _run_options("logs")),
     "cancel": (cmd_cancel, "cancel the run's jobs", _run_options("cancel")),
@@ -129,8 +165,11 @@ COMMANDS = {
     "list": (cmd_list, "every run under a runs root, one table", _list_options),
     "plot": (cmd_plot, "loss and throughput plots of a run (<run>/plots/)", _run_options("plot")),
     "keys": (keys.cmd_keys, "every config key: type, default, description", keys.options),
-    "cluster": (cmd_cluster, "the bundled local SLURM cluster",
-                lambda s: s.add_argument("action", choices=["up", "down", "status"])),
+    "cluster": (
+        cmd_cluster,
+        "the bundled local SLURM cluster",
+        lambda s: s.add_argument("action", choices=["up", "down", "status"]),
+    ),
 }
 
 
@@ -141,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
         prog=command if command == CONSOLE_COMMAND else "python -m launchers",
         description="Render, submit and manage training runs (docs/launcher.md).",
         epilog="Resolution order: model preset < benchmark table (cluster GPU type) < cluster "
-               "profile < --config files < command line.")
+        "profile < --config files < command line.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (func, text, options) in COMMANDS.items():
         s = sub.add_parser(name, help=text)
@@ -150,8 +190,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-_VALUE_OPTIONS = {"--model", "--cluster", "--nodes", "--backend", "--config", "--nproc", "-n",
-                  "--lines", *(flag for flag, _, _ in SWEEP_OPTIONS)}
+_VALUE_OPTIONS = {
+    "--model",
+    "--cluster",
+    "--nodes",
+    "--backend",
+    "--config",
+    "--nproc",
+    "-n",
+    "--lines",
+    *(flag for flag, _, _ in SWEEP_OPTIONS),
+}
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -66,13 +66,39 @@ _DAEMONS = ("slurmctld", "slurmd", "munged")
 _CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo", "munge", "unmunge")
 _APT_PACKAGES = ("slurm-wlm", "munge")
 _GOOD_BASE_STATES = {"IDLE", "ALLOCATED", "MIXED"}
-_BAD_FLAGS = {"DRAIN", "NOT_RESPONDING", "FAIL", "POWERED_DOWN", "POWERING_DOWN", "INVALID_REG", "REBOOT_ISSUED"}
+_BAD_FLAGS = {
+    "DRAIN",
+    "NOT_RESPONDING",
+    "FAIL",
+    "POWERED_DOWN",
+    "POWERING_DOWN",
+    "INVALID_REG",
+    "REBOOT_ISSUED",
+}
 
 __all__ = [  # the configuration's names, for `from launchers import cluster` users
-    "CLUSTER_NAME", "CTLD_PORT", "NODE_COUNT", "NODES", "PARTITION", "SLURMD_BASE_PORT",
-    "ClusterError", "cluster_dir", "hostname_is_loopback", "log_files", "node_gpus",
-    "render_config", "render_files", "slurm_env",
-    "down", "is_up", "main", "node_states", "node_usable", "reset_node", "status", "up",
+    "CLUSTER_NAME",
+    "CTLD_PORT",
+    "NODE_COUNT",
+    "NODES",
+    "PARTITION",
+    "SLURMD_BASE_PORT",
+    "ClusterError",
+    "cluster_dir",
+    "hostname_is_loopback",
+    "log_files",
+    "node_gpus",
+    "render_config",
+    "render_files",
+    "slurm_env",
+    "down",
+    "is_up",
+    "main",
+    "node_states",
+    "node_usable",
+    "reset_node",
+    "status",
+    "up",
 ]
 
 # --------------------------------------------------------------------------------------------- binaries
@@ -98,7 +124,9 @@ def _ensure_installed() -> None:
             f"installed automatically. Install them first, e.g. `sudo {hint}` (Debian/Ubuntu), then retry."
         )
     if _which("apt-get") is None:
-        raise ClusterError(f"SLURM/munge binaries missing ({', '.join(missing)}) and apt-get is not available")
+        raise ClusterError(
+            f"SLURM/munge binaries missing ({', '.join(missing)}) and apt-get is not available"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", *_APT_PACKAGES]
     result = subprocess.run(install, env=env, capture_output=True, text=True)
@@ -187,7 +215,9 @@ def _spawn(name: str, argv: list[str]) -> None:
         except subprocess.TimeoutExpired:
             return  # did not fork into the background, but it runs detached anyway
     if rc != 0:
-        raise ClusterError(f"{name} exited with {rc} at start:\n{_tail(out_path)}\n{_tail(_log_for(name))}")
+        raise ClusterError(
+            f"{name} exited with {rc} at start:\n{_tail(out_path)}\n{_tail(_log_for(name))}"
+        )
 
 
 def _log_for(name: str) -> Path:
@@ -204,11 +234,16 @@ def _tail(path: Path, lines: int = 20) -> str:
 def _munge_works() -> bool:
     sock = str(munge_socket())
     try:
-        cred = subprocess.run([_which("munge") or "munge", "-n", "-S", sock], capture_output=True, timeout=10)
+        cred = subprocess.run(
+            [_which("munge") or "munge", "-n", "-S", sock], capture_output=True, timeout=10
+        )
         if cred.returncode != 0:
             return False
         check = subprocess.run(
-            [_which("unmunge") or "unmunge", "-S", sock], input=cred.stdout, capture_output=True, timeout=10
+            [_which("unmunge") or "unmunge", "-S", sock],
+            input=cred.stdout,
+            capture_output=True,
+            timeout=10,
         )
         return check.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -300,7 +335,9 @@ def _lock():
 
 def _client(args: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
     exe = _which(args[0]) or args[0]
-    return subprocess.run([exe, *args[1:]], capture_output=True, text=True, env=_daemon_env(), timeout=timeout)
+    return subprocess.run(
+        [exe, *args[1:]], capture_output=True, text=True, env=_daemon_env(), timeout=timeout
+    )
 
 
 def _ctld_answers() -> bool:
@@ -373,7 +410,9 @@ def _wait_usable(nodes: tuple[str, ...], deadline: float, resume_grace: float = 
                 stuck = [
                     n
                     for n, (state, since) in table.items()
-                    if n in nodes and _needs_resume(state) and (since is None or now - since >= resume_grace)
+                    if n in nodes
+                    and _needs_resume(state)
+                    and (since is None or now - since >= resume_grace)
                 ]
                 if stuck:
                     _client(["scontrol", "update", f"nodename={','.join(stuck)}", "state=resume"])
@@ -390,7 +429,9 @@ def _wait_usable(nodes: tuple[str, ...], deadline: float, resume_grace: float = 
 def _needs_resume(state: str) -> bool:
     base, *flags = state.rstrip("*~#!%$@^-").split("+")
     # NOT_RESPONDING alone means the slurmd has not registered yet: waiting is enough.
-    return base in ("DOWN", "DRAINED", "DRAINING", "FAIL", "FAILING") or bool({"DRAIN", "FAIL"} & set(flags))
+    return base in ("DOWN", "DRAINED", "DRAINING", "FAIL", "FAILING") or bool(
+        {"DRAIN", "FAIL"} & set(flags)
+    )
 
 
 # --------------------------------------------------------------------------------------------- API
@@ -432,7 +473,9 @@ def reset_node(name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with _lock():
         _ensure_slurmd(name)
-    _client(["scontrol", "update", f"nodename={name}", "state=resume"])  # errors if already usable: fine
+    _client(
+        ["scontrol", "update", f"nodename={name}", "state=resume"]
+    )  # errors if already usable: fine
     _wait_usable((name,), deadline)
 
 
@@ -451,7 +494,9 @@ def status() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launchers.cluster", description="Bundled local SLURM cluster")
+    parser = argparse.ArgumentParser(
+        prog="python -m launchers.cluster", description="Bundled local SLURM cluster"
+    )
     parser.add_argument("action", choices=["up", "down", "status", "env"])
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)

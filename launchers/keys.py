@@ -73,8 +73,15 @@ def all_keys(model: type[BaseModel] = LaunchConfig, prefix: str = "") -> list[Ke
             for section in sections:
                 out += all_keys(section, key + ".")
         else:
-            out.append(Key(key, type_name(info.annotation), default_text(info),
-                           " ".join((info.description or "").split()), model.__name__))
+            out.append(
+                Key(
+                    key,
+                    type_name(info.annotation),
+                    default_text(info),
+                    " ".join((info.description or "").split()),
+                    model.__name__,
+                )
+            )
     return out
 
 
@@ -86,20 +93,26 @@ def select(section: str | None) -> list[Key]:
     chosen = [k for k in keys if k.key == section or k.key.startswith(section + ".")]
     if not chosen:
         known = sorted({k.key.rsplit(".", 1)[0] for k in keys})
-        raise ConfigError("command line", section, "no such section or key"
-                          + _did_you_mean(section, known + [k.key for k in keys]),
-                          "sections: " + ", ".join(known))
+        raise ConfigError(
+            "command line",
+            section,
+            "no such section or key" + _did_you_mean(section, known + [k.key for k in keys]),
+            "sections: " + ", ".join(known),
+        )
     return chosen
 
 
 def markdown(keys: list[Key]) -> str:
     """A Markdown table (the form docs/launcher.md embeds)."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("<", "\\<")  # <run_dir> is not an HTML tag
 
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
-    lines += [f"| `{k.key}` | {cell(k.type)} | `{cell(k.default)}` | {cell(k.description)} |"
-              for k in keys]
+    lines += [
+        f"| `{k.key}` | {cell(k.type)} | `{cell(k.default)}` | {cell(k.description)} |"
+        for k in keys
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -110,14 +123,19 @@ def text(keys: list[Key], width: int = 100) -> str:
     out = []
     for k in keys:
         out.append(f"{k.key:<{wk}}  {k.type:<{wt}}  {k.default}")
-        out += textwrap.wrap(k.description, width, initial_indent="    ",
-                             subsequent_indent="    ") or ["    (no description)"]
+        out += textwrap.wrap(
+            k.description, width, initial_indent="    ", subsequent_indent="    "
+        ) or ["    (no description)"]
     return "\n".join(out) + "\n"
 
 
 def options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("section", nargs="?", metavar="SECTION",
-                   help="a section or key, e.g. cluster, trainer.train (default: every key)")
+    s.add_argument(
+        "section",
+        nargs="?",
+        metavar="SECTION",
+        help="a section or key, e.g. cluster, trainer.train (default: every key)",
+    )
     s.add_argument("--markdown", action="store_true", help="print a Markdown table")
 
 
@@ -126,4 +144,3 @@ def cmd_keys(args) -> int:
     width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
     print(markdown(keys) if args.markdown else text(keys, width), end="")
     return 0
-

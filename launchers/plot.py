@@ -39,8 +39,11 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def series(recs: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in recs
-           if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
+    pts = [
+        (r["step"], r[key])
+        for r in recs
+        if r.get("kind") == kind and isinstance(r.get(key), (int, float))
+    ]
     return [s for s, _ in pts], [v for _, v in pts]
 
 
@@ -52,8 +55,10 @@ def plot(run_dir: Path) -> list[Path]:
         matplotlib.use("Agg")  # files only: no display on a login node
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotError("matplotlib is not installed; pip install 'bionemo-hpc[plots]' "
-                        "(or pip install matplotlib)") from None
+        raise PlotError(
+            "matplotlib is not installed; pip install 'bionemo-hpc[plots]' "
+            "(or pip install matplotlib)"
+        ) from None
     run_dir = Path(run_dir)
     recs = records(run_dir)
     steps, loss = series(recs, "train", "loss")
@@ -74,8 +79,10 @@ def plot(run_dir: Path) -> list[Path]:
     paths = [_save(fig, out / "loss.png")]
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, name in (("tokens_per_s_per_gpu", "tokens/s/GPU (padded)"),
-                      ("useful_tokens_per_s_per_gpu", "tokens/s/GPU (useful)")):
+    for key, name in (
+        ("tokens_per_s_per_gpu", "tokens/s/GPU (padded)"),
+        ("useful_tokens_per_s_per_gpu", "tokens/s/GPU (useful)"),
+    ):
         s, v = series(recs, "train", key)
         if s:
             ax.plot(s, v, label=name, linewidth=1)

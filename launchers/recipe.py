@@ -42,8 +42,11 @@ def data(resolved: Resolved) -> dict:
 def origin(resolved: Resolved, key: Key) -> str:
     """The comment of one key: the layer that set it, and what submit derives from it."""
     layers = resolved.layers
-    kinds = {layers[0]: "model preset", layers[1]: "benchmark table",
-             layers[2]: "cluster profile"} if len(layers) >= 4 else {}
+    kinds = (
+        {layers[0]: "model preset", layers[1]: "benchmark table", layers[2]: "cluster profile"}
+        if len(layers) >= 4
+        else {}
+    )
     source = _src(resolved.origins, key, default="")
     if not source:
         text = "default"
@@ -110,8 +113,10 @@ def _emit(mapping: dict, prefix: Key, resolved: Resolved, lines: list[str]) -> N
 def warnings(resolved: Resolved) -> list[str]:
     if ("job", "run") in resolved.derived:
         return []
-    return [f"job.run is fixed in this recipe ({resolved.config.job.run}): a second submit of it "
-            "is refused (the run exists); set job.run: null in the file for a new run each time"]
+    return [
+        f"job.run is fixed in this recipe ({resolved.config.job.run}): a second submit of it "
+        "is refused (the run exists); set job.run: null in the file for a new run each time"
+    ]
 
 
 def keys(resolved: Resolved) -> list[Key]:

@@ -91,32 +91,52 @@ def update(run_dir, change) -> dict:
 
 def create(run_dir, *, backend: str, cluster: str, policy: dict, kind: str = "train") -> dict:
     def change(data):
-        data.update(version=VERSION, run_dir=str(run_dir), backend=backend, cluster=cluster,
-                    kind=kind, created=now(), policy=policy)
+        data.update(
+            version=VERSION,
+            run_dir=str(run_dir),
+            backend=backend,
+            cluster=cluster,
+            kind=kind,
+            created=now(),
+            policy=policy,
+        )
+
     return update(run_dir, change)
 
 
 def add_job(run_dir, job_id, command: str, **extra) -> dict:
-    return update(run_dir, lambda d: d.setdefault("jobs", []).append(
-        {"job_id": None if job_id is None else str(job_id), "command": command, "time": now(),
-         **extra}))
+    return update(
+        run_dir,
+        lambda d: d.setdefault("jobs", []).append(
+            {
+                "job_id": None if job_id is None else str(job_id),
+                "command": command,
+                "time": now(),
+                **extra,
+            }
+        ),
+    )
 
 
 def add_attempt(run_dir, attempt: dict) -> dict:
-    return update(run_dir, lambda d: d.setdefault("attempts", []).append(
-        {"time": now(), **attempt}))
+    return update(
+        run_dir, lambda d: d.setdefault("attempts", []).append({"time": now(), **attempt})
+    )
 
 
 def amend_last_attempt(run_dir, **fields) -> dict:
     def change(data):
         if data.get("attempts"):
             data["attempts"][-1].update(fields)
+
     return update(run_dir, change)
 
 
 def add_event(run_dir, event: str, **detail) -> dict:
-    return update(run_dir, lambda d: d.setdefault("events", []).append(
-        {"event": event, "time": now(), **detail}))
+    return update(
+        run_dir,
+        lambda d: d.setdefault("events", []).append({"event": event, "time": now(), **detail}),
+    )
 
 
 def job_ids(data: dict) -> list[str]:

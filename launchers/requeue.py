@@ -88,55 +88,84 @@ def _step(step) -> str:
     return "no checkpoint yet" if step is None else f"step {step}"
 
 
-def decide(*, finished: bool, exit_code: int, latest_step, restarts: int, policy: dict,
-           history: list, terminated: bool = False, elapsed_s: float | None = None,
-           events: Sequence[dict] = ()) -> dict:
+def decide(
+    *,
+    finished: bool,
+    exit_code: int,
+    latest_step,
+    restarts: int,
+    policy: dict,
+    history: list,
+    terminated: bool = False,
+    elapsed_s: float | None = None,
+    events: Sequence[dict] = (),
+) -> dict:
     """Return {"outcome", "decision", "reason"} (+ "suspect_rank", "suspect_host" when hung);
     decision is requeue, stop or none. `events`: this attempt's records of events.jsonl."""
     requeue_code = policy.get("requeue_exit_code", REQUEUE_EXIT_CODE)
     oom_code = policy.get("oom_exit_code")
     max_restarts = policy.get("max_restarts", 0)
     limit = policy.get("time_limit_s")
-    at_limit = bool(terminated and limit and elapsed_s is not None
-                    and elapsed_s >= limit - TIME_LIMIT_SLACK_S)
+    at_limit = bool(
+        terminated and limit and elapsed_s is not None and elapsed_s >= limit - TIME_LIMIT_SLACK_S
+    )
     where = _step(latest_step)
     disk_full = next((e for e in reversed(events) if e.get("event") == "disk_full"), None)
-    no_intact = next((e for e in reversed(events) if e.get("event") == "no_intact_checkpoint"), None)
+    no_intact = next(
+        (e for e in reversed(events) if e.get("event") == "no_intact_checkpoint"), None
+    )
     oom_event = any(e.get("event") == "oom" for e in events)
     # Every rank saved on the warning signal and exits 75; the first to exit makes srun's
     # --kill-on-bad-exit terminate the others, so the step may report 143: rank 0's event says.
-    stopped_event = any(e.get("event") == "stopped" and e.get("step") == latest_step
-                        for e in events)
+    stopped_event = any(
+        e.get("event") == "stopped" and e.get("step") == latest_step for e in events
+    )
     hungs = [e for e in events if e.get("event") == "hung"]  # one per rank that fired
     hung = next((e for e in hungs if e.get("suspect_host")), hungs[0] if hungs else None)
-    note = "".join(f"; note: checkpoint {_step(e.get('step'))} was rejected ({e.get('file')}: "
-                   f"{e.get('reason')})" for e in events if e.get("event") == "checkpoint_rejected")
+    note = "".join(
+        f"; note: checkpoint {_step(e.get('step'))} was rejected ({e.get('file')}: "
+        f"{e.get('reason')})"
+        for e in events
+        if e.get("event") == "checkpoint_rejected"
+    )
 
     def verdict(outcome, decision, reason, **extra):
         return dict(outcome=outcome, decision=decision, reason=reason + note, **extra)
 
     if finished:
-        return verdict("finished", "stop", "finished: the `finished` marker exists; a finished "
-                       "run is never requeued")
+        return verdict(
+            "finished",
+            "stop",
+            "finished: the `finished` marker exists; a finished run is never requeued",
+        )
     if terminated and not at_limit:
-        return verdict("terminated", "none",
-                       f"terminated by the scheduler (exit {exit_code}, latest {where}): SLURM "
-                       "requeues preempted jobs and jobs on failed nodes itself; a cancelled job "
-                       "stays cancelled")
+        return verdict(
+            "terminated",
+            "none",
+            f"terminated by the scheduler (exit {exit_code}, latest {where}): SLURM "
+            "requeues preempted jobs and jobs on failed nodes itself; a cancelled job "
+            "stays cancelled",
+        )
     if exit_code == policy.get("disk_full_exit_code", rundir.DISK_FULL_EXIT_CODE) or disk_full:
         d = disk_full or {}
         fs = d.get("filesystem") or "the run directory's filesystem"
         saving = f"step {d['step']}" if d.get("step") is not None else "a checkpoint"
-        return verdict("disk_full", "stop",
-                       f"disk full: no space left on {fs} while saving {saving} (exit "
-                       f"{exit_code}; newest complete checkpoint: {where}); a requeue would fail "
-                       "the same way; free space, then `resume`")
+        return verdict(
+            "disk_full",
+            "stop",
+            f"disk full: no space left on {fs} while saving {saving} (exit "
+            f"{exit_code}; newest complete checkpoint: {where}); a requeue would fail "
+            "the same way; free space, then `resume`",
+        )
     if no_intact:
-        return verdict("no_checkpoint", "stop",
-                       f"no intact checkpoint: every complete checkpoint was rejected "
-                       f"({', '.join(no_intact.get('rejected') or []) or '?'}; exit {exit_code}); "
-                       "the trainer refuses to train from step 0; restore a checkpoint folder "
-                       "(or delete the *.corrupt folders to start over), then resume")
+        return verdict(
+            "no_checkpoint",
+            "stop",
+            f"no intact checkpoint: every complete checkpoint was rejected "
+            f"({', '.join(no_intact.get('rejected') or []) or '?'}; exit {exit_code}); "
+            "the trainer refuses to train from step 0; restore a checkpoint folder "
+            "(or delete the *.corrupt folders to start over), then resume",
+        )
     if exit_code == requeue_code or stopped_event:
         outcome = "stopped"
     elif at_limit:
@@ -153,55 +182,81 @@ def decide(*, finished: bool, exit_code: int, latest_step, restarts: int, policy
         extra = dict(suspect_rank=h.get("suspect_rank"), suspect_host=h.get("suspect_host"))
 
     if restarts >= max_restarts:
-        return verdict(outcome, "stop",
-                       f"restart limit: {restarts} restarts >= job.max_restarts {max_restarts} "
-                       f"(exit {exit_code}, latest {where}); resume to go on", **extra)
+        return verdict(
+            outcome,
+            "stop",
+            f"restart limit: {restarts} restarts >= job.max_restarts {max_restarts} "
+            f"(exit {exit_code}, latest {where}); resume to go on",
+            **extra,
+        )
     if outcome in ("stopped", "timeout"):
         previous = next((a for a in reversed(history) if a.get("decision") == "requeue"), None)
         if previous is not None and previous.get("latest_step") == latest_step:
-            return verdict(outcome, "stop",
-                           f"no progress: the latest complete checkpoint is still {where}, as at "
-                           f"the previous requeue (job {previous.get('job_id')} restart "
-                           f"{previous.get('restart')}); check the logs (does a step fit in the "
-                           "time limit?), then resume")
-        why = ("saved on the warning signal" if outcome == "stopped"
-               else "reached the time limit")
-        return verdict(outcome, "requeue", f"{why} (exit {exit_code}) at {where}; requeued to "
-                       "go on")
+            return verdict(
+                outcome,
+                "stop",
+                f"no progress: the latest complete checkpoint is still {where}, as at "
+                f"the previous requeue (job {previous.get('job_id')} restart "
+                f"{previous.get('restart')}); check the logs (does a step fit in the "
+                "time limit?), then resume",
+            )
+        why = "saved on the warning signal" if outcome == "stopped" else "reached the time limit"
+        return verdict(
+            outcome, "requeue", f"{why} (exit {exit_code}) at {where}; requeued to go on"
+        )
     if outcome == "oom":
-        return verdict(outcome, "stop",
-                       f"out of memory (exit {exit_code}) at {where}: the same job would run out "
-                       "again; lower trainer.train.micro_batch_size, then resume")
+        return verdict(
+            outcome,
+            "stop",
+            f"out of memory (exit {exit_code}) at {where}: the same job would run out "
+            "again; lower trainer.train.micro_batch_size, then resume",
+        )
     what = f"crashed (exit {exit_code})"
     if outcome == "hung":
         h = hung or {}
-        what = (f"hung (exit {exit_code}): rank {h.get('rank', '?')} saw no progress for "
-                f"{h.get('waited_s', '?')} s (limit {h.get('limit_s', '?')} s) after step "
-                f"{h.get('step', '?')}; suspect rank {h.get('suspect_rank', '?')} on "
-                f"{h.get('suspect_host') or '?'}")
+        what = (
+            f"hung (exit {exit_code}): rank {h.get('rank', '?')} saw no progress for "
+            f"{h.get('waited_s', '?')} s (limit {h.get('limit_s', '?')} s) after step "
+            f"{h.get('step', '?')}; suspect rank {h.get('suspect_rank', '?')} on "
+            f"{h.get('suspect_host') or '?'}"
+        )
     previous = next((a for a in reversed(history) if a.get("outcome") != "terminated"), None)
-    if (previous is not None and previous.get("outcome") in ("crashed", "hung")
-            and previous.get("latest_step") == latest_step):
+    if (
+        previous is not None
+        and previous.get("outcome") in ("crashed", "hung")
+        and previous.get("latest_step") == latest_step
+    ):
         both = {previous.get("outcome"), outcome}
-        twice = (f"{outcome} twice" if len(both) == 1
-                 else f"{previous.get('outcome')} then {outcome}")
+        twice = (
+            f"{outcome} twice" if len(both) == 1 else f"{previous.get('outcome')} then {outcome}"
+        )
         hosts = [str(a["suspect_host"]) for a in (previous, extra) if a.get("suspect_host")]
-        return verdict(outcome, "stop",
-                       f"crash loop: {twice} at {where} (exit codes {previous.get('exit_code')} "
-                       f"then {exit_code}"
-                       + (f"; suspect node(s) {', '.join(hosts)}" if hosts else "")
-                       + "); read the logs, fix the cause, then resume", **extra)
-    return verdict(outcome, "requeue",
-                   f"{what} at {where}; requeued once (a second failure at the same step stops "
-                   "the run)", **extra)
+        return verdict(
+            outcome,
+            "stop",
+            f"crash loop: {twice} at {where} (exit codes {previous.get('exit_code')} "
+            f"then {exit_code}"
+            + (f"; suspect node(s) {', '.join(hosts)}" if hosts else "")
+            + "); read the logs, fix the cause, then resume",
+            **extra,
+        )
+    return verdict(
+        outcome,
+        "requeue",
+        f"{what} at {where}; requeued once (a second failure at the same step stops the run)",
+        **extra,
+    )
 
 
 def attempt_events(events: list, job_id, restart: int, since: float | None = None) -> list:
     """The records of one attempt: its job id and restart count; outside SLURM (no job id),
     those written since `since` (epoch seconds)."""
     if job_id:
-        return [e for e in events if str(e.get("job_id")) == str(job_id)
-                and int(e.get("restart") or 0) == restart]
+        return [
+            e
+            for e in events
+            if str(e.get("job_id")) == str(job_id) and int(e.get("restart") or 0) == restart
+        ]
     if since is None:
         return []
     first = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
@@ -257,14 +312,17 @@ def _load(run_dir: Path) -> dict:
     try:
         return record.load(run_dir)
     except (OSError, ValueError) as e:  # unreadable: decide from what the run directory says
-        _say(f"[launcher] could not read {record.path(run_dir)} ({type(e).__name__}: {e}); "
-             "deciding without its policy and history")
+        _say(
+            f"[launcher] could not read {record.path(run_dir)} ({type(e).__name__}: {e}); "
+            "deciding without its policy and history"
+        )
         return {}
 
 
 def main(argv: list[str] | None = None, environ=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launchers.requeue",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m launchers.requeue", description=__doc__.split("\n")[0]
+    )
     p.add_argument("run_dir", type=Path)
     p.add_argument("--exit-code", type=int, required=True, help="the trainer's (srun's) exit code")
     p.add_argument("--elapsed", type=float, default=None, help="seconds the batch script ran")
@@ -280,20 +338,35 @@ def main(argv: list[str] | None = None, environ=None) -> int:
     latest = rundir.latest_complete_step(run_dir)
     events = rundir.read_events(run_dir)
     since = None if args.elapsed is None else time.time() - args.elapsed - 1
-    verdict = decide(finished=rundir.is_finished(run_dir), exit_code=args.exit_code,
-                     latest_step=latest, restarts=restarts, policy=data.get("policy", {}),
-                     history=_history(data, events), terminated=args.terminated,
-                     elapsed_s=args.elapsed, events=attempt_events(events, job_id, restarts, since))
-    attempt = dict(job_id=job_id, restart=restarts, host=socket.gethostname(),
-                   exit_code=args.exit_code, latest_step=latest, **verdict)
+    verdict = decide(
+        finished=rundir.is_finished(run_dir),
+        exit_code=args.exit_code,
+        latest_step=latest,
+        restarts=restarts,
+        policy=data.get("policy", {}),
+        history=_history(data, events),
+        terminated=args.terminated,
+        elapsed_s=args.elapsed,
+        events=attempt_events(events, job_id, restarts, since),
+    )
+    attempt = dict(
+        job_id=job_id,
+        restart=restarts,
+        host=socket.gethostname(),
+        exit_code=args.exit_code,
+        latest_step=latest,
+        **verdict,
+    )
     # First the batch log: what is decided must be visible even if nothing else can be written.
     _say(f"{DECISION} {verdict['decision']} -- {verdict['reason']}")
     if args.dry_run:
         return 0
     failure = _record(run_dir, attempt)
     if failure:
-        _say(f"[launcher] could not record the decision in {record.path(run_dir)}: {failure}; "
-             f"`status` shows it from this log (and {rundir.EVENTS} if that could be written)")
+        _say(
+            f"[launcher] could not record the decision in {record.path(run_dir)}: {failure}; "
+            f"`status` shows it from this log (and {rundir.EVENTS} if that could be written)"
+        )
 
     if verdict["decision"] == "requeue":
         if not job_id:
@@ -304,15 +377,19 @@ def main(argv: list[str] | None = None, environ=None) -> int:
         # ignore SIGTERM so that a failure of scontrol can still be noted.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True,
-                                 timeout=120)
+            out = subprocess.run(
+                ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=120
+            )
             failure = None if out.returncode == 0 else (out.stderr or out.stdout).strip()
         except (OSError, subprocess.TimeoutExpired) as e:
             failure = str(e)
         if failure:
             _say(f"[launcher] scontrol requeue failed: {failure}")
-            _amend(run_dir, decision="stop",
-                   reason=verdict["reason"] + "; but scontrol requeue failed: " + failure)
+            _amend(
+                run_dir,
+                decision="stop",
+                reason=verdict["reason"] + "; but scontrol requeue failed: " + failure,
+            )
             return args.exit_code or 1
         return 0
     if verdict["outcome"] == "finished":

@@ -33,8 +33,15 @@ from launchers.backends.base import GONE, BackendError
 from launchers.config import ConfigError, load_resolved
 
 QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING")
-LIVE = QUEUED + ("RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "STOPPED", "SIGNALING",
-                 "STAGE_OUT")
+LIVE = QUEUED + (
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+)
 FAILED_OUTCOMES = ("crashed", "oom", "hung", "disk_full")
 LOCAL_ACTIVE_S = 600  # a local run whose files changed this recently is taken to be running
 METRICS_TAIL_BYTES = 65536  # enough for the last few records of metrics.jsonl
@@ -78,8 +85,9 @@ def accounting(job_id: str, env: dict) -> tuple[dict[str, str] | None, str]:
     """(sacct's record of the job or None, one line saying what it is or why there is none).
     A cluster without accounting storage makes sacct fail: that is said, not raised."""
     try:
-        out = subprocess.run(sacct_command(job_id), env=env, capture_output=True, text=True,
-                             timeout=SACCT_TIMEOUT_S)
+        out = subprocess.run(
+            sacct_command(job_id), env=env, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S
+        )
     except FileNotFoundError:
         return None, "no accounting (sacct not found)"
     except subprocess.TimeoutExpired:
@@ -173,8 +181,11 @@ COLUMNS = ("submitted", "run", "backend", "state", "checkpoint", "last decision"
 def find(root: Path) -> list[Path]:
     """Run directories under `root` (<root>/<experiment>/<run>/config.yaml), or `root` itself."""
     root = Path(root)
-    found = {p.parent for pattern in (rundir.CONFIG, f"*/{rundir.CONFIG}", f"*/*/{rundir.CONFIG}")
-             for p in root.glob(pattern)}
+    found = {
+        p.parent
+        for pattern in (rundir.CONFIG, f"*/{rundir.CONFIG}", f"*/*/{rundir.CONFIG}")
+        for p in root.glob(pattern)
+    }
     return sorted(found)
 
 
@@ -190,14 +201,20 @@ def row(run_dir: Path, root: Path, silent: set[str] | None = None) -> Row:
     saved = _saved(run_dir)
     backend = data.get("backend") or (saved.get("job") or {}).get("backend") or "?"
     created = data.get("created") or time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime((run_dir / rundir.CONFIG).stat().st_mtime))
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime((run_dir / rundir.CONFIG).stat().st_mtime)
+    )
     latest = rundir.latest_complete_step(run_dir)
     last = last_decision(run_dir, data)
     decided = f"{last.get('decision')} ({last.get('outcome')})" if last else "-"
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-    return Row(time=created, run=name, backend=backend,
-               state=state(run_dir, data, saved, backend, silent),
-               checkpoint="-" if latest is None else str(latest), decision=decided)
+    return Row(
+        time=created,
+        run=name,
+        backend=backend,
+        state=state(run_dir, data, saved, backend, silent),
+        checkpoint="-" if latest is None else str(latest),
+        decision=decided,
+    )
 
 
 def last_decision(run_dir: Path, data: dict) -> dict:
@@ -208,8 +225,9 @@ def last_decision(run_dir: Path, data: dict) -> dict:
     return max(attempts, key=lambda a: str(a.get("time", "")), default={})
 
 
-def state(run_dir: Path, data: dict, saved: dict, backend: str,
-          silent: set[str] | None = None) -> str:
+def state(
+    run_dir: Path, data: dict, saved: dict, backend: str, silent: set[str] | None = None
+) -> str:
     if rundir.is_finished(run_dir):
         return "finished"
     last = last_decision(run_dir, data)
@@ -233,8 +251,11 @@ def state(run_dir: Path, data: dict, saved: dict, backend: str,
 
 def ended(data: dict, last: dict) -> str:
     """The state of a run whose jobs have all ended, from its records."""
-    after = [e.get("event") for e in data.get("events", [])
-             if str(e.get("time", "")) >= str(last.get("time", ""))]
+    after = [
+        e.get("event")
+        for e in data.get("events", [])
+        if str(e.get("time", "")) >= str(last.get("time", ""))
+    ]
     if "cancel" in after:
         return "stopped"
     if not last:
@@ -277,11 +298,14 @@ def _saved(run_dir: Path) -> dict:
 
 
 def table(found: list[Row]) -> str:
-    cells = [COLUMNS] + [(r.time, r.run, r.backend, r.state, r.checkpoint, r.decision)
-                         for r in found]
+    cells = [COLUMNS] + [
+        (r.time, r.run, r.backend, r.state, r.checkpoint, r.decision) for r in found
+    ]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS) - 1)]
-    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(line, widths)), line[-1]]).rstrip()
-                     for line in cells)
+    return "\n".join(
+        "  ".join([*(c.ljust(w) for c, w in zip(line, widths)), line[-1]]).rstrip()
+        for line in cells
+    )
 
 
 def runs_root(cluster: str) -> Path:

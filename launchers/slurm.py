@@ -78,7 +78,8 @@ def _finalize(value):
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise jinja2.TemplateError(
-        f"unquoted value {value!r} in the template: pipe it through q, sbq or c")
+        f"unquoted value {value!r} in the template: pipe it through q, sbq or c"
+    )
 
 
 _ENV: jinja2.Environment | None = None
@@ -183,7 +184,9 @@ def context(spec: JobSpec) -> dict:
         batch_log=f"{run_dir}/logs/slurm-%j.out",
         # a training job saves on the warning signal and requeues itself; a sweep does neither
         requeue=spec.config.kind == "train",
-        signal=f"{tr.train.stop_signal}@{cl.signal_lead_s}" if spec.config.kind == "train" else None,
+        signal=f"{tr.train.stop_signal}@{cl.signal_lead_s}"
+        if spec.config.kind == "train"
+        else None,
         dependency=job.dependency,
         constraint=job.constraint,
         exclude=job.exclude,

@@ -78,43 +78,70 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
 
     # A default name that exists gives way to the next free one when submit creates the directory.
     if not existing and run_dir.exists() and not resolved.default_run:
-        problem("job.run", f"the run directory {run_dir} exists already",
-                f"continue it with `python -m launchers resume {run_dir}` (make resume "
-                f"RUN={run_dir}), or pick another job.run")
+        problem(
+            "job.run",
+            f"the run directory {run_dir} exists already",
+            f"continue it with `python -m launchers resume {run_dir}` (make resume "
+            f"RUN={run_dir}), or pick another job.run",
+        )
     if existing and rundir.is_finished(run_dir):
-        problem("job.run", f"{run_dir} is finished (it has the `finished` marker)",
-                "a finished run is never restarted; submit a new run instead")
+        problem(
+            "job.run",
+            f"{run_dir} is finished (it has the `finished` marker)",
+            "a finished run is never restarted; submit a new run instead",
+        )
     if not existing:  # the run directory's nearest existing ancestor must take a new folder
         above = next((p for p in run_dir.parents if p.exists()), None)
         key = "job.experiment" if above == run_dir.parent else "cluster.runs_root"
         if above is not None and not above.is_dir():
-            problem(key, f"{above} is a file, not a directory",
-                    "point cluster.runs_root at a directory (missing ones are created)")
+            problem(
+                key,
+                f"{above} is a file, not a directory",
+                "point cluster.runs_root at a directory (missing ones are created)",
+            )
         elif above is not None and not os.access(above, os.W_OK | os.X_OK):
-            problem(key, f"{above} is not writable", "point cluster.runs_root at a directory "
-                    "you can write")
+            problem(
+                key,
+                f"{above} is not writable",
+                "point cluster.runs_root at a directory you can write",
+            )
 
     workdir = Path(cfg.cluster.workdir)
     if not workdir.is_dir():
-        problem("cluster.workdir", f"{workdir} is not a directory on this host",
-                "point cluster.workdir at the repository checkout the nodes use")
+        problem(
+            "cluster.workdir",
+            f"{workdir} is not a directory on this host",
+            "point cluster.workdir at the repository checkout the nodes use",
+        )
     elif not cfg.cluster.container_image:
         py = cfg.cluster.python
         if "/" in py and not Path(py).exists():
-            problem("cluster.python", f"{py} does not exist",
-                    "run `make install` to create the virtual environment, or point "
-                    "cluster.python at an interpreter")
+            problem(
+                "cluster.python",
+                f"{py} does not exist",
+                "run `make install` to create the virtual environment, or point "
+                "cluster.python at an interpreter",
+            )
 
     if cfg.job.check_data and workdir.is_dir():
         kinds = cfg.trainer.data.file_kinds()  # what each data key must be: type, magic bytes
         for key, path in _input_paths(cfg):
             full = path if path.is_absolute() else workdir / path
             kind = kinds.get(key.removeprefix("trainer.data."))
-            bad = (input_problem(full, kind) if kind
-                   else None if full.exists() else f"{full} does not exist")
+            bad = (
+                input_problem(full, kind)
+                if kind
+                else None
+                if full.exists()
+                else f"{full} does not exist"
+            )
             if bad:
-                problem(key, bad, f"run `make data` for the sample set, point {key} at your "
-                        "data, or set job.check_data=false when only the nodes can see it")
+                problem(
+                    key,
+                    bad,
+                    f"run `make data` for the sample set, point {key} at your "
+                    "data, or set job.check_data=false when only the nodes can see it",
+                )
 
     init = cfg.trainer.checkpoint.init_from
     if cfg.job.check_data and workdir.is_dir() and init is not None:
@@ -147,4 +174,3 @@ def _input_paths(cfg: LaunchConfig) -> list[tuple[str, Path]]:
     if cfg.trainer.checkpoint.init_from is not None:
         out.append(("trainer.checkpoint.init_from", Path(cfg.trainer.checkpoint.init_from)))
     return out
-

@@ -72,20 +72,43 @@ def command(spec, in_step: bool = False) -> list[str]:
     sw, tr, run = spec.config.sweep, spec.trainer, Path(spec.run_dir)
     local = spec.job.backend == "local"
     words = [
-        orchestrator_python(spec), "-m", MODULE, *([] if local else ["--inside-allocation"]),
-        "--model", model_name(spec),
-        "--base-config", str(run / rundir.CONFIG),
-        "--nodes", str(spec.job.nodes),
-        "--gpus-per-trial", str(sw.gpus_per_trial),
-        "--tp", str(tr.parallel.tensor),
-        "--min", str(sw.min), "--max", str(sw.max),
-        "--warmup-steps", str(sw.warmup_steps), "--steps", str(sw.steps),
-        "--recompute", ",".join(sw.recompute),
+        orchestrator_python(spec),
+        "-m",
+        MODULE,
+        *([] if local else ["--inside-allocation"]),
+        "--model",
+        model_name(spec),
+        "--base-config",
+        str(run / rundir.CONFIG),
+        "--nodes",
+        str(spec.job.nodes),
+        "--gpus-per-trial",
+        str(sw.gpus_per_trial),
+        "--tp",
+        str(tr.parallel.tensor),
+        "--min",
+        str(sw.min),
+        "--max",
+        str(sw.max),
+        "--warmup-steps",
+        str(sw.warmup_steps),
+        "--steps",
+        str(sw.steps),
+        "--recompute",
+        ",".join(sw.recompute),
         "--compile" if tr.train.compile else "--no-compile",
-        "--trial-timeout", _num(sw.trial_timeout_s),
-        "--out", sw.out, "--tables", sw.tables,
-        "--work-dir", str(run / TRIALS), "--copy-results", str(run / RESULTS),
-        "--python", spec.cluster.python,
+        "--trial-timeout",
+        _num(sw.trial_timeout_s),
+        "--out",
+        sw.out,
+        "--tables",
+        sw.tables,
+        "--work-dir",
+        str(run / TRIALS),
+        "--copy-results",
+        str(run / RESULTS),
+        "--python",
+        spec.cluster.python,
     ]
     if tr.train.memory_cap_gib is not None:
         words += ["--memory-cap-gib", _num(tr.train.memory_cap_gib)]
@@ -116,17 +139,22 @@ def lines(words: list[str]) -> list[list[str]]:
 def summary(spec) -> str:
     """One line for the script's head and for `render`."""
     sw = spec.config.sweep
-    return (f"micro batch {sw.min}..{sw.max}, recompute {','.join(sw.recompute)}, trials of "
-            f"{spec.job.nodes} node(s) x {sw.gpus_per_trial} rank(s)")
+    return (
+        f"micro batch {sw.min}..{sw.max}, recompute {','.join(sw.recompute)}, trials of "
+        f"{spec.job.nodes} node(s) x {sw.gpus_per_trial} rank(s)"
+    )
 
 
 def describe_local(spec) -> str:
     """What the local backend runs (for `render` and `sweep --dry-run`)."""
     cl = spec.cluster
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in cl.env.items())
-    return (f"# the sweep here ({summary(spec)}), trials in {Path(spec.run_dir) / TRIALS}\n"
-            f"cd {shlex.quote(cl.workdir)} && {env + ' ' if env else ''}"
-            + " \\\n    ".join(shlex.join(line) for line in lines(command(spec))) + "\n")
+    return (
+        f"# the sweep here ({summary(spec)}), trials in {Path(spec.run_dir) / TRIALS}\n"
+        f"cd {shlex.quote(cl.workdir)} && {env + ' ' if env else ''}"
+        + " \\\n    ".join(shlex.join(line) for line in lines(command(spec)))
+        + "\n"
+    )
 
 
 def run_local(spec) -> int:
@@ -134,12 +162,19 @@ def run_local(spec) -> int:
     logs/sweep-local-<time>.log. Returns its exit code (0, 1 a failed trial, 2 bad input);
     OSError when cluster.python cannot be started."""
     words = command(spec)
-    log_path = Path(spec.run_dir) / rundir.LOGS / f"sweep-local-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    log_path = (
+        Path(spec.run_dir) / rundir.LOGS / f"sweep-local-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    )
     print(f"[launcher] {shlex.join(words)}  (log: {log_path})", flush=True)
     env = {**os.environ, **spec.cluster.env, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(words, cwd=spec.cluster.workdir, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            words,
+            cwd=spec.cluster.workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()

@@ -54,10 +54,14 @@ class SlurmCluster:
     def __post_init__(self):
         self.log_dir = self.dir / "log"
 
-    def run(self, cmd: list[str], check: bool = False, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: list[str], check: bool = False, timeout: float = 60, **kw
+    ) -> subprocess.CompletedProcess:
         """Run a command with the cluster's environment, capturing text output."""
         kw.setdefault("env", self.env)
-        return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout, **kw)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, check=check, timeout=timeout, **kw
+        )
 
     def sbatch(self, *args: str, script: str | None = None, cwd: Path | str | None = None) -> int:
         """Submit a job (optionally a script given as text on stdin) and return its id."""
@@ -69,10 +73,14 @@ class SlurmCluster:
     def job(self, job_id: int | str) -> dict[str, str]:
         """`scontrol show job -o` as a dict ({} when the job is unknown)."""
         out = self.run(["scontrol", "show", "job", "-o", str(job_id)])
-        line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+        line = (
+            out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+        )
         return parse_scontrol_record(line) if line else {}
 
-    def wait_job(self, job_id: int | str, states, timeout: float = 60, poll: float = 0.5) -> dict[str, str]:
+    def wait_job(
+        self, job_id: int | str, states, timeout: float = 60, poll: float = 0.5
+    ) -> dict[str, str]:
         """Poll until the job's JobState is one of `states`; return the parsed record."""
         states = {states} if isinstance(states, str) else set(states)
         deadline = time.monotonic() + timeout

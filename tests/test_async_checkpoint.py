@@ -27,7 +27,11 @@ def checkpoint_records(run) -> list[dict]:
 
 def make_async(path, data_dir):
     run = make_run(path, data_dir)
-    cfg = (run / rundir.CONFIG).read_text().replace("every_steps: 10", "every_steps: 10\n    async_save: true")
+    cfg = (
+        (run / rundir.CONFIG)
+        .read_text()
+        .replace("every_steps: 10", "every_steps: 10\n    async_save: true")
+    )
     assert "async_save: true" in cfg
     (run / rundir.CONFIG).write_text(cfg)
     return run

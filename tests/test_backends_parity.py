@@ -22,27 +22,44 @@ from launchers.backends import nemo_run_backend, sbatch, submitit_backend
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
 JOBS = {
     # 8 GPU nodes with pyxis, account/partition/qos, exclusive, extra sbatch and srun flags
-    "h100": dict(model="esm2_650m", cluster="h100_example", nodes=8, overrides=[
-        "cluster.setup=[module load nccl/2.21, echo ready]", "cluster.srun_args=[--mpi=pmix]",
-        "cluster.sbatch_args=[--mem=0]", "job.constraint=h100", "job.max_restarts=7"]),
+    "h100": dict(
+        model="esm2_650m",
+        cluster="h100_example",
+        nodes=8,
+        overrides=[
+            "cluster.setup=[module load nccl/2.21, echo ready]",
+            "cluster.srun_args=[--mpi=pmix]",
+            "cluster.sbatch_args=[--mem=0]",
+            "job.constraint=h100",
+            "job.max_restarts=7",
+        ],
+    ),
     # the bundled CPU cluster: 2 nodes x 1 rank, a short limit and a custom warning lead
-    "local": dict(model="esm2_8m", cluster="local", nodes=2, overrides=[
-        "job.time_limit=00:02:30", "cluster.signal_lead_s=45", "cluster.env.FOO=a b"]),
+    "local": dict(
+        model="esm2_8m",
+        cluster="local",
+        nodes=2,
+        overrides=["job.time_limit=00:02:30", "cluster.signal_lead_s=45", "cluster.env.FOO=a b"],
+    ),
 }
 
 
 def _spec(name: str) -> specs.JobSpec:
     j = JOBS[name]
-    resolved = config.resolve(model=j["model"], cluster=j["cluster"], nodes=j["nodes"],
-                              overrides=j["overrides"], now=NOW)
+    resolved = config.resolve(
+        model=j["model"], cluster=j["cluster"], nodes=j["nodes"], overrides=j["overrides"], now=NOW
+    )
     return specs.build(resolved, strict=False)
 
 
 @pytest.fixture(scope="module", params=sorted(JOBS))
 def scripts(request):
     spec = _spec(request.param)
-    return spec, {"sbatch": sbatch.render(spec), "submitit": submitit_backend.script(spec),
-                  "nemo_run": nemo_run_backend.script(spec)}
+    return spec, {
+        "sbatch": sbatch.render(spec),
+        "submitit": submitit_backend.script(spec),
+        "nemo_run": nemo_run_backend.script(spec),
+    }
 
 
 def header(text: str) -> dict[str, str | bool]:
@@ -50,7 +67,7 @@ def header(text: str) -> dict[str, str | bool]:
     out: dict[str, str | bool] = {}
     for line in text.splitlines():
         if line.startswith("#SBATCH "):
-            for word in shlex.split(line[len("#SBATCH "):]):
+            for word in shlex.split(line[len("#SBATCH ") :]):
                 key, eq, value = word.partition("=")
                 out[key] = value if eq else True
     return out
@@ -69,8 +86,11 @@ def exports(text: str) -> dict[str, str]:
 def srun_words(text: str) -> list[str]:
     """The words of the (last) srun command that starts the trainer(s)."""
     joined = text.replace("\\\n", " ")
-    lines = [line for line in joined.splitlines() if line.strip().startswith("srun ")
-             and "hostname" not in line]
+    lines = [
+        line
+        for line in joined.splitlines()
+        if line.strip().startswith("srun ") and "hostname" not in line
+    ]
     return shlex.split(lines[-1].split(" & ")[0].rstrip(" &"))
 
 
@@ -78,8 +98,12 @@ def srun_flags(words: list[str]) -> list[str]:
     """Flags only, as --key=value (NeMo-Run and submitit write some as `--key value`)."""
     out, i = [], 1
     while i < len(words) and words[i].startswith("--"):
-        if "=" not in words[i] and i + 1 < len(words) and not words[i + 1].startswith("-") \
-                and words[i] in ("--output", "--error", "--chdir"):
+        if (
+            "=" not in words[i]
+            and i + 1 < len(words)
+            and not words[i + 1].startswith("-")
+            and words[i] in ("--output", "--error", "--chdir")
+        ):
             out.append(f"{words[i]}={words[i + 1]}")
             i += 2
         else:
@@ -140,7 +164,9 @@ def test_same_environment_setup_and_rendezvous(scripts):
             assert line in texts[name].splitlines(), (name, line)
         # the same rendezvous lines (rank 0 on the first node, a port free there at job start)
         for line in texts["sbatch"].splitlines():
-            if line.startswith(("MASTER_NODE=", "MASTER_ADDR=", "MASTER_PORT=", "export MASTER_PORT")):
+            if line.startswith(
+                ("MASTER_NODE=", "MASTER_ADDR=", "MASTER_PORT=", "export MASTER_PORT")
+            ):
                 assert line in texts[name].splitlines(), (name, line)
         # and the same working directory
         assert f"cd {shlex.quote(spec.cluster.workdir)} || exit 1" in texts[name]
@@ -172,22 +198,27 @@ def test_same_srun_flags_and_trainer_command(scripts):
     words = srun_words(texts["submitit"])
     it = iter(srun_flags(words))
     assert all(f in it for f in expected_flags)
-    assert words[-5:] == [spec.cluster.python, "-u", "-m", "submitit.core._submit",
-                          str(spec.run_dir / "submitit")]
+    assert words[-5:] == [
+        spec.cluster.python,
+        "-u",
+        "-m",
+        "submitit.core._submit",
+        str(spec.run_dir / "submitit"),
+    ]
     job = submitit_backend.TrainerJob.of(spec)
     assert job.command() == [*trainer, str(spec.run_dir)]
 
 
 def test_same_requeue_policy(scripts):
     spec, texts = scripts
-    decision = "-m launchers.requeue \"$RUN_DIR\""
+    decision = '-m launchers.requeue "$RUN_DIR"'
     # native: the batch script hands srun's exit code to launchers.requeue
     assert decision in texts["sbatch"]
     # NeMo-Run: its own retry rule is off, the same decision runs at exit with srun's exit code
     nemo = texts["nemo_run"]
     assert "export TORCHX_MAX_RETRIES=0" in nemo
     assert decision in nemo and "trap bionemo_requeue EXIT" in nemo
-    assert "trap 'terminated=1' TERM" in nemo and 'rc=$exitcode' in nemo
+    assert "trap 'terminated=1' TERM" in nemo and "rc=$exitcode" in nemo
     assert f"PY={shlex.quote(spec.cluster.host_python)}" in nemo
     # submitit: the job is a Checkpointable whose checkpoint() asks launchers.requeue.decide;
     # submitit's own timeout budget is the restart limit
@@ -203,13 +234,24 @@ def test_same_requeue_policy(scripts):
 @pytest.fixture(scope="module", params=sorted(JOBS))
 def sweep_scripts(request):
     j = JOBS[request.param]
-    resolved = config.resolve(model=j["model"], cluster=j["cluster"], nodes=j["nodes"],
-                              overrides=j["overrides"], kind="sweep", now=NOW,
-                              options=[("--max", "sweep.max", "48"),
-                                       ("--recompute", "sweep.recompute", "none,selective")])
+    resolved = config.resolve(
+        model=j["model"],
+        cluster=j["cluster"],
+        nodes=j["nodes"],
+        overrides=j["overrides"],
+        kind="sweep",
+        now=NOW,
+        options=[
+            ("--max", "sweep.max", "48"),
+            ("--recompute", "sweep.recompute", "none,selective"),
+        ],
+    )
     spec = specs.build(resolved, strict=False)
-    return spec, {"sbatch": sbatch.render(spec), "submitit": submitit_backend.script(spec),
-                  "nemo_run": nemo_run_backend.script(spec)}
+    return spec, {
+        "sbatch": sbatch.render(spec),
+        "submitit": submitit_backend.script(spec),
+        "nemo_run": nemo_run_backend.script(spec),
+    }
 
 
 def test_sweep_runs_one_orchestrator_in_the_same_allocation(sweep_scripts):
@@ -223,8 +265,9 @@ def test_sweep_runs_one_orchestrator_in_the_same_allocation(sweep_scripts):
         head = header(text)
         assert head["--nodes"] == str(spec.job.nodes), name
         assert head["--ntasks-per-node"] == str(spec.tasks_per_node), name
-        assert head.get("--gpus-per-node") == (str(spec.cluster.gpus_per_node)
-                                               if spec.cluster.gpus_per_node else None), name
+        assert head.get("--gpus-per-node") == (
+            str(spec.cluster.gpus_per_node) if spec.cluster.gpus_per_node else None
+        ), name
         assert "--requeue" not in head, name
         assert "bionemo.train" not in text and "launchers.requeue" not in text, name
     assert "--signal" not in header(texts["sbatch"]) and "--signal" not in header(texts["nemo_run"])
@@ -235,8 +278,12 @@ def test_sweep_runs_one_orchestrator_in_the_same_allocation(sweep_scripts):
     in_shell = sweep.command(spec, in_step=False)
     in_step = sweep.command(spec, in_step=True)
     assert in_step == in_shell + ["--srun-arg=--overlap"]
-    assert in_shell[:4] == [sweep.orchestrator_python(spec), "-m", "launchers.sweeping",
-                            "--inside-allocation"]
+    assert in_shell[:4] == [
+        sweep.orchestrator_python(spec),
+        "-m",
+        "launchers.sweeping",
+        "--inside-allocation",
+    ]
     joined = texts["sbatch"].replace("\\\n", " ")
     (line,) = [ln for ln in joined.splitlines() if "-m launchers.sweeping" in ln]
     assert shlex.split(line) == in_shell
@@ -247,7 +294,7 @@ def test_sweep_runs_one_orchestrator_in_the_same_allocation(sweep_scripts):
     it = iter(flags)
     assert all(f in it for f in one_task), flags
     assert not [f for f in flags if f.startswith("--container")]
-    assert words[words.index(in_step[0]):] == in_step
+    assert words[words.index(in_step[0]) :] == in_step
 
     words = srun_words(texts["submitit"])
     flags = srun_flags(words)
@@ -270,8 +317,12 @@ def test_submitit_job_pickles_its_settings_only_and_checkpoint_requeues(tmp_path
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "step-00000010").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-00000010" / "COMPLETE").write_text("")
-    record.create(run_dir, backend="submitit", cluster="local",
-                  policy=dict(max_restarts=3, requeue_exit_code=75, oom_exit_code=12))
+    record.create(
+        run_dir,
+        backend="submitit",
+        cluster="local",
+        policy=dict(max_restarts=3, requeue_exit_code=75, oom_exit_code=12),
+    )
     calls = []
     real = requeue.decide
     monkeypatch.setattr(requeue, "decide", lambda **kw: calls.append(kw) or real(**kw))
@@ -281,13 +332,17 @@ def test_submitit_job_pickles_its_settings_only_and_checkpoint_requeues(tmp_path
     job = submitit_backend.TrainerJob(str(run_dir), "/bin/python", str(tmp_path), "USR2")
     job._proc, job._rc = object(), 75  # the trainer saved on the warning signal and exited 75
     out = job.checkpoint()
-    assert isinstance(out, DelayedSubmission) and isinstance(out.function,
-                                                             submitit_backend.TrainerJob)
+    assert isinstance(out, DelayedSubmission) and isinstance(
+        out.function, submitit_backend.TrainerJob
+    )
     assert out.function is not job and out.function._proc is None
     assert calls and calls[-1]["exit_code"] == 75
     (attempt,) = record.load(run_dir)["attempts"]
     assert (attempt["outcome"], attempt["decision"], attempt["job_id"]) == (
-        "stopped", "requeue", "42")
+        "stopped",
+        "requeue",
+        "42",
+    )
 
     # no progress since that requeue: stop, with the policy's reason
     again = submitit_backend.TrainerJob(str(run_dir), "/bin/python", str(tmp_path), "USR2")
@@ -314,10 +369,14 @@ def test_submitit_executor_maps_the_profile(monkeypatch):
     assert (params["nodes"], params["tasks_per_node"], params["gpus_per_node"]) == (8, 8, 8)
     assert params["cpus_per_task"] == 16 and params["timeout_min"] == 240
     assert (params["slurm_partition"], params["slurm_account"], params["slurm_qos"]) == (
-        "batch", "bionemo", "normal")
+        "batch",
+        "bionemo",
+        "normal",
+    )
     assert params["slurm_signal_delay_s"] == 300 and params["slurm_exclusive"] is True
-    assert "--container-image=/lustre/fsw/bionemo/images/bionemo-hpc.sqsh" in params[
-        "slurm_srun_args"]
+    assert (
+        "--container-image=/lustre/fsw/bionemo/images/bionemo-hpc.sqsh" in params["slurm_srun_args"]
+    )
     with submitit_backend._without_srun_check():
         ex = submitit_backend.make_executor(spec)
     assert ex._executor.max_num_timeout == 7  # job.max_restarts
@@ -366,8 +425,12 @@ def test_submitit_task_requeues_a_crash_once_then_stops(tmp_path, monkeypatch, r
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    record.create(run_dir, backend="submitit", cluster="local",
-                  policy=dict(max_restarts=3, requeue_exit_code=75, oom_exit_code=12))
+    record.create(
+        run_dir,
+        backend="submitit",
+        cluster="local",
+        policy=dict(max_restarts=3, requeue_exit_code=75, oom_exit_code=12),
+    )
     requeued = []
 
     class FakeEnvironment:  # what submitit.JobEnvironment() is inside a SLURM task

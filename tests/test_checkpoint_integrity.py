@@ -24,7 +24,13 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from bionemo import rundir
 from bionemo.checkpoint import _load_rng, _rng_state, _set_rng_state
 from tests.test_resume import (  # noqa: F401 -- data_dir is a fixture
-    assert_bitwise_equal, data_dir, launch, make_run, train_losses, wait_all)
+    assert_bitwise_equal,
+    data_dir,
+    launch,
+    make_run,
+    train_losses,
+    wait_all,
+)
 
 STEPS, EVERY, WORLD = 12, 4, 2
 
@@ -63,7 +69,7 @@ def largest_shard(step: Path) -> Path:
 def flip(f: Path, n: int = 64) -> None:
     data = bytearray(f.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
     f.write_bytes(bytes(data))
 
 
@@ -73,11 +79,16 @@ def truncate(f: Path) -> None:
 
 
 def rejections(run: Path) -> list[tuple[int, str]]:
-    return [(e["step"], e["file"]) for e in rundir.read_events(run)
-            if e["event"] == "checkpoint_rejected"]
+    return [
+        (e["step"], e["file"])
+        for e in rundir.read_events(run)
+        if e["event"] == "checkpoint_rejected"
+    ]
 
 
-def assert_fell_back_and_exact(run: Path, reference: Path, tmp_path: Path, file: str, why: str) -> None:
+def assert_fell_back_and_exact(
+    run: Path, reference: Path, tmp_path: Path, file: str, why: str
+) -> None:
     assert wait_all(launch(run, world=WORLD)) == [0] * WORLD
     log = (run / "rank0.log").read_text()
     assert f"step-00000008 rejected: {file}: {why}" in log
@@ -99,7 +110,9 @@ def test_truncated_shard_falls_back_to_older_checkpoint(reference, tmp_path):
     run = interrupted_copy(reference, tmp_path)
     shard = largest_shard(rundir.step_dir(run, 8))
     truncate(shard)
-    assert_fell_back_and_exact(run, reference, tmp_path, shard.name, f"{shard.stat().st_size} bytes")
+    assert_fell_back_and_exact(
+        run, reference, tmp_path, shard.name, f"{shard.stat().st_size} bytes"
+    )
 
 
 class _Payload:
@@ -120,8 +133,10 @@ def test_planted_pickle_in_rng_file_is_refused(reference, tmp_path):
     torch.save({"python": _Payload(pwned), "numpy": None, "torch": None}, rng)
     # A matching manifest entry, so the loader itself must refuse it (not only the checksum).
     manifest = json.loads((step / rundir.MANIFEST).read_text())
-    manifest["files"][rng.name] = {"size": rng.stat().st_size,
-                                   "crc32": f"{zlib.crc32(rng.read_bytes()):08x}"}
+    manifest["files"][rng.name] = {
+        "size": rng.stat().st_size,
+        "crc32": f"{zlib.crc32(rng.read_bytes()):08x}",
+    }
     (step / rundir.MANIFEST).write_text(json.dumps(manifest))
     assert_fell_back_and_exact(run, reference, tmp_path, rng.name, "UnpicklingError")
     assert not pwned.exists()
@@ -176,11 +191,19 @@ def test_rng_state_round_trips_bit_exactly_without_unpickling_objects(tmp_path):
     np.random.standard_normal()
     f = tmp_path / "rng.pt"
     torch.save(_rng_state(), f)
-    expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(),
-                torch.rand(3).tolist())
+    expected = (
+        random.random(),
+        random.gauss(0, 1),
+        np.random.standard_normal(3).tolist(),
+        torch.rand(3).tolist(),
+    )
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
     _set_rng_state(_load_rng(f))
-    assert (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(),
-            torch.rand(3).tolist()) == expected
+    assert (
+        random.random(),
+        random.gauss(0, 1),
+        np.random.standard_normal(3).tolist(),
+        torch.rand(3).tolist(),
+    ) == expected

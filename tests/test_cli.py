@@ -53,29 +53,41 @@ def fake_slurm(tmp_path, monkeypatch):
     log = tmp_path / "slurm-calls.log"
     state = tmp_path / "job-state"
     state.write_text("RUNNING")
-    _exe(bin_dir / "sbatch", f"""#!/bin/bash
+    _exe(
+        bin_dir / "sbatch",
+        f"""#!/bin/bash
 echo "sbatch $*" >> {log}
 n=$(grep -c '^sbatch' {log})
 echo $((999 + n))
-""")
-    _exe(bin_dir / "scontrol", f"""#!/bin/bash
+""",
+    )
+    _exe(
+        bin_dir / "scontrol",
+        f"""#!/bin/bash
 echo "scontrol $*" >> {log}
 if [ "$1 $2" = "show job" ]; then
   echo "JobId=$4 JobName=x JobState=$(cat {state}) Reason=None Restarts=1 RunTime=00:00:05 TimeLimit=00:30:00 NodeList=node[1-2] ExitCode=0:0"
 fi
-""")
-    _exe(bin_dir / "scancel", f"""#!/bin/bash
+""",
+    )
+    _exe(
+        bin_dir / "scancel",
+        f"""#!/bin/bash
 echo "scancel $*" >> {log}
-""")
+""",
+    )
     # the partition-size check asks sinfo once; a 4-node default partition, as the bundled one
-    _exe(bin_dir / "sinfo", """#!/bin/bash
+    _exe(
+        bin_dir / "sinfo",
+        """#!/bin/bash
 if [ -n "$FAKE_SINFO_FAILS" ]; then
   echo "sinfo: error: Unable to contact slurm controller" >&2; exit 1
 fi
 echo "debug* 3"
 echo "debug* 1"
 echo "big 64"
-""")
+""",
+    )
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     # never start (or talk to) the real bundled cluster from unit tests
     monkeypatch.setattr(sbatch_backend, "client_env", lambda saved, start=False: dict(os.environ))
@@ -91,10 +103,17 @@ echo "big 64"
 
 
 def base_args(tmp_path, data_dir, *extra) -> list[str]:
-    return ["--model", "esm2_8m", "--cluster", "local", f"cluster.runs_root={tmp_path}/runs",
-            f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
-            f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
-            f"trainer.data.database={data_dir}/proteins.sqlite", *extra]
+    return [
+        "--model",
+        "esm2_8m",
+        "--cluster",
+        "local",
+        f"cluster.runs_root={tmp_path}/runs",
+        f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
+        f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
+        f"trainer.data.database={data_dir}/proteins.sqlite",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------------------ torch-free
@@ -121,10 +140,24 @@ def test_render_never_imports_torch_nor_trainer_code():
 def test_python_m_launchers_validates_and_exits_with_its_code():
     """`python -m launchers` (launchers/__main__.py) exits with the command's code: 2 and one
     line for a configuration error."""
-    out = subprocess.run([sys.executable, "-m", "launchers", "render", "--model", "esm2_8m",
-                          "trainer.train.max_steps=0"], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 2 and "trainer.train.max_steps: input should be greater than 0" \
-        in out.stderr, out.stderr[-2000:]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers",
+            "render",
+            "--model",
+            "esm2_8m",
+            "trainer.train.max_steps=0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        out.returncode == 2
+        and "trainer.train.max_steps: input should be greater than 0" in out.stderr
+    ), out.stderr[-2000:]
     assert out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
@@ -196,9 +229,12 @@ def test_a_taken_default_name_gives_way_to_the_next(tmp_path, data_dir):
 
     from launchers import backends, config, spec as specs
 
-    resolved = config.resolve(model="esm2_8m", cluster="local", overrides=[
-        f"cluster.runs_root={tmp_path}/runs", *base_args(tmp_path, data_dir)[5:]],
-        now=datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    resolved = config.resolve(
+        model="esm2_8m",
+        cluster="local",
+        overrides=[f"cluster.runs_root={tmp_path}/runs", *base_args(tmp_path, data_dir)[5:]],
+        now=datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
+    )
     spec = specs.build(resolved, strict=True)
     backend = backends.get("sbatch")
     first = tmp_path / "runs" / "esm2" / "esm2_8m-2n-20250102T030405Z"
@@ -223,10 +259,30 @@ def test_concurrent_submits_without_a_run_name_get_a_run_directory_each(slurm_cl
     taken = {f"esm2_8m-2n-{now + timedelta(seconds=s):%Y%m%dT%H%M%SZ}" for s in range(-2, 120)}
     for name in taken:
         (runs / "X" / name).mkdir(parents=True)
-    argv = [sys.executable, "-m", "launchers", "submit", "--model", "esm2_8m", "--cluster",
-            "local", f"cluster.runs_root={runs}", "experiment=X", "job.hold=true"]
-    procs = [subprocess.Popen(argv, cwd=REPO, env=slurm_cluster.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    argv = [
+        sys.executable,
+        "-m",
+        "launchers",
+        "submit",
+        "--model",
+        "esm2_8m",
+        "--cluster",
+        "local",
+        f"cluster.runs_root={runs}",
+        "experiment=X",
+        "job.hold=true",
+    ]
+    procs = [
+        subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=slurm_cluster.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
     outs = [(*p.communicate(timeout=300), p.returncode) for p in procs]
     new = sorted(set(p.name for p in (runs / "X").iterdir()) - taken)
     ids = [i for d in new for i in record.job_ids(record.load(runs / "X" / d))]
@@ -243,19 +299,24 @@ def test_concurrent_submits_without_a_run_name_get_a_run_directory_each(slurm_cl
             slurm_cluster.cancel(job_id)
 
 
-def test_partition_size_is_checked_with_one_sinfo(tmp_path, data_dir, fake_slurm, monkeypatch,
-                                                  capsys):
+def test_partition_size_is_checked_with_one_sinfo(
+    tmp_path, data_dir, fake_slurm, monkeypatch, capsys
+):
     """More nodes than the partition has would pend forever (the malformed table covers it); a
     partition the cluster lacks is refused too; without an answer from sinfo, a warning."""
     args = ["submit", *base_args(tmp_path, data_dir)]
     assert cli.main([*args, "cluster.partition=big", "--nodes", "64", "job.run=a"]) == 0
     assert cli.main([*args, "cluster.partition=gpu"]) == 2
-    assert "command line: cluster.partition: gpu is not a partition of this cluster; choose " \
-           "one of debug, big" in capsys.readouterr().err
+    assert (
+        "command line: cluster.partition: gpu is not a partition of this cluster; choose "
+        "one of debug, big" in capsys.readouterr().err
+    )
     monkeypatch.setenv("FAKE_SINFO_FAILS", "1")
     assert cli.main([*args, "--nodes", "100000", "job.run=b"]) == 0
-    assert "warning: job.nodes 100000 is not checked against the partition's size (sinfo: " \
-           "sinfo: error: Unable to contact slurm controller)" in capsys.readouterr().err
+    assert (
+        "warning: job.nodes 100000 is not checked against the partition's size (sinfo: "
+        "sinfo: error: Unable to contact slurm controller)" in capsys.readouterr().err
+    )
     assert [c.split()[0] for c in fake_slurm.calls()] == ["sbatch", "sbatch"]
     monkeypatch.delenv("FAKE_SINFO_FAILS")
     fake_slurm.set_state("FAILED")
@@ -266,15 +327,26 @@ def test_partition_size_is_checked_with_one_sinfo(tmp_path, data_dir, fake_slurm
 
 # Cases whose files are not text (the YAML table's `files` are): written as bytes here.
 BINARY_MALFORMED = [
-    {"name": "binary config file", "binary_files": {"blob.yaml": bytes(range(256)) * 4},
-     "args": ["--config", "{tmp}/blob.yaml"], "key": "--config", "source": "{tmp}/blob.yaml"},
-    {"name": "binary model preset", "binary_files": {"m.yaml": b"model:\xff\xfe\x00"},
-     "args": ["--model", "{tmp}/m.yaml"], "key": "job.model", "source": "{tmp}/m.yaml"},
+    {
+        "name": "binary config file",
+        "binary_files": {"blob.yaml": bytes(range(256)) * 4},
+        "args": ["--config", "{tmp}/blob.yaml"],
+        "key": "--config",
+        "source": "{tmp}/blob.yaml",
+    },
+    {
+        "name": "binary model preset",
+        "binary_files": {"m.yaml": b"model:\xff\xfe\x00"},
+        "args": ["--model", "{tmp}/m.yaml"],
+        "key": "job.model",
+        "source": "{tmp}/m.yaml",
+    },
 ]
 
 
-@pytest.mark.parametrize("case", MALFORMED + BINARY_MALFORMED,
-                         ids=[c["name"] for c in MALFORMED + BINARY_MALFORMED])
+@pytest.mark.parametrize(
+    "case", MALFORMED + BINARY_MALFORMED, ids=[c["name"] for c in MALFORMED + BINARY_MALFORMED]
+)
 def test_malformed_is_rejected_before_sbatch(case, tmp_path, data_dir, fake_slurm, capsys):
     for name, text in case.get("files", {}).items():
         (tmp_path / name).write_text(text)
@@ -300,14 +372,24 @@ def test_at_least_twenty_malformed_cases():
 
 
 def test_cli_exit_code_and_message_format(tmp_path, data_dir):
-    out = subprocess.run([sys.executable, "-m", "launchers", "submit",
-                          *base_args(tmp_path, data_dir, "trainer.train.max_step=10")],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers",
+            "submit",
+            *base_args(tmp_path, data_dir, "trainer.train.max_step=10"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(
         "error: command line: trainer.train.max_step: unknown key (did you mean 'max_steps'?); "
-        "keys under trainer.train: micro_batch_size, global_batch_size, max_steps, "), line
+        "keys under trainer.train: micro_batch_size, global_batch_size, max_steps, "
+    ), line
 
 
 # ------------------------------------------------------------------------------------ bundled cluster
@@ -335,8 +417,15 @@ POLICY = {"max_restarts": 3, "requeue_exit_code": 75, "oom_exit_code": 12, "time
 
 
 def decide(exit_code, latest, history=(), restarts=0, finished=False, **kw):
-    return requeue.decide(finished=finished, exit_code=exit_code, latest_step=latest,
-                          restarts=restarts, policy=POLICY, history=list(history), **kw)
+    return requeue.decide(
+        finished=finished,
+        exit_code=exit_code,
+        latest_step=latest,
+        restarts=restarts,
+        policy=POLICY,
+        history=list(history),
+        **kw,
+    )
 
 
 def test_policy_finished_is_never_requeued():
@@ -346,8 +435,15 @@ def test_policy_finished_is_never_requeued():
 
 def test_policy_requeue_on_75_until_no_progress():
     assert decide(75, 20)["decision"] == "requeue"
-    prev = [{"decision": "requeue", "latest_step": 20, "outcome": "stopped", "job_id": "7",
-             "restart": 0}]
+    prev = [
+        {
+            "decision": "requeue",
+            "latest_step": 20,
+            "outcome": "stopped",
+            "job_id": "7",
+            "restart": 0,
+        }
+    ]
     assert decide(75, 30, prev)["decision"] == "requeue"
     d = decide(75, 20, prev)
     assert d["decision"] == "stop" and "no progress" in d["reason"]
@@ -392,7 +488,9 @@ def test_requeue_main_records_then_calls_scontrol(tmp_path, fake_slurm, capsys):
     (a,) = record.load(run_dir)["attempts"]
     assert a["decision"] == "requeue" and a["job_id"] == "77" and a["latest_step"] is None
     # the same step again: no progress, stop with the trainer's exit code
-    assert requeue.main([str(run_dir), "--exit-code", "75"], {**env, "SLURM_RESTART_COUNT": "1"}) == 75
+    assert (
+        requeue.main([str(run_dir), "--exit-code", "75"], {**env, "SLURM_RESTART_COUNT": "1"}) == 75
+    )
     assert len(fake_slurm.calls()) == 1
     assert record.load(run_dir)["attempts"][-1]["decision"] == "stop"
     # finished: exit 0, nothing requeued
@@ -406,8 +504,9 @@ def test_requeue_main_records_then_calls_scontrol(tmp_path, fake_slurm, capsys):
 
 @pytest.fixture
 def submitted(tmp_path, data_dir, fake_slurm, capsys) -> Path:
-    assert cli.main(["submit", *base_args(tmp_path, data_dir, "job.run=r1",
-                                          "job.experiment=e")]) == 0
+    assert (
+        cli.main(["submit", *base_args(tmp_path, data_dir, "job.run=r1", "job.experiment=e")]) == 0
+    )
     capsys.readouterr()
     return tmp_path / "runs" / "e" / "r1"
 
@@ -417,9 +516,18 @@ def test_status_reports_state_progress_and_reason(submitted, fake_slurm, capsys)
     step.mkdir(parents=True)
     (step / rundir.COMPLETE).write_text("20\n")
     (submitted / rundir.METRICS).write_text('{"kind": "train", "step": 25}\n')
-    record.add_attempt(submitted, {"job_id": "1000", "restart": 1, "exit_code": 1,
-                                   "outcome": "crashed", "decision": "stop", "latest_step": 20,
-                                   "reason": "crash loop: crashed twice at step 20"})
+    record.add_attempt(
+        submitted,
+        {
+            "job_id": "1000",
+            "restart": 1,
+            "exit_code": 1,
+            "outcome": "crashed",
+            "decision": "stop",
+            "latest_step": 20,
+            "reason": "crash loop: crashed twice at step 20",
+        },
+    )
     assert cli.main(["status", str(submitted)]) == 0
     out = capsys.readouterr().out
     assert "backend   sbatch" in out and "1000 (submit)" in out
@@ -441,7 +549,10 @@ def test_resume_refuses_live_job_then_resubmits(submitted, fake_slurm, capsys):
     assert cli.main(["resume", str(submitted), "trainer.train.max_steps=123"]) == 0
     assert fake_slurm.calls()[-1].startswith("sbatch --parsable")
     assert record.job_ids(record.load(submitted)) == ["1000", "1001"]
-    assert yaml.safe_load((submitted / rundir.CONFIG).read_text())["trainer"]["train"]["max_steps"] == 123
+    assert (
+        yaml.safe_load((submitted / rundir.CONFIG).read_text())["trainer"]["train"]["max_steps"]
+        == 123
+    )
 
 
 def test_resume_refuses_finished_run_and_renamed_run(submitted, fake_slurm, capsys):
@@ -466,14 +577,25 @@ def test_logs_prints_newest(submitted, capsys):
 
 
 def test_debug_runs_the_trainer_in_the_foreground(tmp_path, data_dir, capsys):
-    stub = _exe(tmp_path / "python", """#!/bin/bash
+    stub = _exe(
+        tmp_path / "python",
+        """#!/bin/bash
 # stands in for `python -m bionemo.train RUN_DIR`
 [ "$1 $2" = "-m bionemo.train" ] || exit 3
 echo "stub trainer in $(pwd) OMP=$OMP_NUM_THREADS"
 echo 50 > "$3/finished"
-""")
-    rc = cli.main(["debug", "--model", "esm2_8m", f"cluster.python={stub}", "job.run=d1",
-                   *base_args(tmp_path, data_dir)[4:]])
+""",
+    )
+    rc = cli.main(
+        [
+            "debug",
+            "--model",
+            "esm2_8m",
+            f"cluster.python={stub}",
+            "job.run=d1",
+            *base_args(tmp_path, data_dir)[4:],
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     run_dir = tmp_path / "runs" / "debug" / "d1"

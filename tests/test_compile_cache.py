@@ -13,8 +13,10 @@ from bionemo import rundir
 from bionemo.train import COMPILE_CACHE, use_compile_cache
 from tests.test_resume import data_dir, launch, make_run, wait_all  # noqa: F401 -- fixture
 
-COUNTS = re.compile(r"compile cache (\S+): fx graph hits (\d+) misses (\d+), "
-                    r"aot autograd hits (\d+) misses (\d+)")
+COUNTS = re.compile(
+    r"compile cache (\S+): fx graph hits (\d+) misses (\d+), "
+    r"aot autograd hits (\d+) misses (\d+)"
+)
 
 
 def set_trainer(run, **sections) -> None:
@@ -46,7 +48,9 @@ def test_restart_loads_compiled_graphs_from_the_run(tmp_path, data_dir, monkeypa
     folder, fx_hits, fx_misses, aot_hits, aot_misses = cache_counts((run / "rank0.log").read_text())
     assert folder == str((run / COMPILE_CACHE).resolve())
     assert fx_misses > 0 and aot_misses > 0 and fx_hits == aot_hits == 0  # compiled here
-    assert (run / COMPILE_CACHE / "fxgraph").is_dir() and (run / COMPILE_CACHE / "aotautograd").is_dir()
+    assert (run / COMPILE_CACHE / "fxgraph").is_dir() and (
+        run / COMPILE_CACHE / "aotautograd"
+    ).is_dir()
 
     # The restart: one more step resumes from the step-1 checkpoint in a new process.
     (run / rundir.FINISHED).unlink()

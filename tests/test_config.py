@@ -22,33 +22,52 @@ def write(path: Path, data: dict) -> Path:
 # ------------------------------------------------------------------------------------ data files
 
 
-@pytest.mark.parametrize("name,layers,hidden,heads,ffn", [
-    ("esm2_8m", 6, 320, 20, 1280),
-    ("esm2_650m", 33, 1280, 20, 5120),
-    ("esm2_3b", 36, 2560, 40, 10240),
-    ("esm2_15b", 48, 5120, 40, 20480),
-])
+@pytest.mark.parametrize(
+    "name,layers,hidden,heads,ffn",
+    [
+        ("esm2_8m", 6, 320, 20, 1280),
+        ("esm2_650m", 33, 1280, 20, 5120),
+        ("esm2_3b", 36, 2560, 40, 10240),
+        ("esm2_15b", 48, 5120, 40, 20480),
+    ],
+)
 def test_model_presets(name, layers, hidden, heads, ffn):
     raw = yaml.safe_load((config.CONFIGS / "models" / f"{name}.yaml").read_text())
     m = raw["trainer"]["model"]
     assert (m["num_layers"], m["hidden_size"], m["num_attention_heads"], m["ffn_hidden_size"]) == (
-        layers, hidden, heads, ffn)
+        layers,
+        hidden,
+        heads,
+        ffn,
+    )
     assert m["seq_length"] == 1024 and m["name"] == name
     o = raw["trainer"]["optim"]
-    assert (o["lr"], o["betas"], o["weight_decay"], o["warmup_steps"]) == (4e-4, [0.9, 0.98], 0.01, 2000)
+    assert (o["lr"], o["betas"], o["weight_decay"], o["warmup_steps"]) == (
+        4e-4,
+        [0.9, 0.98],
+        0.01,
+        2000,
+    )
 
 
-@pytest.mark.parametrize("model,mbs,tp,gpus,max_mbs", [
-    ("esm2_8m", 64, 1, 32, 70),
-    ("esm2_650m", 32, 1, 64, 48),
-    ("esm2_3b", 16, 1, 128, 16),
-    ("esm2_15b", 2, 2, 3120, 3),
-])
+@pytest.mark.parametrize(
+    "model,mbs,tp,gpus,max_mbs",
+    [
+        ("esm2_8m", 64, 1, 32, 70),
+        ("esm2_650m", 32, 1, 64, 48),
+        ("esm2_3b", 16, 1, 128, 16),
+        ("esm2_15b", 2, 2, 3120, 3),
+    ],
+)
 def test_a100_table_is_bionemos(model, mbs, tp, gpus, max_mbs):
     _, table = config.load_table("a100_80gb")
     row = table.rows[model]
     assert (row.micro_batch_size, row.tensor_parallel, row.gpus, row.max_micro_batch_size) == (
-        mbs, tp, gpus, max_mbs)
+        mbs,
+        tp,
+        gpus,
+        max_mbs,
+    )
     assert table.measured and table.kind == "gpu"
     # the reference job size trains the table's global batch without accumulation
     assert row.global_batch_size == gpus // tp * mbs
@@ -72,14 +91,24 @@ def test_every_table_and_profile_loads():
     for gpu_type in config.known_names("benchmarks"):
         assert config.load_table(gpu_type)[1].gpu_type == gpu_type
     for profile in config.known_names("clusters"):
-        resolve(model="esm2_8m" if profile == "local" else "esm2_650m", cluster=profile,
-                nodes=8 if profile != "local" else None, now=NOW)
+        resolve(
+            model="esm2_8m" if profile == "local" else "esm2_650m",
+            cluster=profile,
+            nodes=8 if profile != "local" else None,
+            now=NOW,
+        )
 
 
-@pytest.mark.parametrize("model,nodes,accumulation", [
-    ("esm2_8m", 4, 1), ("esm2_650m", 8, 1), ("esm2_650m", 4, 2), ("esm2_3b", 16, 1),
-    ("esm2_15b", 390, 1),
-])
+@pytest.mark.parametrize(
+    "model,nodes,accumulation",
+    [
+        ("esm2_8m", 4, 1),
+        ("esm2_650m", 8, 1),
+        ("esm2_650m", 4, 2),
+        ("esm2_3b", 16, 1),
+        ("esm2_15b", 390, 1),
+    ],
+)
 def test_reference_sizes_resolve_on_a100(tmp_path, model, nodes, accumulation):
     prof = write(tmp_path / "a100.yaml", {"cluster": {"gpu_type": "a100_80gb", "gpus_per_node": 8}})
     cfg = resolve(model=model, cluster=str(prof), nodes=nodes, now=NOW).config
@@ -93,8 +122,10 @@ def test_reference_sizes_resolve_on_a100(tmp_path, model, nodes, accumulation):
 def test_resolution_order(tmp_path):
     """model preset < benchmark row < cluster profile < --config < command line, key by key."""
     key = ("trainer", "train", "micro_batch_size")
-    profile = {"cluster": {"gpu_type": "cpu", "bundled": False},
-               "trainer": {"train": {"micro_batch_size": 6, "log_every": 7}}}
+    profile = {
+        "cluster": {"gpu_type": "cpu", "bundled": False},
+        "trainer": {"train": {"micro_batch_size": 6, "log_every": 7}},
+    }
     prof = write(tmp_path / "prof.yaml", profile)
     user = write(tmp_path / "user.yaml", {"trainer": {"train": {"micro_batch_size": 5}}})
 
@@ -106,8 +137,9 @@ def test_resolution_order(tmp_path):
     assert mbs(cluster="local") == (4, "configs/benchmarks/cpu.yaml (row esm2_8m)")
     assert mbs(cluster=str(prof))[0] == 6  # profile over row
     assert mbs(cluster=str(prof), config_files=[user]) == (5, str(user))  # file over profile
-    assert mbs(cluster=str(prof), config_files=[user],
-               overrides=["trainer.train.micro_batch_size=3"]) == (3, "command line")
+    assert mbs(
+        cluster=str(prof), config_files=[user], overrides=["trainer.train.micro_batch_size=3"]
+    ) == (3, "command line")
     r = resolve(model="esm2_8m", cluster=str(prof), config_files=[user], now=NOW)
     assert r.config.trainer.train.log_every == 7  # untouched keys keep their layer
     assert r.config.trainer.model.num_layers == 6  # from the preset
@@ -130,8 +162,11 @@ def test_default_run_names_sort_in_submission_order():
     """The candidates a default run name gives way to (issue 13: submits in the same second):
     distinct, in order, and before the next second's name."""
     names = list(config.run_names("esm2_8m-2n-20250102T030405Z"))
-    assert names[:3] == ["esm2_8m-2n-20250102T030405Z", "esm2_8m-2n-20250102T030405Z-02",
-                         "esm2_8m-2n-20250102T030405Z-03"]
+    assert names[:3] == [
+        "esm2_8m-2n-20250102T030405Z",
+        "esm2_8m-2n-20250102T030405Z-02",
+        "esm2_8m-2n-20250102T030405Z-03",
+    ]
     assert names == sorted(names) and len(set(names)) == len(names) == 99
     assert names[-1] < "esm2_8m-2n-20250102T030406Z"
     assert resolve(model="esm2_8m", cluster="local", now=NOW).default_run
@@ -171,10 +206,18 @@ def test_container_profile_defaults():
 # ------------------------------------------------------------------------------------ values
 
 
-@pytest.mark.parametrize("text,seconds", [
-    ("30", 1800), ("30:15", 1815), ("01:00:00", 3600), ("4:00:00", 14400), ("1-00", 86400),
-    ("1-02:03", 93780), ("2-00:00:01", 172801),
-])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("30", 1800),
+        ("30:15", 1815),
+        ("01:00:00", 3600),
+        ("4:00:00", 14400),
+        ("1-00", 86400),
+        ("1-02:03", 93780),
+        ("2-00:00:01", 172801),
+    ],
+)
 def test_time_limits(text, seconds):
     assert parse_time_limit(text) == seconds
     assert parse_time_limit(config.format_time_limit(seconds)) == seconds
@@ -187,12 +230,20 @@ def test_bad_time_limits(text):
 
 
 def test_overrides_are_typed_by_the_schema():
-    layer = config.cli_layer({}, [
-        "job.run=0100", "job.time_limit=1:30:00", "trainer.train.max_steps=100",
-        "trainer.train.global_batch_size=null", "cluster.env.NCCL_DEBUG=INFO",
-        "cluster.container_mounts=[/a:/a, /b:/b]", "trainer.optim.lr=1e-3", "job.hold=true",
-        "max_steps=7",
-    ])
+    layer = config.cli_layer(
+        {},
+        [
+            "job.run=0100",
+            "job.time_limit=1:30:00",
+            "trainer.train.max_steps=100",
+            "trainer.train.global_batch_size=null",
+            "cluster.env.NCCL_DEBUG=INFO",
+            "cluster.container_mounts=[/a:/a, /b:/b]",
+            "trainer.optim.lr=1e-3",
+            "job.hold=true",
+            "max_steps=7",
+        ],
+    )
     d = layer.data
     assert d["job"]["run"] == "0100" and d["job"]["time_limit"] == "1:30:00"
     assert d["trainer"]["train"]["global_batch_size"] is None
@@ -225,15 +276,20 @@ def test_resolved_config_round_trips_and_the_trainer_reads_it(tmp_path):
 
 
 def test_warning_when_micro_batch_exceeds_the_table():
-    r = resolve(model="esm2_650m", cluster="h100_example", nodes=8, now=NOW,
-                overrides=["trainer.train.micro_batch_size=64",
-                           "trainer.train.global_batch_size=null"])
+    r = resolve(
+        model="esm2_650m",
+        cluster="h100_example",
+        nodes=8,
+        now=NOW,
+        overrides=["trainer.train.micro_batch_size=64", "trainer.train.global_batch_size=null"],
+    )
     assert any("exceeds" in w for w in r.warnings)
 
 
 def test_debug_layer(tmp_path):
-    r = resolve(model="esm2_8m", cluster="local", extra_layers=[config.CONFIGS / "debug.yaml"],
-                now=NOW)
+    r = resolve(
+        model="esm2_8m", cluster="local", extra_layers=[config.CONFIGS / "debug.yaml"], now=NOW
+    )
     t = r.config.trainer
     assert r.config.job.backend == "local" and r.config.job.nodes == 1
     assert (t.train.max_steps, t.train.log_every, t.checkpoint.every_steps) == (50, 5, 25)
@@ -242,8 +298,12 @@ def test_debug_layer(tmp_path):
 
 def test_many_errors_are_reported_together():
     with pytest.raises(ConfigError) as e:
-        resolve(model="esm2_8m", cluster="local", now=NOW,
-                overrides=["job.nodes=0", "trainer.train.max_steps=0"])
+        resolve(
+            model="esm2_8m",
+            cluster="local",
+            now=NOW,
+            overrides=["job.nodes=0", "trainer.train.max_steps=0"],
+        )
     lines = str(e.value).splitlines()
     assert len(lines) == 2 and "job.nodes" in lines[0] and "trainer.train.max_steps" in lines[1]
 

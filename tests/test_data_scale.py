@@ -59,8 +59,10 @@ def test_memory_mapped_index_gives_the_parquet_samples(sample_dir, split):
     mapped, read = clusters(sample_dir, split), clusters(sample_dir, split, memory_map=False)
     assert (index_dir(sample_dir, split) / "meta.json").is_file()
     assert isinstance(mapped.id_bytes, np.memmap) and not isinstance(read.id_bytes, np.memmap)
-    for a, b in zip((mapped.offsets, mapped.id_offsets, mapped.id_bytes),
-                    (read.offsets, read.id_offsets, read.id_bytes)):
+    for a, b in zip(
+        (mapped.offsets, mapped.id_offsets, mapped.id_bytes),
+        (read.offsets, read.id_offsets, read.id_bytes),
+    ):
         assert np.array_equal(a, b)
     table = pq.read_table(sample_dir / f"{split}_clusters.parquet").to_pydict()
     listed = table["ur90_id"] if split == "train" else [[i] for i in table["ur50_id"]]
@@ -99,8 +101,11 @@ def test_a_changed_parquet_rebuilds_the_index(tmp_path, sample_dir):
         meta = new_meta
     assert first[0] == table.column("ur90_id")[0].as_py()  # the old map stays readable
     assert sorted(p.name for p in d.iterdir()) == [
-        "proteins.sqlite", "train_clusters.parquet", "train_clusters.parquet.ur90_id.index",
-        "train_clusters.parquet.ur90_id.index.lock"]
+        "proteins.sqlite",
+        "train_clusters.parquet",
+        "train_clusters.parquet.ur90_id.index",
+        "train_clusters.parquet.ur90_id.index.lock",
+    ]
 
 
 def test_a_damaged_index_or_a_dead_builders_leftovers_are_replaced(tmp_path):
@@ -145,9 +150,16 @@ def test_processes_building_at_once_leave_one_valid_index(tmp_path):
         # Hold the lock until both processes wait for it: both then find no index and race to
         # build it; the lock must let one build while the other waits.
         fcntl.flock(lock, fcntl.LOCK_EX)
-        procs = [subprocess.Popen([sys.executable, "-c", RACER, str(parquet)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, str(parquet)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         deadline = time.monotonic() + 120
         while blocked_on_flock(p.pid for p in procs) != {p.pid for p in procs}:
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
@@ -163,8 +175,11 @@ def test_processes_building_at_once_leave_one_valid_index(tmp_path):
     expected = b"".join(a.tobytes() for a in _flatten(column, "k", parquet, "ur90_id"))
     assert digest_a == digest_b == hashlib.sha256(expected).hexdigest()
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["train_clusters.parquet", "train_clusters.parquet.ur90_id.index",
-                     "train_clusters.parquet.ur90_id.index.lock"]  # no tmp folder left
+    assert names == [
+        "train_clusters.parquet",
+        "train_clusters.parquet.ur90_id.index",
+        "train_clusters.parquet.ur90_id.index.lock",
+    ]  # no tmp folder left
 
 
 def test_bad_rows_are_refused_and_leave_no_index(tmp_path, sample_dir):
@@ -173,4 +188,6 @@ def test_bad_rows_are_refused_and_leave_no_index(tmp_path, sample_dir):
     with pytest.raises(ValueError, match="data.train_clusters.*empty clusters"):
         ProteinClusters(path, sample_dir / "proteins.sqlite")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "train_clusters.parquet", "train_clusters.parquet.ur90_id.index.lock"]
+        "train_clusters.parquet",
+        "train_clusters.parquet.ur90_id.index.lock",
+    ]

@@ -25,7 +25,11 @@ from tests.test_resume import (  # noqa: E402,F401 -- data_dir is a fixture
 )
 
 SMALL = dict(
-    name="esm2_tiny", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+    name="esm2_tiny",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    ffn_hidden_size=128,
     seq_length=64,
 )
 
@@ -114,7 +118,8 @@ def test_conversion_round_trips_exactly():
         torch.testing.assert_close(
             hf(input_ids=ids, attention_mask=mask.long()).logits[mask],
             ours.eval().logits(ours(ids, mask))[mask],
-            rtol=1e-5, atol=1e-5,
+            rtol=1e-5,
+            atol=1e-5,
         )
     again = convert.from_hf(hf).state_dict()
     assert all(torch.equal(again[k], sd[k]) for k in sd)
@@ -248,8 +253,11 @@ def test_hidden_dropout_sits_where_hf_puts_it(monkeypatch):
             m.p = 0.1
     ours = ESM2(cfg)
     ours.load_state_dict(convert.hf_to_ours(hf.state_dict()))
-    monkeypatch.setattr(F, "dropout", lambda x, p=0.5, training=True, inplace=False:
-                        x * 0.5 if training and p > 0 else x)
+    monkeypatch.setattr(
+        F,
+        "dropout",
+        lambda x, p=0.5, training=True, inplace=False: x * 0.5 if training and p > 0 else x,
+    )
     ids, mask, _ = make_batch()
     with torch.no_grad():
         ref = hf.train()(input_ids=ids, attention_mask=mask.long()).logits

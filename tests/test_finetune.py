@@ -42,14 +42,17 @@ def labelled_rows(n: int, seed: int = 0) -> dict[str, list]:
     rows: dict[str, list] = {"sequence": [], "tm": [], "band": [], "kinds": []}
     for _ in range(n):
         p = rng.uniform(0.1, 0.9)
-        seq = "".join(rng.choice(hyd) if rng.random() < p else rng.choice(other)
-                      for _ in range(int(rng.integers(20, 60))))
+        seq = "".join(
+            rng.choice(hyd) if rng.random() < p else rng.choice(other)
+            for _ in range(int(rng.integers(20, 60)))
+        )
         f = sum(c in HYDROPHOBIC for c in seq) / len(seq)
         rows["sequence"].append(seq)
         rows["tm"].append(50 + 10 * f)
         rows["band"].append("low" if f < 0.37 else "mid" if f < 0.63 else "high")
-        rows["kinds"].append("".join("h" if c in HYDROPHOBIC else "c" if c in CHARGED else "o"
-                                     for c in seq))
+        rows["kinds"].append(
+            "".join("h" if c in HYDROPHOBIC else "c" if c in CHARGED else "o" for c in seq)
+        )
     return rows
 
 
@@ -62,16 +65,36 @@ def table_csv(tmp_path_factory) -> Path:
 
 def trainer_config(data: Path, kind: str, label: str, **task) -> dict:
     classes = {} if kind == "sequence_regression" else {"num_classes": 3}
-    return {"trainer": {
-        "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                  "ffn_hidden_size": 128, "seq_length": 64},
-        "optim": {"warmup_steps": 10, "lr": 3e-3},
-        "train": {"micro_batch_size": 16, "max_steps": 60, "log_every": 20, "val_every": 60,
-                  "precision": "fp32", "device": "cpu"},
-        "checkpoint": {"every_steps": 60, "keep_last": 1},
-        "task": {"kind": kind, "data": str(data), "label_column": label, "valid_fraction": 0.25,
-                 **classes, **task},
-    }}
+    return {
+        "trainer": {
+            "model": {
+                "name": "tiny",
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "ffn_hidden_size": 128,
+                "seq_length": 64,
+            },
+            "optim": {"warmup_steps": 10, "lr": 3e-3},
+            "train": {
+                "micro_batch_size": 16,
+                "max_steps": 60,
+                "log_every": 20,
+                "val_every": 60,
+                "precision": "fp32",
+                "device": "cpu",
+            },
+            "checkpoint": {"every_steps": 60, "keep_last": 1},
+            "task": {
+                "kind": kind,
+                "data": str(data),
+                "label_column": label,
+                "valid_fraction": 0.25,
+                **classes,
+                **task,
+            },
+        }
+    }
 
 
 def write_run(path: Path, cfg: dict) -> Path:
@@ -82,17 +105,25 @@ def write_run(path: Path, cfg: dict) -> Path:
 
 def records(run_dir: Path, kind: str) -> dict[int, dict]:
     lines = (run_dir / rundir.METRICS).read_text().splitlines()
-    return {r["step"]: {k: v for k, v in r.items() if k != "time"}
-            for r in map(json.loads, lines) if r["kind"] == kind}
+    return {
+        r["step"]: {k: v for k, v in r.items() if k != "time"}
+        for r in map(json.loads, lines)
+        if r["kind"] == kind
+    }
 
 
 # ---------------------------------------------------------------------------- it learns
 
 
 # What a trivial predictor scores on the same validation rows, and the margin required.
-@pytest.mark.parametrize("kind,label", [("sequence_regression", "tm"),
-                                        ("sequence_classification", "band"),
-                                        ("token_classification", "kinds")])
+@pytest.mark.parametrize(
+    "kind,label",
+    [
+        ("sequence_regression", "tm"),
+        ("sequence_classification", "band"),
+        ("token_classification", "kinds"),
+    ],
+)
 def test_fine_tuning_beats_a_trivial_baseline(tmp_path, table_csv, kind, label):
     from bionemo.export import export_checkpoint
     from bionemo.trainer import train
@@ -137,10 +168,16 @@ def test_split_is_deterministic_and_labels_load_from_parquet_lists(tmp_path):
     rows = labelled_rows(40)
     ids = {"h": 0, "c": 1, "o": 2}
     path = tmp_path / "tokens.parquet"
-    pq.write_table(pa.table({"seq": rows["sequence"],
-                             "y": [[ids[c] for c in k] for k in rows["kinds"]]}), path)
-    task = TaskConfig(kind="token_classification", data=path, sequence_column="seq",
-                      label_column="y", num_classes=3)
+    pq.write_table(
+        pa.table({"seq": rows["sequence"], "y": [[ids[c] for c in k] for k in rows["kinds"]]}), path
+    )
+    task = TaskConfig(
+        kind="token_classification",
+        data=path,
+        sequence_column="seq",
+        label_column="y",
+        num_classes=3,
+    )
     table = LabelledTable(task, seed=1)
     assert table.class_names is None and table.labels[0] == [ids[c] for c in rows["kinds"][0]]
     short = tmp_path / "short.parquet"
@@ -190,25 +227,48 @@ def test_signal_stop_and_resume_is_bitwise_exact(tmp_path, table_csv):
 # ---------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("overrides,key,words", [
-    (["trainer.task.label_column=nope"], "trainer.task.label_column", "has no column 'nope'"),
-    (["trainer.task.kind=sequence_regression", "trainer.task.num_classes=null",
-      "trainer.task.label_column=band"], "trainer.task.label_column",
-     "sequence_regression needs a number"),
-    (["trainer.task.kind=regression"], "trainer.task.kind", "input should be 'mlm'"),
-    (["trainer.task.num_classes=2"], "trainer.task.num_classes", "3 classes"),
-    (["trainer.task.data=labels.txt"], "trainer.task.data", "not a .csv or .parquet"),
-    (["trainer.train.engine=megatron"], "trainer.task.kind", "torch engine only"),
-])
-def test_bad_task_input_is_refused_before_submitting(tmp_path, table_csv, fake_slurm, capsys,
-                                                     overrides, key, words):
+@pytest.mark.parametrize(
+    "overrides,key,words",
+    [
+        (["trainer.task.label_column=nope"], "trainer.task.label_column", "has no column 'nope'"),
+        (
+            [
+                "trainer.task.kind=sequence_regression",
+                "trainer.task.num_classes=null",
+                "trainer.task.label_column=band",
+            ],
+            "trainer.task.label_column",
+            "sequence_regression needs a number",
+        ),
+        (["trainer.task.kind=regression"], "trainer.task.kind", "input should be 'mlm'"),
+        (["trainer.task.num_classes=2"], "trainer.task.num_classes", "3 classes"),
+        (["trainer.task.data=labels.txt"], "trainer.task.data", "not a .csv or .parquet"),
+        (["trainer.train.engine=megatron"], "trainer.task.kind", "torch engine only"),
+    ],
+)
+def test_bad_task_input_is_refused_before_submitting(
+    tmp_path, table_csv, fake_slurm, capsys, overrides, key, words
+):
     from launchers import cli
 
     runs = tmp_path / "runs"
-    rc = cli.main(["submit", "--model", "esm2_8m", "--cluster", "local", "--nodes", "1",
-                   f"cluster.runs_root={runs}", "trainer.task.kind=sequence_classification",
-                   f"trainer.task.data={table_csv}", "trainer.task.label_column=band",
-                   "trainer.task.num_classes=3", *overrides])
+    rc = cli.main(
+        [
+            "submit",
+            "--model",
+            "esm2_8m",
+            "--cluster",
+            "local",
+            "--nodes",
+            "1",
+            f"cluster.runs_root={runs}",
+            "trainer.task.kind=sequence_classification",
+            f"trainer.task.data={table_csv}",
+            "trainer.task.label_column=band",
+            "trainer.task.num_classes=3",
+            *overrides,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and err.startswith(f"error: command line: {key}: "), err

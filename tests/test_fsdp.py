@@ -29,8 +29,14 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from bionemo import rundir
 from bionemo.config import REQUEUE_EXIT_CODE, TrainerConfig
 from launchers.config import ConfigError, resolve
-from tests.test_resume import (assert_bitwise_equal, data_dir, free_port, make_run,  # noqa: F401
-                               train_losses, wait_all)
+from tests.test_resume import (
+    assert_bitwise_equal,
+    data_dir,
+    free_port,
+    make_run,  # noqa: F401
+    train_losses,
+    wait_all,
+)
 from tests.test_resume import launch as launch_ranks
 
 STEPS = 20  # checkpoints at 10 and 20
@@ -41,10 +47,14 @@ REL_TOL = 1e-5  # FSDP vs DDP, fp32: see the module docstring
 
 
 def make(path: Path, data_dir: Path, strategy: str, **train) -> Path:
-    run = make_run(path, data_dir, **{"max_steps": STEPS, "global_batch_size": GLOBAL_BATCH, **train})
+    run = make_run(
+        path, data_dir, **{"max_steps": STEPS, "global_batch_size": GLOBAL_BATCH, **train}
+    )
     cfg = yaml.safe_load((run / rundir.CONFIG).read_text())
     cfg["trainer"]["parallel"] = {"data_parallel": strategy}
-    cfg["trainer"]["checkpoint"]["export_final"] = False  # a CPU child process: seconds, not tested here
+    cfg["trainer"]["checkpoint"]["export_final"] = (
+        False  # a CPU child process: seconds, not tested here
+    )
     (run / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
     return run
 
@@ -56,12 +66,25 @@ def launch(run: Path, world: int, local_world: int | None = None, **env) -> list
     port, procs = free_port(), []
     for rank in range(world):
         e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-        e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RANK=str(rank), WORLD_SIZE=str(world),
-                 LOCAL_RANK=str(rank % local_world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                 **env)
+        e.update(
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank % local_world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **env,
+        )
         log = open(run / f"rank{rank}.log", "a")
-        procs.append(subprocess.Popen([sys.executable, "-m", "bionemo.train", str(run)], env=e,
-                                      stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bionemo.train", str(run)],
+                env=e,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 
@@ -127,8 +150,9 @@ def test_fsdp_signal_stop_and_restart_is_bitwise_exact(refs, data_dir, tmp_path)
 
 def test_ddp_checkpoint_resumes_under_fsdp(refs, data_dir, tmp_path):
     to_fsdp = continue_from(refs["ddp"], 10, make(tmp_path / "ddp-fsdp", data_dir, "fsdp"), 2)
-    assert_close_losses(train_losses(to_fsdp), {s: v for s, v in train_losses(refs["ddp"]).items()
-                                                 if s > 10})
+    assert_close_losses(
+        train_losses(to_fsdp), {s: v for s, v in train_losses(refs["ddp"]).items() if s > 10}
+    )
 
 
 def test_fsdp_checkpoint_resumes_on_3_ranks_under_fsdp_and_ddp(refs, data_dir, tmp_path):
@@ -136,10 +160,12 @@ def test_fsdp_checkpoint_resumes_on_3_ranks_under_fsdp_and_ddp(refs, data_dir, t
     checkpoint continued under DDP on 3 ranks (whole tensors: FSDP -> DDP) is the reference.
     (3 x 4 does not divide 16: one micro batch per rank; the sample stream continues at the
     saved position.)"""
-    sharded = continue_from(refs["fsdp"], 10, make(tmp_path / "fsdp3", data_dir, "fsdp",
-                                                   global_batch_size=None), 3)
-    whole = continue_from(refs["fsdp"], 10, make(tmp_path / "ddp3", data_dir, "ddp",
-                                                 global_batch_size=None), 3)
+    sharded = continue_from(
+        refs["fsdp"], 10, make(tmp_path / "fsdp3", data_dir, "fsdp", global_batch_size=None), 3
+    )
+    whole = continue_from(
+        refs["fsdp"], 10, make(tmp_path / "ddp3", data_dir, "ddp", global_batch_size=None), 3
+    )
     assert_close_losses(train_losses(sharded), train_losses(whole))
     assert sorted(train_losses(sharded)) == list(range(11, STEPS + 1))
 
@@ -162,51 +188,99 @@ def test_hsdp_on_two_emulated_nodes(refs, data_dir, tmp_path):
     read the same micro batches as the 2-rank reference's 2 x 2 accumulation steps (samples
     k*8 + rank*4 + [0, 4)), so the DDP reference's losses are this run's too."""
     hsdp = make(tmp_path / "hsdp", data_dir, "hsdp")
-    assert wait_all(launch(hsdp, 4, local_world=2)) == [0] * 4, (hsdp / "rank0.log").read_text()[-2000:]
+    assert wait_all(launch(hsdp, 4, local_world=2)) == [0] * 4, (hsdp / "rank0.log").read_text()[
+        -2000:
+    ]
     assert "FSDP2 over mesh (2, 2) ('replicate', 'shard')" in (hsdp / "rank0.log").read_text()
     assert_close_losses(train_losses(hsdp), train_losses(refs["ddp"]))
 
 
 # ------------------------------------------------------------------ validation before submitting
 
-TINY = dict(model=dict(name="t", num_layers=2, hidden_size=64, num_attention_heads=4,
-                       ffn_hidden_size=128), train=dict(micro_batch_size=2))
+TINY = dict(
+    model=dict(name="t", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128),
+    train=dict(micro_batch_size=2),
+)
 
 
-@pytest.mark.parametrize("trainer,message", [
-    (dict(parallel=dict(data_parallel="fsdp"), train=dict(micro_batch_size=2, engine="megatron")),
-     "parallel.data_parallel=fsdp is the torch engine's"),
-    (dict(parallel=dict(fsdp_cpu_offload=True)), "set parallel.data_parallel=fsdp"),
-    (dict(parallel=dict(data_parallel="fsdp", fsdp_cpu_offload=True),
-          train=dict(micro_batch_size=2, device="cpu")), "on train.device=cpu it is already there"),
-    (dict(train=dict(micro_batch_size=2, device="cpu", fp8="rowwise")), "set train.fp8=none"),
-])
+@pytest.mark.parametrize(
+    "trainer,message",
+    [
+        (
+            dict(
+                parallel=dict(data_parallel="fsdp"),
+                train=dict(micro_batch_size=2, engine="megatron"),
+            ),
+            "parallel.data_parallel=fsdp is the torch engine's",
+        ),
+        (dict(parallel=dict(fsdp_cpu_offload=True)), "set parallel.data_parallel=fsdp"),
+        (
+            dict(
+                parallel=dict(data_parallel="fsdp", fsdp_cpu_offload=True),
+                train=dict(micro_batch_size=2, device="cpu"),
+            ),
+            "on train.device=cpu it is already there",
+        ),
+        (dict(train=dict(micro_batch_size=2, device="cpu", fp8="rowwise")), "set train.fp8=none"),
+    ],
+)
 def test_trainer_config_refuses_what_cannot_run(trainer, message):
     with pytest.raises(ValueError, match=message):
         TrainerConfig.model_validate({**TINY, **trainer})
 
 
-@pytest.mark.parametrize("cluster,nodes,overrides,message", [
-    ("a100", 2, ["trainer.train.fp8=rowwise"],
-     "trainer.train.fp8: rowwise needs FP8 tensor cores, which gpu_type a100_80gb lacks"),
-    ("local", 2, ["trainer.parallel.data_parallel=fsdp", "trainer.parallel.fsdp_cpu_offload=true",
-                  "trainer.train.device=auto"], "trainer.parallel.fsdp_cpu_offload: offloads GPU"),
-    ("h100_example", 1, ["trainer.parallel.data_parallel=hsdp"],
-     "trainer.parallel.data_parallel: hsdp replicates across nodes and this job has one node"),
-    ("h100_example", 2, ["trainer.parallel.data_parallel=fsdp", "trainer.train.engine=megatron"],
-     "is the torch engine's"),
-])
+@pytest.mark.parametrize(
+    "cluster,nodes,overrides,message",
+    [
+        (
+            "a100",
+            2,
+            ["trainer.train.fp8=rowwise"],
+            "trainer.train.fp8: rowwise needs FP8 tensor cores, which gpu_type a100_80gb lacks",
+        ),
+        (
+            "local",
+            2,
+            [
+                "trainer.parallel.data_parallel=fsdp",
+                "trainer.parallel.fsdp_cpu_offload=true",
+                "trainer.train.device=auto",
+            ],
+            "trainer.parallel.fsdp_cpu_offload: offloads GPU",
+        ),
+        (
+            "h100_example",
+            1,
+            ["trainer.parallel.data_parallel=hsdp"],
+            "trainer.parallel.data_parallel: hsdp replicates across nodes and this job has one node",
+        ),
+        (
+            "h100_example",
+            2,
+            ["trainer.parallel.data_parallel=fsdp", "trainer.train.engine=megatron"],
+            "is the torch engine's",
+        ),
+    ],
+)
 def test_launcher_refuses_before_submitting(tmp_path, cluster, nodes, overrides, message):
     if cluster == "a100":
         cluster = str(tmp_path / "a100.yaml")
-        Path(cluster).write_text(yaml.safe_dump({"cluster": {"gpu_type": "a100_80gb",
-                                                             "gpus_per_node": 8}}))
+        Path(cluster).write_text(
+            yaml.safe_dump({"cluster": {"gpu_type": "a100_80gb", "gpus_per_node": 8}})
+        )
     with pytest.raises(ConfigError, match=message):
         resolve(model="esm2_650m", cluster=cluster, nodes=nodes, overrides=overrides)
 
 
 def test_launcher_accepts_fsdp_fp8_on_h100_and_hsdp_on_two_nodes():
-    cfg = resolve(model="esm2_3b", cluster="h100_example", nodes=2,
-                  overrides=["trainer.parallel.data_parallel=hsdp", "trainer.train.fp8=tensorwise",
-                             "trainer.parallel.fsdp_cpu_offload=true"]).config
+    cfg = resolve(
+        model="esm2_3b",
+        cluster="h100_example",
+        nodes=2,
+        overrides=[
+            "trainer.parallel.data_parallel=hsdp",
+            "trainer.train.fp8=tensorwise",
+            "trainer.parallel.fsdp_cpu_offload=true",
+        ],
+    ).config
     assert (cfg.trainer.parallel.data_parallel, cfg.trainer.train.fp8) == ("hsdp", "tensorwise")

@@ -38,9 +38,18 @@ import anndata  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(
-    name="geneformer_tiny", family="geneformer", num_layers=2, hidden_size=64,
-    num_attention_heads=4, ffn_hidden_size=128, seq_length=64, vocab_size=305,
-    layer_norm_eps=1e-12, token_dropout=False, activation="relu", hidden_dropout=0.02,
+    name="geneformer_tiny",
+    family="geneformer",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    ffn_hidden_size=128,
+    seq_length=64,
+    vocab_size=305,
+    layer_norm_eps=1e-12,
+    token_dropout=False,
+    activation="relu",
+    hidden_dropout=0.02,
     attention_dropout=0.1,
 )
 SPECIALS = ["<cls>", "<mask>", "<pad>", "<sep>", "<unk>"]
@@ -133,15 +142,25 @@ def test_packed_rows_equal_padded_batch():
     samples = []
     for n in (20, 64, 7, 33):
         tokens = np.concatenate(([CLS], rng.integers(5, 305, n - 1)))
-        ids, labels = mask_genes(tokens, rng, GeneVocab(vocab_tokens(300)), mask_prob=0.3,
-                                 mask_token_prob=0.8, random_token_prob=0.1)
+        ids, labels = mask_genes(
+            tokens,
+            rng,
+            GeneVocab(vocab_tokens(300)),
+            mask_prob=0.3,
+            mask_token_prob=0.8,
+            random_token_prob=0.1,
+        )
         samples.append({"input_ids": ids, "labels": labels})
     padded = collate_cells(samples, PAD, "longest", 64)
     packed = collate_cells(samples, PAD, "none", 64)  # tail of 128 - 124 <pad>s
     with torch.no_grad():
         hp = model(padded["input_ids"], padded["attention_mask"])
-        hk = model(packed["input_ids"], packed["attention_mask"], packed["cu_seqlens"],
-                   packed["max_seqlen"])
+        hk = model(
+            packed["input_ids"],
+            packed["attention_mask"],
+            packed["cu_seqlens"],
+            packed["max_seqlen"],
+        )
         real = hp[padded["attention_mask"]]
         torch.testing.assert_close(hk[0, : len(real)], real, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.loss(**packed), model.loss(**padded), rtol=1e-5, atol=1e-6)
@@ -152,8 +171,9 @@ def test_dropout_trains_and_recompute_replays_the_same_masks():
     results = []
     for recompute in ("none", "selective", "full"):
         torch.manual_seed(0)
-        model = Geneformer(tiny_cfg(hidden_dropout=0.2, attention_dropout=0.2,
-                                    activation_checkpointing=recompute))
+        model = Geneformer(
+            tiny_cfg(hidden_dropout=0.2, attention_dropout=0.2, activation_checkpointing=recompute)
+        )
         torch.manual_seed(1)
         loss = model.loss(ids, mask, labels)
         loss.backward()
@@ -181,8 +201,7 @@ def vocab_tokens(n_genes: int) -> dict[str, int]:
 
 
 def test_rank_value_encoding_by_hand():
-    vocab = GeneVocab({**{t: i for i, t in enumerate(SPECIALS)},
-                       "A": 5, "B": 6, "C": 7, "D": 8})
+    vocab = GeneVocab({**{t: i for i, t in enumerate(SPECIALS)}, "A": 5, "B": 6, "C": 7, "D": 8})
     medians = {"A": 2.0, "B": 0.5, "C": 1.0, "D": 4.0}
     # Columns of the data set; E is not in the vocabulary, F is an explicitly stored zero.
     features = ["A", "B", "C", "D", "E", "F"]
@@ -197,11 +216,13 @@ def test_rank_value_encoding_by_hand():
     short = rank_value_encode(counts, np.arange(6), col_token, col_median, seq_length=3, **kw)
     assert short.tolist() == [CLS, 6, 7]  # cut after <cls> + 2 genes
     # A sparse row lists only some columns: the same cell without C and E.
-    sub = rank_value_encode(counts[[0, 1, 3]], np.array([0, 1, 3]), col_token, col_median,
-                            seq_length=10, **kw)
+    sub = rank_value_encode(
+        counts[[0, 1, 3]], np.array([0, 1, 3]), col_token, col_median, seq_length=10, **kw
+    )
     assert sub.tolist() == [CLS, 6, 5, 8]
-    empty = rank_value_encode(np.array([5.0]), np.array([4]), col_token, col_median,
-                              seq_length=10, **kw)
+    empty = rank_value_encode(
+        np.array([5.0]), np.array([4]), col_token, col_median, seq_length=10, **kw
+    )
     assert empty.tolist() == [CLS]
 
 
@@ -209,8 +230,9 @@ def test_masking_rates_and_pool():
     vocab = GeneVocab(vocab_tokens(1000))
     tokens = np.concatenate(([CLS], np.arange(5, 1005).repeat(40)))  # 40k genes
     rng = np.random.default_rng(0)
-    ids, labels = mask_genes(tokens, rng, vocab, mask_prob=0.15, mask_token_prob=0.8,
-                             random_token_prob=0.1)
+    ids, labels = mask_genes(
+        tokens, rng, vocab, mask_prob=0.15, mask_token_prob=0.8, random_token_prob=0.1
+    )
     selected = labels != IGNORE_INDEX
     assert labels[0] == IGNORE_INDEX and ids[0] == CLS  # <cls> is never selected
     assert abs(selected.mean() - 0.15) < 0.01
@@ -253,9 +275,13 @@ def sample(tmp_path_factory) -> Path:
 
 
 def data_cfg(sample: Path, **kw) -> CellDataConfig:
-    return CellDataConfig(train=sample / "train", valid=sample / "valid",
-                          vocab=sample / "vocab.json", gene_medians=sample / "gene_medians.json",
-                          **kw)
+    return CellDataConfig(
+        train=sample / "train",
+        valid=sample / "valid",
+        vocab=sample / "vocab.json",
+        gene_medians=sample / "gene_medians.json",
+        **kw,
+    )
 
 
 def test_h5ad_to_scdl_to_batch_round_trip(sample):
@@ -271,9 +297,17 @@ def test_h5ad_to_scdl_to_batch_round_trip(sample):
     expected = []
     for i in range(x.shape[0]):
         row = slice(x.indptr[i], x.indptr[i + 1])
-        expected.append(rank_value_encode(
-            x.data[row], x.indices[row], col_token, col_median, cls_id=vocab.cls_id,
-            seq_length=seq, normalize_total=cfg.normalize_total))
+        expected.append(
+            rank_value_encode(
+                x.data[row],
+                x.indices[row],
+                col_token,
+                col_median,
+                cls_id=vocab.cls_id,
+                seq_length=seq,
+                normalize_total=cfg.normalize_total,
+            )
+        )
     cells = open_cells(cfg, seq, "valid")
     assert len(cells) == x.shape[0] == 16
     for i in range(len(cells)):
@@ -281,9 +315,17 @@ def test_h5ad_to_scdl_to_batch_round_trip(sample):
     assert max(len(e) for e in expected) == seq  # some cells were cut to seq_length
 
     # Validation reads cells in order (g -> cell g), so batch row r is cell r.
-    loader = build_dataloader(cfg, seq, micro_batch_size=4, dp_rank=0, dp_size=1,
-                              grad_accumulation=1, start_sample=0, split="valid",
-                              vocab_size=len(vocab))
+    loader = build_dataloader(
+        cfg,
+        seq,
+        micro_batch_size=4,
+        dp_rank=0,
+        dp_size=1,
+        grad_accumulation=1,
+        start_sample=0,
+        split="valid",
+        vocab_size=len(vocab),
+    )
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (4, seq) and batch["input_ids"].dtype == torch.int64
     for r in range(4):
@@ -316,8 +358,9 @@ def test_parquet_of_pretokenized_cells(sample, tmp_path):
     cells = open_cells(cfg, 64, "train")
     rows = [cells.tokens(i)[1:].tolist() for i in range(10)]  # as the recipe stores them: no <cls>
     path = tmp_path / "cells.parquet"
-    pq.write_table(pa.table({"input_ids": rows, "length": [len(r) for r in rows]}), path,
-                   row_group_size=4)
+    pq.write_table(
+        pa.table({"input_ids": rows, "length": [len(r) for r in rows]}), path, row_group_size=4
+    )
     pcfg = data_cfg(sample, format="parquet").model_copy(update={"train": path, "valid": None})
     pcells = open_cells(pcfg, 64, "train")
     assert len(pcells) == 10
@@ -359,16 +402,34 @@ MAX_STEPS = 12
 
 
 def make_run(path: Path, sample: Path) -> Path:
-    cfg = {"trainer": {
-        "model": TINY | {"hidden_size": 32, "num_attention_heads": 2, "ffn_hidden_size": 64,
-                         "hidden_dropout": 0.1, "attention_dropout": 0.1},
-        "data": {k: str(v) for k, v in data_cfg(sample).model_dump(
-            include={"train", "valid", "vocab", "gene_medians"}).items()},
-        "optim": {"warmup_steps": 3, "lr": 1e-3},
-        "train": {"micro_batch_size": 4, "max_steps": MAX_STEPS, "log_every": 1, "val_every": 6,
-                  "precision": "fp32", "device": "cpu"},
-        "checkpoint": {"every_steps": 3, "keep_last": 2},
-    }}
+    cfg = {
+        "trainer": {
+            "model": TINY
+            | {
+                "hidden_size": 32,
+                "num_attention_heads": 2,
+                "ffn_hidden_size": 64,
+                "hidden_dropout": 0.1,
+                "attention_dropout": 0.1,
+            },
+            "data": {
+                k: str(v)
+                for k, v in data_cfg(sample)
+                .model_dump(include={"train", "valid", "vocab", "gene_medians"})
+                .items()
+            },
+            "optim": {"warmup_steps": 3, "lr": 1e-3},
+            "train": {
+                "micro_batch_size": 4,
+                "max_steps": MAX_STEPS,
+                "log_every": 1,
+                "val_every": 6,
+                "precision": "fp32",
+                "device": "cpu",
+            },
+            "checkpoint": {"every_steps": 3, "keep_last": 2},
+        }
+    }
     path.mkdir(parents=True)
     (path / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
     return path

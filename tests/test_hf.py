@@ -27,20 +27,38 @@ from bionemo.models.esm2.convert import to_hf_config
 from bionemo.models.geneformer.convert import to_hf_config as bert_config
 
 REPO = Path(__file__).resolve().parents[1]
-ESM2_8M = ModelConfig(name="esm2_8m", num_layers=6, hidden_size=320, num_attention_heads=20,
-                      ffn_hidden_size=1280, seq_length=64)
+ESM2_8M = ModelConfig(
+    name="esm2_8m",
+    num_layers=6,
+    hidden_size=320,
+    num_attention_heads=20,
+    ffn_hidden_size=1280,
+    seq_length=64,
+)
 # Geneformer 10M's shape (and the sample set's vocabulary, the real one's size), at 128 positions
 # so that a CPU step is quick.
-GENEFORMER_10M = ModelConfig(name="geneformer_10m", family="geneformer", num_layers=6,
-                             hidden_size=256, num_attention_heads=4, ffn_hidden_size=512,
-                             seq_length=128, vocab_size=25426, layer_norm_eps=1e-12,
-                             token_dropout=False, activation="relu")
+GENEFORMER_10M = ModelConfig(
+    name="geneformer_10m",
+    family="geneformer",
+    num_layers=6,
+    hidden_size=256,
+    num_attention_heads=4,
+    ffn_hidden_size=512,
+    seq_length=128,
+    vocab_size=25426,
+    layer_norm_eps=1e-12,
+    token_dropout=False,
+    activation="relu",
+)
 
 
 def hf_folder(tmp_path: Path, cfg: ModelConfig, *, position_table: bool = False) -> Path:
     torch.manual_seed(0)
-    model = (EsmForMaskedLM(to_hf_config(cfg)) if cfg.family == "esm2"
-             else BertForMaskedLM(bert_config(cfg)))
+    model = (
+        EsmForMaskedLM(to_hf_config(cfg))
+        if cfg.family == "esm2"
+        else BertForMaskedLM(bert_config(cfg))
+    )
     out = tmp_path / f"hf-{cfg.name}"
     model.save_pretrained(out, safe_serialization=True)
     if position_table:
@@ -53,8 +71,9 @@ def hf_folder(tmp_path: Path, cfg: ModelConfig, *, position_table: bool = False)
 
 
 def logits_close(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), \
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), (
         f"max abs diff {(a - b).abs().max().item()}"
+    )
 
 
 def batch(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +103,9 @@ def loaded_cleanly(cls, folder: Path):
 @pytest.mark.parametrize("cfg", [ESM2_8M, GENEFORMER_10M], ids=["esm2_8m", "geneformer_10m"])
 def test_import_then_export_is_the_same_function(tmp_path, cfg):
     folder = hf_folder(tmp_path, cfg, position_table=cfg.family == "esm2")
-    ref = (EsmForMaskedLM if cfg.family == "esm2" else BertForMaskedLM).from_pretrained(folder).eval()
+    ref = (
+        (EsmForMaskedLM if cfg.family == "esm2" else BertForMaskedLM).from_pretrained(folder).eval()
+    )
     ours = build_model(cfg).eval()
     hf.load_into(folder, ours)
     ids, mask = batch(cfg)
@@ -99,20 +120,33 @@ def run_trainer(tmp_path: Path, trainer_cfg: dict) -> Path:
     run.mkdir()
     (run / rundir.CONFIG).write_text(yaml.safe_dump({"trainer": trainer_cfg}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    out = subprocess.run([sys.executable, "-m", "bionemo.train", str(run)], cwd=REPO,
-                         env={**env, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "bionemo.train", str(run)],
+        cwd=REPO,
+        env={**env, "OMP_NUM_THREADS": "2"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run / "trainer.log").write_text(out.stdout + out.stderr)
     return run
 
 
 def common(cfg: ModelConfig, init_from: Path) -> dict:
-    return {"model": cfg.model_dump(mode="json"),
-            "optim": {"warmup_steps": 1, "lr": 1e-3},
-            "train": {"micro_batch_size": 2, "max_steps": 3, "log_every": 1,
-                      "limit_val_batches": 0, "precision": "fp32", "device": "cpu"},
-            "checkpoint": {"every_steps": 3, "init_from": str(init_from)}}
+    return {
+        "model": cfg.model_dump(mode="json"),
+        "optim": {"warmup_steps": 1, "lr": 1e-3},
+        "train": {
+            "micro_batch_size": 2,
+            "max_steps": 3,
+            "log_every": 1,
+            "limit_val_batches": 0,
+            "precision": "fp32",
+            "device": "cpu",
+        },
+        "checkpoint": {"every_steps": 3, "init_from": str(init_from)},
+    }
 
 
 @pytest.mark.parametrize("family", ["esm2", "geneformer"])
@@ -124,9 +158,13 @@ def test_init_from_hf_train_export_reload(tmp_path, family):
         cfg, cls = GENEFORMER_10M, BertForMaskedLM
         trainer_cfg = common(cfg, hf_folder(tmp_path, cfg))
         sample = REPO / "data" / "geneformer_sample"
-        trainer_cfg["data"] = {"format": "scdl", "train": str(sample / "train"),
-                               "valid": str(sample / "valid"), "vocab": str(sample / "vocab.json"),
-                               "gene_medians": str(sample / "gene_medians.json")}
+        trainer_cfg["data"] = {
+            "format": "scdl",
+            "train": str(sample / "train"),
+            "valid": str(sample / "valid"),
+            "vocab": str(sample / "vocab.json"),
+            "gene_medians": str(sample / "gene_medians.json"),
+        }
     run = run_trainer(tmp_path, trainer_cfg)
     log = (run / "trainer.log").read_text()
     assert "initialised weights from" in log
@@ -137,8 +175,9 @@ def test_init_from_hf_train_export_reload(tmp_path, family):
     load_weights(rundir.step_dir(run, 3), ours)
     start = build_model(cfg).eval()
     hf.load_into(Path(trainer_cfg["checkpoint"]["init_from"]), start)
-    assert any(not torch.equal(a, b) for a, b in zip(ours.parameters(), start.parameters())), \
+    assert any(not torch.equal(a, b) for a, b in zip(ours.parameters(), start.parameters())), (
         "training changed nothing"
+    )
     final = loaded_cleanly(cls, run / FINAL_MODEL)
     ids, mask = batch(cfg)
     logits_close(hf_logits(final, ids, mask)[mask], ours_logits(ours, ids, mask)[mask])
@@ -149,25 +188,50 @@ def test_init_from_hf_train_export_reload(tmp_path, family):
         assert tok("MKV")["input_ids"] == [0, 20, 15, 7, 2]
     # On demand, from the run directory: the same files.
     again = tmp_path / "again"
-    out = subprocess.run([sys.executable, "-m", "bionemo.export", str(run), str(again)],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bionemo.export", str(run), str(again)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
-    assert load_file(str(again / hf.WEIGHTS)).keys() == load_file(str(run / FINAL_MODEL / hf.WEIGHTS)).keys()
-    assert json.loads((again / hf.CONFIG).read_text()) == json.loads((run / FINAL_MODEL / hf.CONFIG).read_text())
+    assert (
+        load_file(str(again / hf.WEIGHTS)).keys()
+        == load_file(str(run / FINAL_MODEL / hf.WEIGHTS)).keys()
+    )
+    assert json.loads((again / hf.CONFIG).read_text()) == json.loads(
+        (run / FINAL_MODEL / hf.CONFIG).read_text()
+    )
 
 
 def test_export_refuses_what_is_not_a_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bionemo.export", str(tmp_path), str(tmp_path / "o")],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bionemo.export", str(tmp_path), str(tmp_path / "o")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "neither a run directory" in out.stderr
 
 
 def _submit(tmp_path: Path, init_from: Path, model: str = "esm2_8m") -> subprocess.CompletedProcess:
     runs = tmp_path / "runs"
     out = subprocess.run(
-        [sys.executable, "-m", "launchers", "submit", "--model", model,
-         f"trainer.checkpoint.init_from={init_from}", f"cluster.runs_root={runs}"],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "launchers",
+            "submit",
+            "--model",
+            model,
+            f"trainer.checkpoint.init_from={init_from}",
+            f"cluster.runs_root={runs}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert not runs.exists() or not any(runs.rglob("config.yaml")), "a run directory was written"
     return out
 
@@ -180,14 +244,17 @@ def _bad(tmp_path: Path, name: str, files: dict[str, bytes]) -> Path:
     return d
 
 
-@pytest.mark.parametrize("case,expect", [
-    ("pickle_only", "pytorch_model.bin (a pickle"),
-    ("config_only", "has config.json but no model.safetensors"),
-    ("weights_only", "has weights but no config.json"),
-    ("empty", "neither a complete checkpoint folder"),
-    ("shape", "has another shape: num_layers 6 (configured: 33)"),
-    ("family", "model_type 'bert', not 'esm'"),
-])
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("pickle_only", "pytorch_model.bin (a pickle"),
+        ("config_only", "has config.json but no model.safetensors"),
+        ("weights_only", "has weights but no config.json"),
+        ("empty", "neither a complete checkpoint folder"),
+        ("shape", "has another shape: num_layers 6 (configured: 33)"),
+        ("family", "model_type 'bert', not 'esm'"),
+    ],
+)
 def test_bad_hf_folders_are_refused_before_submit(tmp_path, case, expect):
     if case == "shape":
         folder, model = hf_folder(tmp_path, ESM2_8M), "esm2_650m"
@@ -195,10 +262,12 @@ def test_bad_hf_folders_are_refused_before_submit(tmp_path, case, expect):
         folder, model = hf_folder(tmp_path, GENEFORMER_10M), "esm2_8m"
     else:
         config = json.dumps({"model_type": "esm"}).encode()
-        files = {"pickle_only": {"config.json": config, "pytorch_model.bin": b"x"},
-                 "config_only": {"config.json": config},
-                 "weights_only": {"model.safetensors": b"x"},
-                 "empty": {}}[case]
+        files = {
+            "pickle_only": {"config.json": config, "pytorch_model.bin": b"x"},
+            "config_only": {"config.json": config},
+            "weights_only": {"model.safetensors": b"x"},
+            "empty": {},
+        }[case]
         folder, model = _bad(tmp_path, case, files), "esm2_8m"
     out = _submit(tmp_path, folder, model)
     lines = out.stderr.strip().splitlines()

@@ -67,12 +67,24 @@ def strays(*roots: Path) -> list[Path]:
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 @pytest.mark.parametrize("key", ["job.experiment", "job.run"])
-def test_nemo_run_refuses_a_run_directory_it_would_pass_to_a_shell(case, key, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_nemo_run_refuses_a_run_directory_it_would_pass_to_a_shell(
+    case, key, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs"
-    rc = cli.main(["render", "--backend", "nemo_run", "--model", "esm2_8m", "--cluster", "local",
-                   f"cluster.runs_root={runs}", f"{key}={hostile(case)}"])
+    rc = cli.main(
+        [
+            "render",
+            "--backend",
+            "nemo_run",
+            "--model",
+            "esm2_8m",
+            "--cluster",
+            "local",
+            f"cluster.runs_root={runs}",
+            f"{key}={hostile(case)}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -86,21 +98,45 @@ def test_nemo_run_submit_refuses_before_anything_is_written(tmp_path, monkeypatc
     (before the fix: both files and a stray runs/x/r directory at submit time)."""
     monkeypatch.chdir(tmp_path)
     runs = tmp_path / "runs"
-    rc = cli.main(["submit", "--backend", "nemo_run", "--model", "esm2_8m", "--cluster", "local",
-                   f"cluster.runs_root={runs}", "job.hold=true",
-                   f"experiment=x$(touch {TOKEN}1)", f"run=r;touch {TOKEN}2;x"])
+    rc = cli.main(
+        [
+            "submit",
+            "--backend",
+            "nemo_run",
+            "--model",
+            "esm2_8m",
+            "--cluster",
+            "local",
+            f"cluster.runs_root={runs}",
+            "job.hold=true",
+            f"experiment=x$(touch {TOKEN}1)",
+            f"run=r;touch {TOKEN}2;x",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     assert [line.split(": ")[2] for line in err.splitlines() if line.startswith("error: ")] == [
-        "job.experiment", "job.run"]
+        "job.experiment",
+        "job.run",
+    ]
     assert not runs.exists()
     assert not list(tmp_path.rglob(f"{TOKEN}*")) and not (REPO / f"{TOKEN}1").exists()
 
 
 def test_nemo_run_refuses_a_runs_root_with_spaces(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = cli.main(["render", "--backend", "nemo_run", "--model", "esm2_8m", "--cluster", "local",
-                   f"cluster.runs_root={tmp_path}/my runs"])
+    rc = cli.main(
+        [
+            "render",
+            "--backend",
+            "nemo_run",
+            "--model",
+            "esm2_8m",
+            "--cluster",
+            "local",
+            f"cluster.runs_root={tmp_path}/my runs",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "cluster.runs_root: " in err and "my runs" in err, err
 
@@ -108,8 +144,19 @@ def test_nemo_run_refuses_a_runs_root_with_spaces(tmp_path, monkeypatch, capsys)
 @pytest.mark.parametrize("backend", ["sbatch", "submitit", "nemo_run"])
 def test_a_newline_in_a_name_is_refused_on_every_backend(backend, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    rc = cli.main(["render", "--backend", backend, "--model", "esm2_8m", "--cluster", "local",
-                   f"cluster.runs_root={tmp_path}/runs", f"job.run=a\ntouch {TOKEN}"])
+    rc = cli.main(
+        [
+            "render",
+            "--backend",
+            backend,
+            "--model",
+            "esm2_8m",
+            "--cluster",
+            "local",
+            f"cluster.runs_root={tmp_path}/runs",
+            f"job.run=a\ntouch {TOKEN}",
+        ]
+    )
     assert rc == 2 and "job.run" in capsys.readouterr().err
 
 
@@ -121,14 +168,22 @@ MOUNT = f"/data$(touch%{TOKEN}):/d`touch%{TOKEN}`"  # pyxis mounts: no spaces or
 
 
 def _spec(runs: Path, experiment: str, run: str, backend: str, container: bool) -> specs.JobSpec:
-    overrides = [f"cluster.runs_root={runs}", f"job.experiment={experiment}", f"job.run={run}",
-                 f"job.backend={backend}", f"cluster.srun_args=[{json.dumps(SRUN_ARG)}]",
-                 f"cluster.host_python={sys.executable}"]
+    overrides = [
+        f"cluster.runs_root={runs}",
+        f"job.experiment={experiment}",
+        f"job.run={run}",
+        f"job.backend={backend}",
+        f"cluster.srun_args=[{json.dumps(SRUN_ARG)}]",
+        f"cluster.host_python={sys.executable}",
+    ]
     if container:
-        overrides += [f"cluster.container_image=img$(touch {TOKEN})",
-                      f"cluster.container_mounts=[{json.dumps(MOUNT)}]"]
-    resolved = config.resolve(model="esm2_8m", cluster="local", nodes=1, now=NOW,
-                              overrides=overrides)
+        overrides += [
+            f"cluster.container_image=img$(touch {TOKEN})",
+            f"cluster.container_mounts=[{json.dumps(MOUNT)}]",
+        ]
+    resolved = config.resolve(
+        model="esm2_8m", cluster="local", nodes=1, now=NOW, overrides=overrides
+    )
     resolved.config.cluster.env["INJ"] = ENV_VALUE  # newlines too (no validator refuses them)
     return specs.build(resolved, strict=False)
 
@@ -146,7 +201,9 @@ def run_script(text: str, tmp_path: Path) -> list[dict]:
     for d in (bin_dir, cwd, home):
         d.mkdir(exist_ok=True)
     calls = tmp_path / "srun-calls.jsonl"
-    _stub(bin_dir / "srun", f"""#!{sys.executable}
+    _stub(
+        bin_dir / "srun",
+        f"""#!{sys.executable}
 import json, os, pathlib, sys
 with open({str(calls)!r}, "a") as f:
     f.write(json.dumps(dict(argv=sys.argv[1:], inj=os.environ.get("INJ"))) + "\\n")
@@ -154,19 +211,29 @@ if "hostname" in sys.argv:
     print("127.0.0.1")
 elif pathlib.Path(sys.argv[-1], "config.yaml").is_file():
     pathlib.Path(sys.argv[-1], "finished").write_text("1\\n")
-""")
-    _stub(bin_dir / "scontrol", """#!/bin/bash
+""",
+    )
+    _stub(
+        bin_dir / "scontrol",
+        """#!/bin/bash
 case "$1 $2" in
   "show hostnames") echo node1 ;;
   "show node") echo "NodeName=node1 Arch=x NodeAddr=127.0.0.1 NodeHostName=h" ;;
 esac
-""")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node1", "HOME": str(home)}
+""",
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node1",
+        "HOME": str(home),
+    }
     script = tmp_path / "job.sh"
     script.write_text(text)
-    out = subprocess.run(["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        ["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
     assert calls.exists(), out.stdout + out.stderr
     return [json.loads(line) for line in calls.read_text().splitlines()]
 

@@ -36,8 +36,14 @@ class Installed:
         self.env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
     def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([str(a) for a in args], cwd=self.project, env=env or self.env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [str(a) for a in args],
+            cwd=self.project,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +60,40 @@ def installed(tmp_path_factory) -> Installed:
             shutil.copy2(path, src / name)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    purelib = Path(subprocess.run(
-        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True).stdout.strip())
+    purelib = Path(
+        subprocess.run(
+            [
+                venv / "bin" / "python",
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (purelib / "_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # pip (from the dependencies' folder) installs into the venv; --ignore-installed: it never
     # touches the checkout's editable install, which it can see there
-    out = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps",
-                          "--no-build-isolation", "--no-index", "--ignore-installed",
-                          "--disable-pip-version-check", str(src)],
-                         cwd=tmp, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--ignore-installed",
+            "--disable-pip-version-check",
+            str(src),
+        ],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     project = tmp / "project"  # a user's folder: their data, their runs
     (project / "data" / "sample").mkdir(parents=True)
@@ -74,11 +104,13 @@ def installed(tmp_path_factory) -> Installed:
 
 
 def test_the_installed_package_and_its_data_come_from_the_venv(installed):
-    code = ("import json, importlib.util, bionemo, launchers, launchers.paths as p\n"
-            "scdl = importlib.util.find_spec('bionemo.scdl')\n"
-            "print(json.dumps(dict(bionemo=bionemo.__file__, launchers=launchers.__file__,"
-            " configs=str(p.CONFIGS), templates=str(p.TEMPLATES), root=str(p.REPO_ROOT),"
-            " installed=p.INSTALLED, scdl=scdl and scdl.origin)))\n")
+    code = (
+        "import json, importlib.util, bionemo, launchers, launchers.paths as p\n"
+        "scdl = importlib.util.find_spec('bionemo.scdl')\n"
+        "print(json.dumps(dict(bionemo=bionemo.__file__, launchers=launchers.__file__,"
+        " configs=str(p.CONFIGS), templates=str(p.TEMPLATES), root=str(p.REPO_ROOT),"
+        " installed=p.INSTALLED, scdl=scdl and scdl.origin)))\n"
+    )
     out = installed.run(installed.python, "-c", code)
     assert out.returncode == 0, out.stderr
     where = json.loads(out.stdout)
@@ -102,8 +134,12 @@ def test_the_console_command_renders_from_any_directory(installed):
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --nodes=2" in out.stdout and "-m bionemo.train" in out.stdout
     assert f"workdir: {installed.project.resolve()}" in out.stdout
-    assert installed.run(installed.python, "-m", "launchers", "render", "--model", "esm2_8m",
-                         "job.run=r0").stdout == out.stdout
+    assert (
+        installed.run(
+            installed.python, "-m", "launchers", "render", "--model", "esm2_8m", "job.run=r0"
+        ).stdout
+        == out.stdout
+    )
     usage = installed.run(installed.command, "--help").stdout
     assert usage.startswith("usage: bionemo-hpc") and "submit" in usage
 
@@ -112,9 +148,17 @@ def test_the_console_command_renders_from_any_directory(installed):
 def test_the_console_command_submits_from_any_directory(installed, slurm_cluster):
     """A held job on the bundled cluster (BIONEMO_CLUSTER_DIR: the running one), then cancelled."""
     env = {**installed.env, "BIONEMO_CLUSTER_DIR": str(slurm_cluster.dir)}
-    out = installed.run(installed.command, "submit", "--model", "esm2_8m", "job.hold=true",
-                        "job.experiment=installed", "job.run=r1",
-                        f"cluster.python={installed.python}", env=env)
+    out = installed.run(
+        installed.command,
+        "submit",
+        "--model",
+        "esm2_8m",
+        "job.hold=true",
+        "job.experiment=installed",
+        "job.run=r1",
+        f"cluster.python={installed.python}",
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     run_dir = installed.project / "runs" / "installed" / "r1"
     job_id = json.loads((run_dir / rundir.SUBMISSION).read_text())["jobs"][-1]["job_id"]

@@ -34,12 +34,18 @@ def test_docs_key_tables_are_generated_from_the_schema():
         # every field of the section is in the table, as the schema describes it today
         assert b["table"] == keys.markdown(keys.select(b["section"])), (
             f"docs/launcher.md's `{b['section']}` table drifted from the schema; regenerate it "
-            f"with `{REGENERATE.format(section=b['section'])}`")
+            f"with `{REGENERATE.format(section=b['section'])}`"
+        )
 
 
 def test_keys_command_prints_key_type_default_description():
-    out = subprocess.run([sys.executable, "-m", "launchers", "keys", "trainer.train"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "keys", "trainer.train"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("trainer.train.max_steps "))
@@ -49,8 +55,13 @@ def test_keys_command_prints_key_type_default_description():
 
 
 def test_keys_command_refuses_an_unknown_section():
-    out = subprocess.run([sys.executable, "-m", "launchers", "keys", "trainer.trian"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "keys", "trainer.trian"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and not out.stdout
     assert "trainer.trian: no such section or key (did you mean 'trainer.train'?)" in out.stderr
 
@@ -63,4 +74,6 @@ def test_types_and_defaults_read_like_yaml():
     assert by_key["trainer.optim.betas"].default == "[0.9, 0.98]"
     # trainer.data is one schema per model family: both are listed
     assert {by_key["trainer.data.database"].schema, by_key["trainer.data.vocab"].schema} == {
-        "DataConfig", "CellDataConfig"}
+        "DataConfig",
+        "CellDataConfig",
+    }

@@ -28,9 +28,17 @@ def _exe(path: Path, text: str) -> Path:
 
 
 def _saved(tmp_path: Path, python: Path, nproc: int) -> dict:
-    return {"cluster": {"python": str(python), "workdir": str(tmp_path), "env": {},
-                        "gpus_per_node": 0, "tasks_per_node": nproc},
-            "job": {"nodes": 1}, "trainer": {"train": {"stop_signal": "USR2"}}}
+    return {
+        "cluster": {
+            "python": str(python),
+            "workdir": str(tmp_path),
+            "env": {},
+            "gpus_per_node": 0,
+            "tasks_per_node": nproc,
+        },
+        "job": {"nodes": 1},
+        "trainer": {"train": {"stop_signal": "USR2"}},
+    }
 
 
 def _children(pid: int) -> dict[int, dict[str, str]]:
@@ -41,8 +49,9 @@ def _children(pid: int) -> dict[int, dict[str, str]]:
             ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
             if d.name.isdigit() and ppid == pid:
                 env = (d / "environ").read_bytes().split(b"\0")
-                out[int(d.name)] = dict(e.decode(errors="replace").partition("=")[::2]
-                                        for e in env if e)
+                out[int(d.name)] = dict(
+                    e.decode(errors="replace").partition("=")[::2] for e in env if e
+                )
         except (OSError, IndexError, ValueError):
             continue
     return out
@@ -59,8 +68,21 @@ def test_exit_code_is_the_ranks_agreement_else_the_first_failure():
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "bionemo.data.sample", "--out", str(out),
-                    "--clusters", "300", "--seed", "3"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bionemo.data.sample",
+            "--out",
+            str(out),
+            "--clusters",
+            "300",
+            "--seed",
+            "3",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -68,17 +90,35 @@ def test_two_rank_run_saved_on_a_signal_exits_75(tmp_path, sample):
     """`debug --nproc 2`; SIGUSR2 to one rank only: the ranks agree, both save and exit 75, and
     so does the launcher (torchrun made it 1)."""
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "launchers", "debug", "--model", "esm2_8m", "--nproc", "2",
-         f"cluster.runs_root={tmp_path}/runs", "job.run=sig",
-         f"trainer.data.train_clusters={sample}/train_clusters.parquet",
-         f"trainer.data.valid_clusters={sample}/valid_clusters.parquet",
-         f"trainer.data.database={sample}/proteins.sqlite",
-         "trainer.model.num_layers=2", "trainer.model.seq_length=128",
-         "trainer.train.micro_batch_size=4", "trainer.train.device=cpu",
-         "trainer.train.limit_val_batches=0", "max_steps=400",
-         "trainer.checkpoint.every_steps=1000",
-         "cluster.env.BIONEMO_STEP_SLEEP=0.1", "cluster.env.OMP_NUM_THREADS=1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "launchers",
+            "debug",
+            "--model",
+            "esm2_8m",
+            "--nproc",
+            "2",
+            f"cluster.runs_root={tmp_path}/runs",
+            "job.run=sig",
+            f"trainer.data.train_clusters={sample}/train_clusters.parquet",
+            f"trainer.data.valid_clusters={sample}/valid_clusters.parquet",
+            f"trainer.data.database={sample}/proteins.sqlite",
+            "trainer.model.num_layers=2",
+            "trainer.model.seq_length=128",
+            "trainer.train.micro_batch_size=4",
+            "trainer.train.device=cpu",
+            "trainer.train.limit_val_batches=0",
+            "max_steps=400",
+            "trainer.checkpoint.every_steps=1000",
+            "cluster.env.BIONEMO_STEP_SLEEP=0.1",
+            "cluster.env.OMP_NUM_THREADS=1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     run_dir = tmp_path / "runs" / "debug" / "sig"
     try:
         deadline = time.monotonic() + 180
@@ -104,12 +144,15 @@ def test_two_rank_run_saved_on_a_signal_exits_75(tmp_path, sample):
 
 
 def test_warning_signal_to_the_launcher_reaches_every_rank(tmp_path, capfd):
-    stub = _exe(tmp_path / "python", """#!/bin/bash
+    stub = _exe(
+        tmp_path / "python",
+        """#!/bin/bash
 # stands in for `python -m bionemo.train RUN_DIR`: saves (exits 75) on the warning signal
 trap 'echo "rank $RANK saved"; exit 75' USR2
 echo "rank $RANK of $WORLD_SIZE at $MASTER_ADDR:$MASTER_PORT"
 while :; do sleep 0.1; done
-""")
+""",
+    )
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGUSR2))
     timer.start()
     try:
@@ -128,11 +171,14 @@ def test_a_failed_rank_stops_the_others(tmp_path, monkeypatch, capfd):
     """Rank 1 crashes at once; rank 0 would wait for it forever and ignores SIGTERM: it is
     killed GRACE_S later, and the run reports rank 1's exit code."""
     monkeypatch.setattr(local, "GRACE_S", 1.0)
-    stub = _exe(tmp_path / "python", """#!/bin/bash
+    stub = _exe(
+        tmp_path / "python",
+        """#!/bin/bash
 [ "$RANK" = 1 ] && { echo "rank 1 crashes"; exit 3; }
 trap '' TERM
 while :; do sleep 0.1; done
-""")
+""",
+    )
     start = time.monotonic()
     rc = local.run(_saved(tmp_path, stub, 2), tmp_path / "run")
     assert rc == 3, capfd.readouterr().out

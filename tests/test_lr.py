@@ -19,15 +19,35 @@ def bionemo_esm2(k: int) -> float:
     return max(LR * (1 - (k - W) / (M - W)), MIN)
 
 
-@pytest.mark.parametrize("k", [0, 1, 999, 1999, 2000, 2001, 100_000, 250_000, 450_000, 450_199,
-                               450_200, 450_201, 499_999, 500_000, 600_000])
+@pytest.mark.parametrize(
+    "k",
+    [
+        0,
+        1,
+        999,
+        1999,
+        2000,
+        2001,
+        100_000,
+        250_000,
+        450_000,
+        450_199,
+        450_200,
+        450_201,
+        499_999,
+        500_000,
+        600_000,
+    ],
+)
 def test_esm2_schedule_is_bionemos(k):
     ours = LR * lr_multiplier(k, "warmup_anneal_decay_hold", warmup=W, last=M, min_ratio=0.1)
     assert ours == pytest.approx(bionemo_esm2(k), rel=1e-12, abs=1e-18)
 
 
 def test_esm2_schedule_landmarks():
-    at = lambda k: LR * lr_multiplier(k, "warmup_anneal_decay_hold", warmup=W, last=M, min_ratio=0.1)  # noqa: E731
+    def at(k):
+        return LR * lr_multiplier(k, "warmup_anneal_decay_hold", warmup=W, last=M, min_ratio=0.1)
+
     assert at(0) == pytest.approx(4e-5)  # starts at min_lr, not at 0
     assert at(450_000) == pytest.approx(4.016e-5, rel=1e-3)  # the earlier linear shape: 7.6e-5
     assert at(450_200) == pytest.approx(MIN) and at(450_199) > MIN  # floor reached at 450,200
@@ -47,8 +67,24 @@ def nemo_cosine(k: int) -> float:
     return G_MIN + (G_LR - G_MIN) * 0.5 * (1 + math.cos(math.pi * (k - GW) / decay))
 
 
-@pytest.mark.parametrize("k", [0, 1, 3999, 4000, 4001, 100_000, 190_000, 379_999, 380_000,
-                               380_001, 399_999, 400_000, 500_000])
+@pytest.mark.parametrize(
+    "k",
+    [
+        0,
+        1,
+        3999,
+        4000,
+        4001,
+        100_000,
+        190_000,
+        379_999,
+        380_000,
+        380_001,
+        399_999,
+        400_000,
+        500_000,
+    ],
+)
 def test_geneformer_cosine_is_nemos(k):
     ours = G_LR * lr_multiplier(k, "cosine", warmup=GW, last=GM, min_ratio=0.01, hold=GH)
     assert ours == pytest.approx(nemo_cosine(k), rel=1e-12, abs=1e-18)
@@ -68,6 +104,13 @@ def test_geneformer_presets_use_cosine():
     from tests.conftest import REPO_ROOT
 
     for name in ("geneformer_10m", "geneformer_106m", "geneformer_4b"):
-        optim = yaml.safe_load((REPO_ROOT / "configs/models" / f"{name}.yaml").read_text())["trainer"]["optim"]
+        optim = yaml.safe_load((REPO_ROOT / "configs/models" / f"{name}.yaml").read_text())[
+            "trainer"
+        ]["optim"]
         cfg = OptimConfig(**optim)
-        assert (cfg.schedule, cfg.warmup_steps, cfg.hold_steps, cfg.min_lr_ratio) == ("cosine", 4000, 20_000, 0.01)
+        assert (cfg.schedule, cfg.warmup_steps, cfg.hold_steps, cfg.min_lr_ratio) == (
+            "cosine",
+            4000,
+            20_000,
+            0.01,
+        )

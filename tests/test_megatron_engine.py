@@ -38,7 +38,7 @@ def test_qkv_layout_roundtrip():
     w = torch.arange(3 * heads * hd * h, dtype=torch.float32).view(3 * heads * hd, h)
     m = _qkv_to_megatron(w, heads)
     # megatron's rows: head 0's q, k, v, then head 1's ...
-    assert torch.equal(m[hd:2 * hd], w[heads * hd: heads * hd + hd])  # head 0's k
+    assert torch.equal(m[hd : 2 * hd], w[heads * hd : heads * hd + hd])  # head 0's k
     assert torch.equal(_qkv_from_megatron(m, heads), w)
 
 
@@ -88,7 +88,10 @@ def test_saved_optimizer_state_keeps_bucket_padding():
 
     # Two buckets as pipeline parallelism makes them: 5 elements padded to 8, then 3 (the tied
     # embedding's bucket of its own).
-    buckets = [SimpleNamespace(offset=0, numel_unpadded=5), SimpleNamespace(offset=8, numel_unpadded=3)]
+    buckets = [
+        SimpleNamespace(offset=0, numel_unpadded=5),
+        SimpleNamespace(offset=8, numel_unpadded=3),
+    ]
     flat = torch.arange(1.0, 9.0)
     out = repad_buckets(flat, buckets)
     assert out.tolist() == [1, 2, 3, 4, 5, 0, 0, 0, 6, 7, 8]
@@ -98,8 +101,9 @@ def test_saved_optimizer_state_keeps_bucket_padding():
     class Holder:  # the attributes of megatron's DistributedOptimizer that the wrapper touches
         buffers = [SimpleNamespace(buckets=buckets)]
 
-        def get_parameter_state_dp_zero(self, use_gloo_comm=True, empty_data=False,
-                                        return_on_all_ranks=False):
+        def get_parameter_state_dp_zero(
+            self, use_gloo_comm=True, empty_data=False, return_on_all_ranks=False
+        ):
             world = {"param": flat.clone(), "exp_avg": -flat.clone(), "numel_unpadded": 8}
             return {"buckets_coalesced": True, 0: {torch.float32: world}}
 
@@ -111,7 +115,10 @@ def test_saved_optimizer_state_keeps_bucket_padding():
         assert world["exp_avg"][8:11].tolist() == [-6, -7, -8]
         assert world["numel_unpadded"] == 8
         # loading asks for shapes only (empty_data): untouched
-        assert holder.get_parameter_state_dp_zero(empty_data=True)[0][torch.float32]["param"].numel() == 8
+        assert (
+            holder.get_parameter_state_dp_zero(empty_data=True)[0][torch.float32]["param"].numel()
+            == 8
+        )
     assert "get_parameter_state_dp_zero" not in vars(holder)
 
 
@@ -124,9 +131,19 @@ def test_megatron_model_matches_torch_model(tp, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, str(Path(__file__)), str(tp), str(tmp_path)],
-            env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(tp), "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"},
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": str(tp),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "PYTHONWARNINGS": "ignore",
+            },
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(tp)
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -148,12 +165,19 @@ def _rank_main(tp: int) -> None:
     dist.init_process_group("gloo")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     rank = dist.get_rank()
-    cfg = ModelConfig(name="t", num_layers=2, hidden_size=64, num_attention_heads=4,
-                      ffn_hidden_size=128, seq_length=32)
+    cfg = ModelConfig(
+        name="t",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        seq_length=32,
+    )
     torch.manual_seed(0)
     ref = ESM2(cfg)
-    model = M.MegatronESM2(cfg, M.transformer_config(cfg, tp=tp, pp=1, bf16=False, cpu_init=True),
-                           use_te=False)
+    model = M.MegatronESM2(
+        cfg, M.transformer_config(cfg, tp=tp, pp=1, bf16=False, cpu_init=True), use_te=False
+    )
     M.load_full_state(model, M.torch_to_megatron(ref.state_dict(), cfg, model.vocab_size))
 
     g = torch.Generator().manual_seed(1)
@@ -203,10 +227,18 @@ if __name__ == "__main__":
 def _tiny_trainer_config():
     from bionemo.config import TrainerConfig
 
-    return TrainerConfig.model_validate({
-        "model": {"name": "t", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
-                  "ffn_hidden_size": 64},
-        "train": {"micro_batch_size": 2, "device": "cpu"}})
+    return TrainerConfig.model_validate(
+        {
+            "model": {
+                "name": "t",
+                "num_layers": 1,
+                "hidden_size": 32,
+                "num_attention_heads": 4,
+                "ffn_hidden_size": 64,
+            },
+            "train": {"micro_batch_size": 2, "device": "cpu"},
+        }
+    )
 
 
 def test_engines_refuse_each_others_checkpoints(tmp_path):
@@ -224,7 +256,9 @@ def test_engines_refuse_each_others_checkpoints(tmp_path):
     ckpt.mkdir(parents=True)
     (ckpt / rundir.COMPLETE).write_text("3\n")
     (ckpt / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
-    (ckpt / "trainer_state.json").write_text('{"step": 3, "engine": "megatron", "tensor_parallel": 2}')
+    (ckpt / "trainer_state.json").write_text(
+        '{"step": 3, "engine": "megatron", "tensor_parallel": 2}'
+    )
 
     env = DistEnv.from_environ("USR2", {})
     with pytest.raises(ValueError, match="python -m bionemo.engines.convert"):

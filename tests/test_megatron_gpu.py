@@ -19,8 +19,10 @@ def _gpus(needed: int) -> int:
 
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if have < needed:  # a gpu-marked test on the wrong machine fails, it does not skip
-        pytest.fail(f"needs {needed} CUDA device(s), found {have}; run `make test-gpu` on a GPU "
-                    f"machine (CI deselects these with -m 'not gpu')")
+        pytest.fail(
+            f"needs {needed} CUDA device(s), found {have}; run `make test-gpu` on a GPU "
+            f"machine (CI deselects these with -m 'not gpu')"
+        )
     return have
 
 
@@ -28,8 +30,22 @@ def _args(tmp_path, check: str, *flags: str, gpus: int) -> argparse.Namespace:
     """megatron_check's own arguments: ESM-2 8M, 12 steps, micro batch 8 unless `flags` say."""
     from benchmarks.megatron_check import parse_args
 
-    return parse_args([check, "--model", "esm2_8m", "--steps", "12", "--mbs", "8",
-                       "--gpus", str(gpus), "--work-dir", str(tmp_path), *flags])
+    return parse_args(
+        [
+            check,
+            "--model",
+            "esm2_8m",
+            "--steps",
+            "12",
+            "--mbs",
+            "8",
+            "--gpus",
+            str(gpus),
+            "--work-dir",
+            str(tmp_path),
+            *flags,
+        ]
+    )
 
 
 def test_engines_agree_in_fp32(tmp_path):

@@ -35,17 +35,24 @@ def rewound_run(tmp_path_factory, data_dir) -> Path:  # noqa: F811
     cfg["trainer"]["logging"] = {"wandb_project": "bionemo-test"}  # offline unless configured
     cfg["job"] = {"backend": "local", "experiment": "esm2", "run": "rewound"}
     (run / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
-    env = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
-           "WANDB_X_DISABLE_STATS": "true", "WANDB_X_DISABLE_MACHINE_INFO": "true"}  # faster
-    assert wait_all(launch(run, world=1, BIONEMO_KILL_DURING_SAVE=str(KILLED_AT), **env)) \
-        == [-signal.SIGKILL]
+    env = {
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_X_DISABLE_STATS": "true",
+        "WANDB_X_DISABLE_MACHINE_INFO": "true",
+    }  # faster
+    assert wait_all(launch(run, world=1, BIONEMO_KILL_DURING_SAVE=str(KILLED_AT), **env)) == [
+        -signal.SIGKILL
+    ]
     assert rundir.latest_complete_step(run) == RESUMED_AT
     assert max(train_losses(run)) == KILLED_AT
     first = train_losses(run)
     assert wait_all(launch(run, world=1, **env)) == [0]
     assert sorted(train_losses(run)) == list(range(1, MAX_STEPS + 1))  # one timeline
-    assert [train_losses(run)[s] for s in range(1, RESUMED_AT + 1)] == \
-        [first[s] for s in range(1, RESUMED_AT + 1)]
+    assert [train_losses(run)[s] for s in range(1, RESUMED_AT + 1)] == [
+        first[s] for s in range(1, RESUMED_AT + 1)
+    ]
     return run
 
 
@@ -68,15 +75,17 @@ def test_tensorboard_holds_the_jsonl_timeline_after_a_rewind(rewound_run):
 
 def test_trainer_runs_without_tensorboard(tmp_path, caplog):
     """No `tensorboard` package: one warning, metrics.jsonl still written, training goes on."""
-    code = ("import sys, logging; sys.modules['torch.utils.tensorboard'] = None\n"
-            "logging.basicConfig(level=logging.INFO)\n"
-            "from bionemo.config import LoggingConfig\n"
-            "from bionemo.metrics import MetricsLogger\n"
-            f"m = MetricsLogger({str(tmp_path)!r}, LoggingConfig(), True, None, "
-            "{'train': {'max_steps': 4}})\n"
-            "m.rewind(0)\n"
-            "for s in range(1, 4): m.log(s, {'loss': 1.0 / s})\n"
-            "m.close()\n")
+    code = (
+        "import sys, logging; sys.modules['torch.utils.tensorboard'] = None\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from bionemo.config import LoggingConfig\n"
+        "from bionemo.metrics import MetricsLogger\n"
+        f"m = MetricsLogger({str(tmp_path)!r}, LoggingConfig(), True, None, "
+        "{'train': {'max_steps': 4}})\n"
+        "m.rewind(0)\n"
+        "for s in range(1, 4): m.log(s, {'loss': 1.0 / s})\n"
+        "m.close()\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("no TensorBoard event files") == 1, out.stderr
@@ -100,8 +109,8 @@ def _wandb_records(path: Path):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        parts += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
             rec = wandb_internal_pb2.Record()
@@ -139,9 +148,11 @@ def test_wandb_run_is_rewound_to_the_resumed_step(rewound_run):
 
 def test_speed_and_eta_from_the_last_train_record(tmp_path):
     now = __import__("time").time()
-    lines = [{"kind": "train", "step": 10, "time": now - 60, "loss": 2.0, "steps_per_s": 0.5},
-             {"kind": "valid", "step": 10, "time": now - 59, "loss": 2.1},
-             {"kind": "train", "step": 20, "time": now - 30, "loss": 1.9, "steps_per_s": 0.25}]
+    lines = [
+        {"kind": "train", "step": 10, "time": now - 60, "loss": 2.0, "steps_per_s": 0.5},
+        {"kind": "valid", "step": 10, "time": now - 59, "loss": 2.1},
+        {"kind": "train", "step": 20, "time": now - 30, "loss": 1.9, "steps_per_s": 0.25},
+    ]
     (tmp_path / rundir.METRICS).write_text("".join(json.dumps(r) + "\n" for r in lines))
     text = runs.speed(tmp_path, max_steps=920)
     assert text.startswith("0.25 steps/s at step 20 (logged 0:00:3")
@@ -154,8 +165,12 @@ def test_speed_and_eta_from_the_last_train_record(tmp_path):
 
 
 def test_status_shows_speed(rewound_run):
-    out = subprocess.run([sys.executable, "-m", "launchers", "status", str(rewound_run)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "status", str(rewound_run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     speed = next(line for line in out.stdout.splitlines() if line.startswith("speed"))
     assert f"steps/s at step {MAX_STEPS}" in speed and "ETA" not in speed  # finished
@@ -168,8 +183,9 @@ def _fake_run(root: Path, name: str, backend: str, created: str, **attempt) -> P
     """A run directory as the launcher leaves it (config.yaml, submission.json), no trainer."""
     run = root / name
     (run / rundir.LOGS).mkdir(parents=True)
-    (run / rundir.CONFIG).write_text(yaml.safe_dump(
-        {"job": {"backend": backend}, "cluster": {"name": "local"}}))
+    (run / rundir.CONFIG).write_text(
+        yaml.safe_dump({"job": {"backend": backend}, "cluster": {"name": "local"}})
+    )
     record.create(run, backend=backend, cluster="local", policy={})
     record.update(run, lambda d: d.update(created=created))
     record.add_job(run, "4242" if backend != "local" else None, "submit")
@@ -180,16 +196,43 @@ def _fake_run(root: Path, name: str, backend: str, created: str, **attempt) -> P
 
 def test_list_shows_every_run_of_a_runs_root(rewound_run):
     root = rewound_run.parent.parent
-    _fake_run(root, "esm2/stopped-local", "local", "2020-01-02T00:00:00Z", exit_code=75,
-              outcome="local", decision="none", latest_step=40)
-    _fake_run(root, "geneformer/oom", "sbatch", "2020-01-01T00:00:00Z", exit_code=12,
-              outcome="oom", decision="stop", latest_step=None)  # closed: no scheduler asked
-    out = subprocess.run([sys.executable, "-m", "launchers", "list", str(root)],
-                         capture_output=True, text=True, timeout=60)
+    _fake_run(
+        root,
+        "esm2/stopped-local",
+        "local",
+        "2020-01-02T00:00:00Z",
+        exit_code=75,
+        outcome="local",
+        decision="none",
+        latest_step=40,
+    )
+    _fake_run(
+        root,
+        "geneformer/oom",
+        "sbatch",
+        "2020-01-01T00:00:00Z",
+        exit_code=12,
+        outcome="oom",
+        decision="stop",
+        latest_step=None,
+    )  # closed: no scheduler asked
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "list", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     header, *lines = out.stdout.splitlines()
-    assert header.split() == ["submitted", "run", "backend", "state", "checkpoint", "last",
-                              "decision"]
+    assert header.split() == [
+        "submitted",
+        "run",
+        "backend",
+        "state",
+        "checkpoint",
+        "last",
+        "decision",
+    ]
     assert [line.split()[1:5] for line in lines] == [  # oldest first
         ["geneformer/oom", "sbatch", "failed", "-"],
         ["esm2/stopped-local", "local", "stopped", "-"],
@@ -203,8 +246,12 @@ def test_run_states_from_records():
     assert runs.ended({}, {"outcome": "timeout", "decision": "stop"}) == "stopped"
     assert runs.ended({}, {"outcome": "hung", "decision": "stop"}) == "failed"
     cancelled = {"events": [{"event": "cancel", "time": "2026-01-02T00:00:00Z"}]}
-    assert runs.ended(cancelled, {"outcome": "crashed", "decision": "requeue",
-                                  "time": "2026-01-01T00:00:00Z"}) == "stopped"
+    assert (
+        runs.ended(
+            cancelled, {"outcome": "crashed", "decision": "requeue", "time": "2026-01-01T00:00:00Z"}
+        )
+        == "stopped"
+    )
 
 
 # ------------------------------------------------------------------------------ sacct
@@ -222,25 +269,34 @@ RECORDED_SACCT = """\
 def test_sacct_output_is_parsed_and_described():
     rows = runs.parse_sacct(RECORDED_SACCT + "\nsacct: some warning\n")
     assert [r["JobID"] for r in rows] == ["301099", "314831", "305318"]
-    assert runs.describe_sacct(rows[0]) == ("TIMEOUT (sacct), exit 0:0, ran 00:30:11 of 00:30:00, "
-                                            "ended 2026-09-04T19:22:24 on gl[111-112]")
-    assert runs.describe_sacct(rows[1]) == ("CANCELLED by 30154 (sacct), exit 0:0, ran 00:00:00 "
-                                            "of 01:00:00, ended 2026-09-06T12:59:09")
+    assert runs.describe_sacct(rows[0]) == (
+        "TIMEOUT (sacct), exit 0:0, ran 00:30:11 of 00:30:00, "
+        "ended 2026-09-04T19:22:24 on gl[111-112]"
+    )
+    assert runs.describe_sacct(rows[1]) == (
+        "CANCELLED by 30154 (sacct), exit 0:0, ran 00:00:00 of 01:00:00, ended 2026-09-06T12:59:09"
+    )
 
 
 def test_no_sacct_is_said_not_raised(tmp_path):
     row, text = runs.accounting("12", {"PATH": str(tmp_path)})  # a login node without sacct
     assert row is None and text == "no accounting (sacct not found)"
-    assert runs.left_controller("12", {}, "RUNNING, 00:01:00 of 00:30:00") == \
-        "RUNNING, 00:01:00 of 00:30:00"  # sacct is asked only for a job that has left
+    assert (
+        runs.left_controller("12", {}, "RUNNING, 00:01:00 of 00:30:00")
+        == "RUNNING, 00:01:00 of 00:30:00"
+    )  # sacct is asked only for a job that has left
 
 
 # ------------------------------------------------------------------------------ plot
 
 
 def test_plot_writes_loss_and_throughput_pngs(rewound_run):
-    out = subprocess.run([sys.executable, "-m", "launchers", "plot", str(rewound_run)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "plot", str(rewound_run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     paths = [Path(p) for p in out.stdout.split()]
     assert paths == [rewound_run / "plots" / "loss.png", rewound_run / "plots" / "throughput.png"]
@@ -258,6 +314,8 @@ def test_plot_of_a_run_with_no_steps_says_so(tmp_path):
 
 
 def test_launcher_modules_stay_torch_free():
-    code = ("import sys; import launchers.cli, launchers.runs, launchers.plot; "
-            "sys.exit('torch' in sys.modules)")
+    code = (
+        "import sys; import launchers.cli, launchers.runs, launchers.plot; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -33,13 +33,21 @@ def test_pack_layout():
 
 def test_packed_equals_padded():
     torch.manual_seed(0)
-    cfg = ModelConfig(name="t", num_layers=2, hidden_size=64, num_attention_heads=4,
-                      ffn_hidden_size=128, seq_length=64)
+    cfg = ModelConfig(
+        name="t",
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        seq_length=64,
+    )
     model = ESM2(cfg)
     batch = samples([20, 64, 7, 33, 50])
     padded, packed = collate(batch, "longest", 64), collate(batch, "none", 64)
     hp = model(padded["input_ids"], padded["attention_mask"])
-    hk = model(packed["input_ids"], packed["attention_mask"], packed["cu_seqlens"], packed["max_seqlen"])
+    hk = model(
+        packed["input_ids"], packed["attention_mask"], packed["cu_seqlens"], packed["max_seqlen"]
+    )
     real = hp[padded["attention_mask"]]
     torch.testing.assert_close(hk[0, : len(real)], real, rtol=1e-5, atol=1e-5)
 
@@ -56,7 +64,9 @@ def _segment_attention(q, k, v, cu_q, cu_k):
     """Reference for variable-length attention with separate query/key segments: segment i's
     queries cu_q[i]:cu_q[i+1] attend to keys cu_k[i]:cu_k[i+1]; no keys gives a zero output."""
     out = torch.zeros_like(q)
-    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+    for a, b, c, d in zip(
+        cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()
+    ):
         if b > a and d > c:
             out[a:b] = torch.nn.functional.scaled_dot_product_attention(
                 q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1)
@@ -80,9 +90,14 @@ def test_padded_segments_skip_padding_and_match_masked_attention():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B * S, H, D, generator=g) for _ in range(3))
     got = _segment_attention(q, k, v, cu_q, cu_k)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        *(t.unflatten(0, (B, S)).transpose(1, 2) for t in (q, k, v)), attn_mask=mask[:, None, None, :]
-    ).transpose(1, 2).flatten(0, 1)
+    ref = (
+        torch.nn.functional.scaled_dot_product_attention(
+            *(t.unflatten(0, (B, S)).transpose(1, 2) for t in (q, k, v)),
+            attn_mask=mask[:, None, None, :],
+        )
+        .transpose(1, 2)
+        .flatten(0, 1)
+    )
     real = mask.flatten()
     torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-6)
     assert (got[~real] == 0).all()

@@ -28,11 +28,25 @@ MAX_STEPS = 24
 
 
 def debug(runs: Path, run: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "launchers", "debug", "--model", str(PRESET),
-            f"cluster.runs_root={runs}", f"job.run={run}", f"cluster.env.PYTHONPATH={EXAMPLE}",
-            "cluster.env.OMP_NUM_THREADS=1", "trainer.train.device=cpu",
-            "trainer.train.precision=fp32", f"max_steps={MAX_STEPS}", "trainer.train.log_every=1",
-            "trainer.train.limit_val_batches=0", "trainer.checkpoint.every_steps=10", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "launchers",
+        "debug",
+        "--model",
+        str(PRESET),
+        f"cluster.runs_root={runs}",
+        f"job.run={run}",
+        f"cluster.env.PYTHONPATH={EXAMPLE}",
+        "cluster.env.OMP_NUM_THREADS=1",
+        "trainer.train.device=cpu",
+        "trainer.train.precision=fp32",
+        f"max_steps={MAX_STEPS}",
+        "trainer.train.log_every=1",
+        "trainer.train.limit_val_batches=0",
+        "trainer.checkpoint.every_steps=10",
+        *extra,
+    ]
 
 
 def weights(run_dir: Path, tmp: Path) -> dict:
@@ -59,11 +73,16 @@ def test_plugin_trains_stops_and_resumes_bitwise(tmp_path):
     # The uninterrupted reference and the run to stop, side by side (two cores).
     ref_log, run_log = tmp_path / "ref.out", tmp_path / "stopped.out"
     with open(ref_log, "w") as a, open(run_log, "w") as b:
-        uninterrupted = subprocess.Popen(debug(runs, "ref"), cwd=REPO, stdout=a,
-                                         stderr=subprocess.STDOUT)
+        uninterrupted = subprocess.Popen(
+            debug(runs, "ref"), cwd=REPO, stdout=a, stderr=subprocess.STDOUT
+        )
         # Stopped by the scheduler's warning signal part-way, then resumed by the launcher.
-        launcher = subprocess.Popen(debug(runs, "stopped", "cluster.env.BIONEMO_STEP_SLEEP=0.2"),
-                                    cwd=REPO, stdout=b, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(
+            debug(runs, "stopped", "cluster.env.BIONEMO_STEP_SLEEP=0.2"),
+            cwd=REPO,
+            stdout=b,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 180
         while _last_step(run) < 5:
@@ -82,9 +101,13 @@ def test_plugin_trains_stops_and_resumes_bitwise(tmp_path):
     saved = rundir.latest_complete_step(run)
     assert saved is not None and 5 <= saved < MAX_STEPS and not rundir.is_finished(run), out
 
-    done = subprocess.run([sys.executable, "-m", "launchers", "resume", str(run),
-                           "cluster.env.BIONEMO_STEP_SLEEP=0"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "launchers", "resume", str(run), "cluster.env.BIONEMO_STEP_SLEEP=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and rundir.is_finished(run), done.stdout + done.stderr
     assert f"resumed from {rundir.step_dir(run, saved)}" in done.stdout + done.stderr
 
@@ -95,8 +118,11 @@ def test_plugin_trains_stops_and_resumes_bitwise(tmp_path):
         flat = dict(_leaves(final[part])), dict(_leaves(expected[part]))
         assert flat[0].keys() == flat[1].keys()
         for key, tensor in flat[0].items():
-            assert torch.equal(tensor, flat[1][key]) if isinstance(tensor, torch.Tensor) \
-                else tensor == flat[1][key], f"{part}/{key} differs"
+            assert (
+                torch.equal(tensor, flat[1][key])
+                if isinstance(tensor, torch.Tensor)
+                else tensor == flat[1][key]
+            ), f"{part}/{key} differs"
 
 
 def _leaves(tree, prefix=""):
@@ -110,14 +136,22 @@ def _leaves(tree, prefix=""):
         yield prefix, tree
 
 
-@pytest.mark.parametrize("plugin, why", [
-    ("no_such_pkg.model:build", "no module named 'no_such_pkg'"),
-    ("tiny_plugin.nope:build", "no module named 'tiny_plugin.nope'"),
-])
+@pytest.mark.parametrize(
+    "plugin, why",
+    [
+        ("no_such_pkg.model:build", "no module named 'no_such_pkg'"),
+        ("tiny_plugin.nope:build", "no module named 'tiny_plugin.nope'"),
+    ],
+)
 def test_plugin_that_does_not_import_is_refused_before_anything_is_written(tmp_path, plugin, why):
     runs = tmp_path / "runs"
-    done = subprocess.run(debug(runs, "bad", f"trainer.model.plugin={plugin}"), cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        debug(runs, "bad", f"trainer.model.plugin={plugin}"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: command line: trainer.model.plugin: ") and why in line, line
@@ -126,12 +160,15 @@ def test_plugin_that_does_not_import_is_refused_before_anything_is_written(tmp_p
 
 
 def test_plugin_path_syntax_and_engine_are_checked_by_the_schema():
-    with pytest.raises(config.ConfigError, match="trainer.model.plugin: 'my_pkg/model.py' is "
-                                                 "not module:factory"):
+    with pytest.raises(
+        config.ConfigError, match="trainer.model.plugin: 'my_pkg/model.py' is not module:factory"
+    ):
         config.resolve(model="esm2_8m", overrides=["trainer.model.plugin=my_pkg/model.py"])
     with pytest.raises(config.ConfigError, match="megatron builds its own ESM-2"):
-        config.resolve(model="esm2_8m", overrides=["trainer.model.plugin=my_pkg.model:build",
-                                                   "trainer.train.engine=megatron"])
+        config.resolve(
+            model="esm2_8m",
+            overrides=["trainer.model.plugin=my_pkg.model:build", "trainer.train.engine=megatron"],
+        )
 
 
 @pytest.fixture
@@ -144,21 +181,25 @@ def _cfg(**kw) -> ModelConfig:
     return ModelConfig.model_validate({**raw, **kw})
 
 
-def test_missing_factory_or_wrong_object_is_an_error_naming_the_key(example_on_path, tmp_path,
-                                                                   monkeypatch):
+def test_missing_factory_or_wrong_object_is_an_error_naming_the_key(
+    example_on_path, tmp_path, monkeypatch
+):
     from bionemo.models import PluginError, build_model
 
-    with pytest.raises(PluginError, match=r"^trainer.model.plugin: 'tiny_plugin.model:nope': "
-                                          r"tiny_plugin.model has no function 'nope'"):
+    with pytest.raises(
+        PluginError,
+        match=r"^trainer.model.plugin: 'tiny_plugin.model:nope': "
+        r"tiny_plugin.model has no function 'nope'",
+    ):
         build_model(_cfg(plugin="tiny_plugin.model:nope"))
     (tmp_path / "half_plugin.py").write_text(
         "import torch\n"
         "def no_module(cfg):\n    return object()\n"
-        "def no_loss(cfg):\n    return torch.nn.Linear(2, 2)\n")
+        "def no_loss(cfg):\n    return torch.nn.Linear(2, 2)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     for factory, got in (("no_module", "object"), ("no_loss", "Linear")):
-        with pytest.raises(PluginError, match=f"returned {got}, not a torch.nn.Module with a "
-                                              "loss"):
+        with pytest.raises(PluginError, match=f"returned {got}, not a torch.nn.Module with a loss"):
             build_model(_cfg(plugin=f"half_plugin:{factory}"))
 
 

@@ -31,8 +31,9 @@ REGENERATE = "UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_render.py"
 
 
 def render(model="esm2_8m", cluster="local", nodes=None, overrides=()) -> str:
-    resolved = config.resolve(model=model, cluster=cluster, nodes=nodes, overrides=list(overrides),
-                              now=NOW)
+    resolved = config.resolve(
+        model=model, cluster=cluster, nodes=nodes, overrides=list(overrides), now=NOW
+    )
     return sbatch.render(spec.build(resolved, strict=False))
 
 
@@ -43,10 +44,16 @@ def check_golden(name: str, text: str) -> None:
     assert path.exists(), f"no golden file {path}; create it with: {REGENERATE}"
     expected = path.read_text()
     if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"golden/{name}", "rendered now"))
-        pytest.fail(f"the rendered script differs from tests/golden/{name}:\n{diff}\n"
-                    f"If the change is intended, regenerate: {REGENERATE}", pytrace=False)
+        diff = "".join(
+            difflib.unified_diff(
+                expected.splitlines(True), text.splitlines(True), f"golden/{name}", "rendered now"
+            )
+        )
+        pytest.fail(
+            f"the rendered script differs from tests/golden/{name}:\n{diff}\n"
+            f"If the change is intended, regenerate: {REGENERATE}",
+            pytrace=False,
+        )
 
 
 H100_ARGS = dict(model="esm2_650m", cluster="h100_example", nodes=8)
@@ -62,15 +69,24 @@ def test_golden_local():
 
 
 # A sweep job (`python -m launchers sweep`): the flags as the CLI maps them (launchers/cli.py).
-SWEEP_OPTIONS = [("--min", "sweep.min", "2"), ("--max", "sweep.max", "64"),
-                 ("--recompute", "sweep.recompute", "none,full"),
-                 ("--memory-cap-gib", "trainer.train.memory_cap_gib", "1.5"),
-                 ("--write-table", "sweep.write_table", True)]
+SWEEP_OPTIONS = [
+    ("--min", "sweep.min", "2"),
+    ("--max", "sweep.max", "64"),
+    ("--recompute", "sweep.recompute", "none,full"),
+    ("--memory-cap-gib", "trainer.train.memory_cap_gib", "1.5"),
+    ("--write-table", "sweep.write_table", True),
+]
 
 
 def render_sweep(model="esm2_8m", cluster="local", overrides=(), options=SWEEP_OPTIONS) -> str:
-    resolved = config.resolve(model=model, cluster=cluster, overrides=list(overrides),
-                              options=options, kind="sweep", now=NOW)
+    resolved = config.resolve(
+        model=model,
+        cluster=cluster,
+        overrides=list(overrides),
+        options=options,
+        kind="sweep",
+        now=NOW,
+    )
     return sbatch.render(spec.build(resolved, strict=False))
 
 
@@ -79,8 +95,12 @@ def test_golden_local_sweep():
 
 
 def test_sweep_script_runs_the_sweep_once_without_signal_or_requeue():
-    text = render_sweep(model="esm2_650m", cluster="h100_example", overrides=["job.nodes=2"],
-                        options=[("--gpus-per-trial", "sweep.gpus_per_trial", "4")])
+    text = render_sweep(
+        model="esm2_650m",
+        cluster="h100_example",
+        overrides=["job.nodes=2"],
+        options=[("--gpus-per-trial", "sweep.gpus_per_trial", "4")],
+    )
     h = header(text)
     assert "--requeue" not in h and "--signal" not in h  # a sweep is run again, not resumed
     assert h["--nodes"] == "2" and h["--ntasks-per-node"] == h["--gpus-per-node"] == "8"
@@ -110,7 +130,7 @@ def header(text: str) -> dict[str, str]:
     out = {}
     for line in text.splitlines():
         if line.startswith("#SBATCH "):
-            for word in sbatch_words(line[len("#SBATCH "):]):
+            for word in sbatch_words(line[len("#SBATCH ") :]):
                 name, _, value = word.partition("=")
                 out[name] = value
     return out
@@ -155,16 +175,21 @@ def test_h100_review_points():
     assert h["--nodes"] == "8" and h["--cpus-per-task"] == "16" and h["--time"] == "04:00:00"
     assert (h["--partition"], h["--account"], h["--qos"]) == ("batch", "bionemo", "normal")
     assert "--requeue" in h and h["--signal"] == "USR2@300"  # no B: -> the ranks get it
-    assert h["--output"] == "/lustre/fsw/bionemo/runs/esm2/esm2_650m-8n-20250101T000000Z/logs/slurm-%j.out"
+    assert (
+        h["--output"]
+        == "/lustre/fsw/bionemo/runs/esm2/esm2_650m-8n-20250101T000000Z/logs/slurm-%j.out"
+    )
     assert h["--open-mode"] == "append"
-    for flag in ("--container-image=/lustre/fsw/bionemo/images/bionemo-hpc.sqsh",
-                 "--container-mounts=/lustre/fsw/bionemo:/lustre/fsw/bionemo",
-                 "--container-workdir=/lustre/fsw/bionemo/bionemo-hpc"):
+    for flag in (
+        "--container-image=/lustre/fsw/bionemo/images/bionemo-hpc.sqsh",
+        "--container-mounts=/lustre/fsw/bionemo:/lustre/fsw/bionemo",
+        "--container-workdir=/lustre/fsw/bionemo/bionemo-hpc",
+    ):
         assert f"    {flag} \\\n" in text
     assert 'srun --output="$RUN_DIR/logs/train-%j-r$RESTART.log"' in text
-    assert "python -m bionemo.train \"$RUN_DIR\" &" in text
+    assert 'python -m bionemo.train "$RUN_DIR" &' in text
     assert 'exec "$PY" -m launchers.requeue "$RUN_DIR" "${args[@]}"' in text
-    assert "s.bind((\"\", 0))" in text and "export MASTER_PORT\n" in text  # free at job start
+    assert 's.bind(("", 0))' in text and "export MASTER_PORT\n" in text  # free at job start
     assert "export NCCL_DEBUG=WARN" in text and "export PYTHONUNBUFFERED=1" in text
 
 
@@ -178,13 +203,23 @@ def test_local_profile_has_no_gpu_line_and_one_task_per_node():
 
 
 def test_optional_lines():
-    text = render(overrides=["job.dependency=afterok:12:13", "job.constraint=h100&ib",
-                             "job.exclude=node[1-2]", "job.hold=true",
-                             "cluster.sbatch_args=[--mem=0]", "cluster.setup=[module load x]",
-                             "cluster.srun_args=[--mpi=pmix]"])
+    text = render(
+        overrides=[
+            "job.dependency=afterok:12:13",
+            "job.constraint=h100&ib",
+            "job.exclude=node[1-2]",
+            "job.hold=true",
+            "cluster.sbatch_args=[--mem=0]",
+            "cluster.setup=[module load x]",
+            "cluster.srun_args=[--mpi=pmix]",
+        ]
+    )
     h = header(text)
     assert (h["--dependency"], h["--constraint"], h["--exclude"]) == (
-        "afterok:12:13", "h100&ib", "node[1-2]")
+        "afterok:12:13",
+        "h100&ib",
+        "node[1-2]",
+    )
     assert "--hold" in h and h["--mem"] == "0"
     assert "\nmodule load x\n" in text and "    --mpi=pmix \\\n" in text
     for absent in ("--dependency", "--constraint", "--exclude", "--hold", "--mem"):
@@ -220,8 +255,12 @@ def test_shell_metacharacters_in_names_render_inert(tmp_path):
     the script under bash with stand-ins for srun and scontrol: nothing is executed, and the
     trainer receives the run directory intact."""
     runs = tmp_path / "runs"
-    resolved = config.resolve(model="esm2_8m", cluster="local", now=NOW, overrides=[
-        f"cluster.runs_root={runs}", f"job.experiment={NASTY}", f"job.run={NASTY} 2"])
+    resolved = config.resolve(
+        model="esm2_8m",
+        cluster="local",
+        now=NOW,
+        overrides=[f"cluster.runs_root={runs}", f"job.experiment={NASTY}", f"job.run={NASTY} 2"],
+    )
     job = spec.build(resolved, strict=False)
     text = sbatch.render(job)
     run_dir = job.run_dir
@@ -235,23 +274,35 @@ def test_shell_metacharacters_in_names_render_inert(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     argv_file = tmp_path / "srun-argv.json"
-    stub(bin_dir / "srun", f"""#!{os.sys.executable}
+    stub(
+        bin_dir / "srun",
+        f"""#!{os.sys.executable}
 import json, sys, pathlib
 json.dump(sys.argv[1:], open({str(argv_file)!r}, "w"))
 pathlib.Path(sys.argv[-1], "finished").write_text("1\\n")
-""")
-    stub(bin_dir / "scontrol", """#!/bin/bash
+""",
+    )
+    stub(
+        bin_dir / "scontrol",
+        """#!/bin/bash
 case "$1 $2" in
   "show hostnames") echo node1 ;;
   "show node") echo "NodeName=node1 Arch=x NodeAddr=127.0.0.1 NodeHostName=h" ;;
 esac
-""")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node1", "HOME": str(tmp_path)}
+""",
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node1",
+        "HOME": str(tmp_path),
+    }
     script = tmp_path / "train.sbatch"
     script.write_text(text)
-    out = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert not list(tmp_path.rglob("PWNED")) and not (REPO / "PWNED").exists()
     argv = json.loads(argv_file.read_text())
@@ -284,6 +335,13 @@ def test_every_expression_in_the_templates_is_filtered():
         for expr in re.findall(r"{{(.*?)}}", path.read_text()):
             name = expr.strip()
             if "|" not in name:
-                assert name in {"nodes", "tasks_per_node", "world_size", "gpus_per_node",
-                                "cpus_per_task", "signal_lead_s", "requeue_exit_code", "line"}, (
-                    path.name, name)
+                assert name in {
+                    "nodes",
+                    "tasks_per_node",
+                    "world_size",
+                    "gpus_per_node",
+                    "cpus_per_task",
+                    "signal_lead_s",
+                    "requeue_exit_code",
+                    "line",
+                }, (path.name, name)

@@ -18,14 +18,30 @@ from launchers import cli, record, requeue
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = {"max_restarts": 3, "requeue_exit_code": 75, "oom_exit_code": 12, "time_limit_s": 600}
-HUNG = {"event": "hung", "rank": 0, "suspect_rank": 1, "suspect_host": "node2", "step": 12,
-        "waited_s": 31.0, "limit_s": 30.0, "job_id": "7", "restart": 0}
+HUNG = {
+    "event": "hung",
+    "rank": 0,
+    "suspect_rank": 1,
+    "suspect_host": "node2",
+    "step": 12,
+    "waited_s": 31.0,
+    "limit_s": 30.0,
+    "job_id": "7",
+    "restart": 0,
+}
 
 
 def decide(exit_code, latest, history=(), restarts=0, events=(), **kw):
-    return requeue.decide(finished=False, exit_code=exit_code, latest_step=latest,
-                          restarts=restarts, policy=POLICY, history=list(history),
-                          events=list(events), **kw)
+    return requeue.decide(
+        finished=False,
+        exit_code=exit_code,
+        latest_step=latest,
+        restarts=restarts,
+        policy=POLICY,
+        history=list(history),
+        events=list(events),
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------------------ decide()
@@ -44,8 +60,7 @@ def test_hung_is_retried_once_and_records_the_suspect_node():
 
 
 def test_hung_or_crashed_twice_at_the_same_step_is_a_loop():
-    hung = {**decide(rundir.HUNG_EXIT_CODE, 10, events=[HUNG]), "latest_step": 10,
-            "exit_code": 124}
+    hung = {**decide(rundir.HUNG_EXIT_CODE, 10, events=[HUNG]), "latest_step": 10, "exit_code": 124}
     d = decide(rundir.HUNG_EXIT_CODE, 10, [hung], events=[HUNG])
     assert d["decision"] == "stop" and "hung twice at step 10" in d["reason"], d
     assert "node2, node2" in d["reason"]
@@ -75,16 +90,24 @@ def test_disk_full_stops_with_filesystem_and_step():
 
 
 def test_rejected_checkpoint_is_a_note_only():
-    rejected = {"event": "checkpoint_rejected", "step": 40, "file": "__0_0.distcp",
-                "reason": "checksum mismatch"}
+    rejected = {
+        "event": "checkpoint_rejected",
+        "step": 40,
+        "file": "__0_0.distcp",
+        "reason": "checksum mismatch",
+    }
     d = decide(75, 50, events=[rejected])
     assert d["decision"] == "requeue" and d["outcome"] == "stopped"
     assert "checkpoint step 40 was rejected (__0_0.distcp: checksum mismatch)" in d["reason"]
 
 
 def test_attempt_events_are_this_job_and_restart():
-    events = [{**HUNG, "restart": 0}, {**HUNG, "restart": 1}, {**HUNG, "job_id": "8"},
-              {**HUNG, "job_id": None, "time": "2000-01-01T00:00:00Z"}]
+    events = [
+        {**HUNG, "restart": 0},
+        {**HUNG, "restart": 1},
+        {**HUNG, "job_id": "8"},
+        {**HUNG, "job_id": None, "time": "2000-01-01T00:00:00Z"},
+    ]
     assert requeue.attempt_events(events, "7", 1) == [events[1]]
     assert requeue.attempt_events(events, None, 0, since=0) == [events[3]]
     assert requeue.attempt_events(events, None, 0, since=1e10) == []
@@ -135,15 +158,34 @@ def full_run(tmp_path):
         calls = tmp_path / "calls"
         (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" >> {calls}\n')
         (bin_dir / "scontrol").chmod(0o755)
-        env = {**os.environ, "SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "0",
-               "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        env = {
+            **os.environ,
+            "SLURM_JOB_ID": "5",
+            "SLURM_RESTART_COUNT": "0",
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        }
         yield run_dir, env, calls
 
 
 def decide_in_process(run_dir: Path, env: dict, code: int, stdout=subprocess.PIPE):
-    return subprocess.run([sys.executable, "-m", "launchers.requeue", str(run_dir),
-                           "--exit-code", str(code), "--elapsed", "30"], cwd=REPO, env=env,
-                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.requeue",
+            str(run_dir),
+            "--exit-code",
+            str(code),
+            "--elapsed",
+            "30",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_disk_full_decision_survives_a_full_disk(full_run, capsys, monkeypatch):
@@ -157,10 +199,12 @@ def test_disk_full_decision_survives_a_full_disk(full_run, capsys, monkeypatch):
     out = decide_in_process(run_dir, env, rundir.DISK_FULL_EXIT_CODE)
     assert out.returncode == rundir.DISK_FULL_EXIT_CODE, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0] == (f"[launcher] decision: stop -- disk full: no space left on "
-                        f"{run_dir.parent} while saving step 30 (exit 28; newest complete "
-                        "checkpoint: step 20); a requeue would fail the same way; free space, "
-                        "then `resume`"), out.stdout
+    assert lines[0] == (
+        f"[launcher] decision: stop -- disk full: no space left on "
+        f"{run_dir.parent} while saving step 30 (exit 28; newest complete "
+        "checkpoint: step 20); a requeue would fail the same way; free space, "
+        "then `resume`"
+    ), out.stdout
     assert "could not record the decision" in lines[1] and "No space left" in lines[1], lines
     assert "Traceback" not in out.stderr, out.stderr
     assert record.path(run_dir).read_text() == before  # untouched, not half-written
@@ -204,7 +248,6 @@ def test_decision_reaches_the_record_when_the_batch_log_is_full(full_run):
 class _Args:
     def __init__(self, run):
         self.run = run
-
 
 
 def test_out_of_memory_event_wins_over_the_peer_kill_code():

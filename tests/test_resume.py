@@ -26,23 +26,52 @@ MAX_STEPS = 40
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "bionemo.data.sample", "--out", str(out),
-                    "--clusters", "300", "--seed", "3"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bionemo.data.sample",
+            "--out",
+            str(out),
+            "--clusters",
+            "300",
+            "--seed",
+            "3",
+        ],
+        check=True,
+    )
     return out
 
 
 def make_run(path: Path, data_dir: Path, **train) -> Path:
-    cfg = {"trainer": {
-        "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                  "ffn_hidden_size": 128, "seq_length": 64},
-        "data": {"train_clusters": str(data_dir / "train_clusters.parquet"),
-                 "valid_clusters": str(data_dir / "valid_clusters.parquet"),
-                 "database": str(data_dir / "proteins.sqlite")},
-        "optim": {"warmup_steps": 5, "lr": 1e-3},
-        "train": {"micro_batch_size": 4, "max_steps": MAX_STEPS, "log_every": 1, "val_every": 20,
-                  "precision": "fp32", "device": "cpu", **train},
-        "checkpoint": {"every_steps": 10, "keep_last": 2},
-    }}
+    cfg = {
+        "trainer": {
+            "model": {
+                "name": "tiny",
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "ffn_hidden_size": 128,
+                "seq_length": 64,
+            },
+            "data": {
+                "train_clusters": str(data_dir / "train_clusters.parquet"),
+                "valid_clusters": str(data_dir / "valid_clusters.parquet"),
+                "database": str(data_dir / "proteins.sqlite"),
+            },
+            "optim": {"warmup_steps": 5, "lr": 1e-3},
+            "train": {
+                "micro_batch_size": 4,
+                "max_steps": MAX_STEPS,
+                "log_every": 1,
+                "val_every": 20,
+                "precision": "fp32",
+                "device": "cpu",
+                **train,
+            },
+            "checkpoint": {"every_steps": 10, "keep_last": 2},
+        }
+    }
     path.mkdir(parents=True)
     (path / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
     return path
@@ -62,11 +91,22 @@ def launch(run_dir: Path, world: int, **extra_env) -> list[subprocess.Popen]:
         for k in [k for k in env if k.startswith("SLURM_")]:
             del env[k]
         if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
         log = open(run_dir / f"rank{rank}.log", "a")
-        procs.append(subprocess.Popen([sys.executable, "-m", "bionemo.train", str(run_dir)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bionemo.train", str(run_dir)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 

@@ -14,19 +14,21 @@ from bionemo.savefail import SaveFailed, agree_written, no_space_left
 def _rank(rank: int, port: int, tmp: Path, results) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     out = {"all wrote": agree_written(None, tmp, 10, rank)}  # returns on both
-    cases = {"nospace": OSError(errno.ENOSPC, "No space left on device"),
-             "other": RuntimeError("file write failed")}
+    cases = {
+        "nospace": OSError(errno.ENOSPC, "No space left on device"),
+        "other": RuntimeError("file write failed"),
+    }
     for name, error in cases.items():
         tmp.mkdir(exist_ok=True)
         try:  # only rank 1 failed: rank 0 must learn it here, not wait at the next barrier
             agree_written(error if rank == 1 else None, tmp, 20, rank)
             out[name] = "returned"
         except SaveFailed as e:
-            out[name] = dict(ranks=e.ranks, disk_full=e.disk_full, removed=e.removed,
-                             detail=e.detail)
+            out[name] = dict(
+                ranks=e.ranks, disk_full=e.disk_full, removed=e.removed, detail=e.detail
+            )
     results[rank] = out
     dist.destroy_process_group()
 
@@ -49,8 +51,9 @@ def test_one_rank_failing_fails_the_save_on_every_rank(tmp_path):
     for rank, res in results.items():
         assert res["all wrote"] is None
         assert res["nospace"]["ranks"] == [1] and res["nospace"]["disk_full"] is True, res
-        assert res["nospace"]["detail"] == ("another rank failed" if rank == 0 else
-                                            "OSError: [Errno 28] No space left on device")
+        assert res["nospace"]["detail"] == (
+            "another rank failed" if rank == 0 else "OSError: [Errno 28] No space left on device"
+        )
         assert res["other"]["ranks"] == [1] and res["other"]["disk_full"] is False, res
     assert results[0]["nospace"]["removed"] is True and results[1]["nospace"]["removed"] is None
     assert not tmp.exists()

@@ -29,9 +29,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small weights, long sequences: activations (which grow with the micro batch) dominate memory.
 # Measured with torch 2.13 CPU: 10-20 MiB of address space per sequence over a ~0.9 GiB base
 # (not linear in the micro batch, hence the calibration on both sides of the crossover).
-TINY_MODEL = ["model.num_layers=1", "model.hidden_size=128", "model.num_attention_heads=2",
-              "model.ffn_hidden_size=256", "model.seq_length=1024", "train.device=cpu",
-              "train.precision=fp32"]
+TINY_MODEL = [
+    "model.num_layers=1",
+    "model.hidden_size=128",
+    "model.num_attention_heads=2",
+    "model.ffn_hidden_size=256",
+    "model.seq_length=1024",
+    "train.device=cpu",
+    "train.precision=fp32",
+]
 SEARCH = ["--min", "4", "--max", "32", "--warmup-steps", "1", "--steps", "1"]
 # Measured without a limit; the limit goes halfway between their peaks, a margin of several
 # sequences' worth of memory on either side, far more than the run-to-run noise (~5 MiB).
@@ -41,14 +47,20 @@ CALIBRATION = (8, 16)
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "bionemo.data.sample", "--out", str(out),
-                    "--clusters", "200"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "bionemo.data.sample", "--out", str(out), "--clusters", "200"],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 def data_overrides(data_dir: Path) -> list[str]:
-    return [f"data.train_clusters={data_dir / 'train_clusters.parquet'}",
-            "data.valid_clusters=null", f"data.database={data_dir / 'proteins.sqlite'}"]
+    return [
+        f"data.train_clusters={data_dir / 'train_clusters.parquet'}",
+        "data.valid_clusters=null",
+        f"data.database={data_dir / 'proteins.sqlite'}",
+    ]
 
 
 # ------------------------------------------------------------------------------------ search
@@ -98,15 +110,28 @@ def dry_run(capsys, tmp: Path, launcher_args: list[str]) -> list[str]:
     joined = script.replace("\\\n", " ")
     (line,) = [ln for ln in joined.splitlines() if "-m launchers.sweeping" in ln]
     words = shlex.split(line.split(" && ", 1)[1])
-    words = words[words.index("launchers.sweeping") + 1:]
+    words = words[words.index("launchers.sweeping") + 1 :]
     words[words.index("--base-config") + 1] = str(tmp / "config.yaml")
     return words
 
 
 def test_trial_config_applies_sweep_settings_last(tmp_path, capsys):
-    words = dry_run(capsys, tmp_path, [
-        "--model", "esm2_8m", "--memory-cap-gib", "40", "--set", "train.micro_batch_size=999",
-        "data.pad_to=longest", "trainer.model.num_layers=2", "--set", "data.database=data/x.sqlite"])
+    words = dry_run(
+        capsys,
+        tmp_path,
+        [
+            "--model",
+            "esm2_8m",
+            "--memory-cap-gib",
+            "40",
+            "--set",
+            "train.micro_batch_size=999",
+            "data.pad_to=longest",
+            "trainer.model.num_layers=2",
+            "--set",
+            "data.database=data/x.sqlite",
+        ],
+    )
     args = orchestrator.parse_args(words)
     cfg = trials.trial_config(trials.load_base(args), args, "selective", 24)
     assert cfg["model"]["num_layers"] == 2  # user overrides, with or without "trainer."
@@ -130,15 +155,23 @@ def test_update_table_keeps_other_rows_and_comments(tmp_path):
     shutil.copy(REPO_ROOT / "configs" / "benchmarks" / "h100_80gb.yaml", table)
     original = table.read_text()
     old = yaml.safe_load(original)
-    row = {**old["rows"]["esm2_650m"], "micro_batch_size": 40, "max_micro_batch_size": 56,
-           "global_batch_size": None, "gpus": 8, "measured": True,
-           "source": "benchmarks/results/h100_80gb/esm2_650m.json", "date": "2026-01-02"}
+    row = {
+        **old["rows"]["esm2_650m"],
+        "micro_batch_size": 40,
+        "max_micro_batch_size": 56,
+        "global_batch_size": None,
+        "gpus": 8,
+        "measured": True,
+        "source": "benchmarks/results/h100_80gb/esm2_650m.json",
+        "date": "2026-01-02",
+    }
     results.update_table(table, "h100_80gb", "esm2_650m", row)
     text = table.read_text()
     new = yaml.safe_load(text)
     assert new["rows"]["esm2_650m"] == row
-    assert {k: v for k, v in new["rows"].items() if k != "esm2_650m"} == \
-        {k: v for k, v in old["rows"].items() if k != "esm2_650m"}
+    assert {k: v for k, v in new["rows"].items() if k != "esm2_650m"} == {
+        k: v for k, v in old["rows"].items() if k != "esm2_650m"
+    }
     assert new["measured"] == old["measured"]  # the table-level keys are left alone
     # Comments elsewhere survive, including the inline ones of other rows (the rewritten row's
     # own lines are replaced).
@@ -163,9 +196,13 @@ def test_update_table_keeps_other_rows_and_comments(tmp_path):
 
 
 def test_table_row_keeps_global_batch_only_when_divisible():
-    result = {"policies": {"none": {"micro_batch_size": 48, "max_micro_batch_size": 64}},
-              "tensor_parallel": 1, "world_size": 8, "date": "2026-01-02T03:04:05+00:00",
-              "gpu": "h100_80gb"}
+    result = {
+        "policies": {"none": {"micro_batch_size": 48, "max_micro_batch_size": 64}},
+        "tensor_parallel": 1,
+        "world_size": 8,
+        "date": "2026-01-02T03:04:05+00:00",
+        "gpu": "h100_80gb",
+    }
     row = results.table_row(result, {"global_batch_size": 2048, "notes": "x"}, "r.json")
     assert row["global_batch_size"] is None and row["notes"] == "x"  # 2048 % 48 != 0
     assert row["micro_batch_size"] == 48 and row["max_micro_batch_size"] == 64
@@ -174,7 +211,10 @@ def test_table_row_keeps_global_batch_only_when_divisible():
     if columns is not None:  # whatever the launcher's schema, the row must pass it
         assert set(row) <= columns, set(row) - columns
     result["policies"]["none"]["micro_batch_size"] = 32
-    assert results.table_row(result, {"global_batch_size": 2048}, "r.json")["global_batch_size"] == 2048
+    assert (
+        results.table_row(result, {"global_batch_size": 2048}, "r.json")["global_batch_size"]
+        == 2048
+    )
 
 
 # ------------------------------------------------------------------------------------ real sweep
@@ -205,23 +245,48 @@ def vm_peaks(tmp: Path, args, sizes, world: int = 1, env: dict | None = None) ->
         (run_dir / "config.yaml").write_text(yaml.safe_dump({"trainer": cfg}))
         port = trials.free_port()
         for rank in range(world):
-            rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(world),
-                        "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}
+            rank_env = {
+                **env,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
             procs[m, rank] = subprocess.Popen(
-                [sys.executable, "-c", _MEASURE, str(run_dir)], env=rank_env,
-                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                [sys.executable, "-c", _MEASURE, str(run_dir)],
+                env=rank_env,
+                cwd=REPO_ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
     for p in procs.values():
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
-    return {m: max(int((tmp / f"calibrate-{m}" / f"vmpeak_kib.{r}").read_text()) * 1024
-                   for r in range(world)) for m in sizes}
+    return {
+        m: max(
+            int((tmp / f"calibrate-{m}" / f"vmpeak_kib.{r}").read_text()) * 1024
+            for r in range(world)
+        )
+        for m in sizes
+    }
 
 
 def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2-core CI machines; also steadier memory
-    common = ["--model", "esm2_8m", "--recompute", "none", "--gpu-name", "cpu",
-              "--set", *TINY_MODEL, *data_overrides(data_dir), *SEARCH]
+    common = [
+        "--model",
+        "esm2_8m",
+        "--recompute",
+        "none",
+        "--gpu-name",
+        "cpu",
+        "--set",
+        *TINY_MODEL,
+        *data_overrides(data_dir),
+        *SEARCH,
+    ]
     # The calibration runs get the trials' config (the launcher's) and environment (allocator
     # settings included).
     lo, hi = CALIBRATION
@@ -235,9 +300,23 @@ def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch, capsys
     out, work = tmp_path / "out", tmp_path / "work"
     # the compatibility shim (benchmarks/sweep.py): the old command line, through the launcher
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sweep", *common, "--cpu-memory-limit-gib",
-         f"{limit_gib:.4f}", "--out", str(out), "--work-dir", str(work)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.sweep",
+            *common,
+            "--cpu-memory-limit-gib",
+            f"{limit_gib:.4f}",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(work),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -258,8 +337,10 @@ def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch, capsys
         assert (out / "cpu" / f"esm2_8m.{ext}").stat().st_size > 0
     for plot in ("throughput", "memory"):
         assert (out / "cpu" / f"esm2_8m_{plot}.png").read_bytes()[:4] == b"\x89PNG"
-    assert result["best"]["config"]["train"]["micro_batch_size"] == \
-        result["policies"]["none"]["micro_batch_size"]
+    assert (
+        result["best"]["config"]["train"]["micro_batch_size"]
+        == result["policies"]["none"]["micro_batch_size"]
+    )
 
 
 def test_cpu_scaling_runs_each_world_size(tmp_path, data_dir, monkeypatch):
@@ -267,12 +348,37 @@ def test_cpu_scaling_runs_each_world_size(tmp_path, data_dir, monkeypatch):
     micro batch per rank, efficiency relative to the smallest."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out, work = tmp_path / "out", tmp_path / "work"
-    tiny = [s for s in TINY_MODEL if not s.startswith("model.seq_length")] + ["model.seq_length=128"]
+    tiny = [s for s in TINY_MODEL if not s.startswith("model.seq_length")] + [
+        "model.seq_length=128"
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scaling", "--model", "esm2_8m", "--gpus", "2,1",
-         "--mbs", "2", "--steps", "2", "--warmup-steps", "1", "--out", str(out),
-         "--work-dir", str(work), "--set", *tiny, *data_overrides(data_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.scaling",
+            "--model",
+            "esm2_8m",
+            "--gpus",
+            "2,1",
+            "--mbs",
+            "2",
+            "--steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--out",
+            str(out),
+            "--work-dir",
+            str(work),
+            "--set",
+            *tiny,
+            *data_overrides(data_dir),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((out / "cpu" / "scaling-esm2_8m.json").read_text())
     points = result["points"]
@@ -282,7 +388,8 @@ def test_cpu_scaling_runs_each_world_size(tmp_path, data_dir, monkeypatch):
         assert p["tokens_per_s_per_gpu"] > 0
         assert p["tokens_per_s"] == pytest.approx(p["tokens_per_s_per_gpu"] * p["gpus"])
         assert p["efficiency"] == pytest.approx(
-            p["tokens_per_s_per_gpu"] / points[0]["tokens_per_s_per_gpu"], abs=1e-4)
+            p["tokens_per_s_per_gpu"] / points[0]["tokens_per_s_per_gpu"], abs=1e-4
+        )
         # each point really ran at its world size: one rank log per rank
         assert len(list(Path(p["run_dir"]).glob("rank*.log"))) == p["gpus"]
     assert "| 2 |" in (out / "cpu" / "scaling-esm2_8m.md").read_text()

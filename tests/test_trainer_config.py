@@ -9,10 +9,21 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from bionemo.config import (MAX_SEQ_LENGTH, DuplicateKeyError, TrainerConfig, input_problem,
-                            load_trainer_config)
+from bionemo.config import (
+    MAX_SEQ_LENGTH,
+    DuplicateKeyError,
+    TrainerConfig,
+    input_problem,
+    load_trainer_config,
+)
 
-MODEL = {"name": "t", "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64}
+MODEL = {
+    "name": "t",
+    "num_layers": 1,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "ffn_hidden_size": 64,
+}
 
 
 def cfg(**sections) -> dict:
@@ -22,15 +33,18 @@ def cfg(**sections) -> dict:
     return base
 
 
-@pytest.mark.parametrize("sections, needle", [
-    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
-    ({"train": {"micro_batch_size": -3}}, "train.micro_batch_size"),
-    ({"model": {"seq_length": 2}}, "model.seq_length"),
-    ({"model": {"hidden_size": 30}}, "num_attention_heads"),
-    ({"train": {"max_step": 10}}, "train.max_step"),  # typo of max_steps
-    ({"optim": {"betas": [0.9]}}, "optim.betas"),
-    ({"data": {"random_token_pool": "amino"}}, "data.random_token_pool"),
-])
+@pytest.mark.parametrize(
+    "sections, needle",
+    [
+        ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size"),
+        ({"train": {"micro_batch_size": -3}}, "train.micro_batch_size"),
+        ({"model": {"seq_length": 2}}, "model.seq_length"),
+        ({"model": {"hidden_size": 30}}, "num_attention_heads"),
+        ({"train": {"max_step": 10}}, "train.max_step"),  # typo of max_steps
+        ({"optim": {"betas": [0.9]}}, "optim.betas"),
+        ({"data": {"random_token_pool": "amino"}}, "data.random_token_pool"),
+    ],
+)
 def test_schema_rejects_with_field_name(sections, needle):
     with pytest.raises(ValidationError) as err:
         TrainerConfig.model_validate(cfg(**sections))
@@ -39,8 +53,14 @@ def test_schema_rejects_with_field_name(sections, needle):
 
 
 def test_missing_data_file_names_key_and_fix(tmp_path):
-    c = TrainerConfig.model_validate(cfg(data={"database": str(tmp_path / "nope.sqlite"),
-                                               "train_clusters": str(tmp_path / "x.parquet")}))
+    c = TrainerConfig.model_validate(
+        cfg(
+            data={
+                "database": str(tmp_path / "nope.sqlite"),
+                "train_clusters": str(tmp_path / "x.parquet"),
+            }
+        )
+    )
     with pytest.raises(FileNotFoundError, match=r"data\.train_clusters: .*make data"):
         c.data.check_files()
 
@@ -83,11 +103,16 @@ def test_sequence_length_is_bounded():
 
 def test_trainer_refuses_a_key_given_twice(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text("trainer:\n  model: {name: t, num_layers: 1, hidden_size: 32,\n"
-                    "    num_attention_heads: 4, ffn_hidden_size: 64}\n"
-                    "  train:\n    micro_batch_size: 2\n    micro_batch_size: 4\n")
-    with pytest.raises(DuplicateKeyError, match=r"trainer\.train\.micro_batch_size: given twice "
-                                                r"\(lines 5 and 6\)"):
+    path.write_text(
+        "trainer:\n  model: {name: t, num_layers: 1, hidden_size: 32,\n"
+        "    num_attention_heads: 4, ffn_hidden_size: 64}\n"
+        "  train:\n    micro_batch_size: 2\n    micro_batch_size: 4\n"
+    )
+    with pytest.raises(
+        DuplicateKeyError,
+        match=r"trainer\.train\.micro_batch_size: given twice "
+        r"\(lines 5 and 6\)",
+    ):
         load_trainer_config(path)
 
 
@@ -95,8 +120,12 @@ def test_global_batch_must_be_a_multiple():
     c = TrainerConfig.model_validate(cfg(train={"global_batch_size": 10, "micro_batch_size": 4}))
     with pytest.raises(ValueError, match="train.global_batch_size 10 is not a multiple"):
         c.check_parallel(world_size=1)
-    assert TrainerConfig.model_validate(cfg(train={"global_batch_size": 16, "micro_batch_size": 4})
-                                        ).check_parallel(world_size=2) == 2
+    assert (
+        TrainerConfig.model_validate(
+            cfg(train={"global_batch_size": 16, "micro_batch_size": 4})
+        ).check_parallel(world_size=2)
+        == 2
+    )
 
 
 def test_tensor_parallel_must_divide_world_and_heads():
@@ -105,22 +134,43 @@ def test_tensor_parallel_must_divide_world_and_heads():
         TrainerConfig.model_validate(cfg(parallel={"tensor": 2}, train=megatron)).check_parallel(3)
     # the head count is checked by the schema, before the device: on CPU too it is what is wrong
     for train in (megatron, {**megatron, "device": "cpu"}):
-        with pytest.raises(ValueError, match="parallel.tensor=8 does not divide "
-                                             "model.num_attention_heads 4"):
+        with pytest.raises(
+            ValueError, match="parallel.tensor=8 does not divide model.num_attention_heads 4"
+        ):
             TrainerConfig.model_validate(cfg(parallel={"tensor": 8}, train=train))
 
 
-@pytest.mark.parametrize("sections, needle", [
-    ({"parallel": {"tensor": 2}}, "parallel.tensor=2 parallel.pipeline=1 need train.engine=megatron"),
-    ({"parallel": {"pipeline": 2}}, "need train.engine=megatron"),
-    ({"train": {"engine": "megatron", "device": "cpu"}}, "train.engine=megatron needs CUDA"),
-    ({"train": {"engine": "megatron"}, "data": {"pad_to": "none"}}, "data.pad_to=none"),
-    ({"train": {"engine": "megatron"}, "parallel": {"pipeline": 2}, "data": {"pad_to": "max_length"}},
-     "num_layers 1 is not divisible"),
-    ({"train": {"engine": "megatron"}, "parallel": {"pipeline": 2}}, "data.pad_to must be max_length"),
-    ({"train": {"engine": "megatron"}, "model": {"family": "geneformer", "token_dropout": False}},
-     "builds ESM-2 only"),
-])
+@pytest.mark.parametrize(
+    "sections, needle",
+    [
+        (
+            {"parallel": {"tensor": 2}},
+            "parallel.tensor=2 parallel.pipeline=1 need train.engine=megatron",
+        ),
+        ({"parallel": {"pipeline": 2}}, "need train.engine=megatron"),
+        ({"train": {"engine": "megatron", "device": "cpu"}}, "train.engine=megatron needs CUDA"),
+        ({"train": {"engine": "megatron"}, "data": {"pad_to": "none"}}, "data.pad_to=none"),
+        (
+            {
+                "train": {"engine": "megatron"},
+                "parallel": {"pipeline": 2},
+                "data": {"pad_to": "max_length"},
+            },
+            "num_layers 1 is not divisible",
+        ),
+        (
+            {"train": {"engine": "megatron"}, "parallel": {"pipeline": 2}},
+            "data.pad_to must be max_length",
+        ),
+        (
+            {
+                "train": {"engine": "megatron"},
+                "model": {"family": "geneformer", "token_dropout": False},
+            },
+            "builds ESM-2 only",
+        ),
+    ],
+)
 def test_engine_layout_checks(sections, needle):
     with pytest.raises(ValueError, match=needle):
         TrainerConfig.model_validate(cfg(**sections))
@@ -137,6 +187,7 @@ def test_init_from_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_train_entry_point_without_config(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "bionemo.train", str(tmp_path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bionemo.train", str(tmp_path)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and "config.yaml does not exist" in out.stderr

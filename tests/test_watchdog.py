@@ -50,9 +50,13 @@ print("done", step, wd.limit_s, flush=True)
 
 def start(run_dir: Path, rank: int, mode: str, limit: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", RANK, str(run_dir), str(rank), mode,
-                             str(limit)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", RANK, str(run_dir), str(rank), mode, str(limit)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_limit_is_sized_from_the_steps_never_below_the_first_step():
@@ -97,7 +101,7 @@ def test_hung_rank_dumps_its_stacks_records_the_stopped_peer_and_exits_124(tmp_p
     assert "[watchdog] rank 0: no progress for" in err and "in step after step 5" in err, err
     assert "suspect: rank 1 on" in err and "process stopped, frozen or gone" in err, err
     # every thread's stack: the blocked main thread where it waits, and the watchdog's own
-    assert "Current thread" in err and 'in wait_in_collective' in err, err
+    assert "Current thread" in err and "in wait_in_collective" in err, err
     assert 'File "<string>", line' in err and "in _watch" in err, err
     (event,) = [e for e in rundir.read_events(tmp_path) if e["event"] == "hung"]
     assert event["rank"] == 0 and event["step"] == 5 and event["phase"] == "step"
@@ -122,15 +126,29 @@ def test_suspect_is_the_rank_behind_when_all_are_alive(tmp_path):
     for rank, step in ((1, 12), (2, 11), (3, 12)):
         path = heartbeat_path(tmp_path, rank)
         path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(dict(rank=rank, host=f"node{rank}", pid=1, attempt="7/1",
-                                        step=step, state="running", interval_s=5.0,
-                                        written=now)))
+        path.write_text(
+            json.dumps(
+                dict(
+                    rank=rank,
+                    host=f"node{rank}",
+                    pid=1,
+                    attempt="7/1",
+                    step=step,
+                    state="running",
+                    interval_s=5.0,
+                    written=now,
+                )
+            )
+        )
     assert find_suspect(tmp_path, 4, "7/1", me=0, my_step=12)["suspect_rank"] == 2
     found = find_suspect(tmp_path, 4, "7/1", me=0, my_step=12, now=now + 30)  # all silent
     assert found["suspect_rank"] == 1 and "no heartbeat for 30.0 s" in found["suspect_reason"]
     found = find_suspect(tmp_path, 4, "7/2", me=0, my_step=12)  # the files of the last start
-    assert found == dict(suspect_rank=1, suspect_host=None,
-                         suspect_reason="rank 1: no heartbeat from this start of the run")
+    assert found == dict(
+        suspect_rank=1,
+        suspect_host=None,
+        suspect_reason="rank 1: no heartbeat from this start of the run",
+    )
     assert find_suspect(tmp_path, 1, "7/1", me=0, my_step=3) == {}
     assert watchdog.HEARTBEATS in str(heartbeat_path(tmp_path, 0))
 

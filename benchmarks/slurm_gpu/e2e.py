@@ -39,10 +39,26 @@ def job(job_id: str) -> dict[str, str]:
 
 
 def submit(args, name: str, common: list[str], extra: list[str]) -> tuple[Path, str]:
-    out = sh(sys.executable, "-m", "launchers", "submit", "--model", args.model, "--cluster",
-             args.cluster, "--nodes", "1", f"cluster.runs_root={args.runs_root}",
-             "job.experiment=slurm_gpu", f"job.run={name}", *common, *extra)
-    log(f"submit {name}: rc={out.returncode} {out.stdout.strip()[-300:]} {out.stderr.strip()[-600:]}")
+    out = sh(
+        sys.executable,
+        "-m",
+        "launchers",
+        "submit",
+        "--model",
+        args.model,
+        "--cluster",
+        args.cluster,
+        "--nodes",
+        "1",
+        f"cluster.runs_root={args.runs_root}",
+        "job.experiment=slurm_gpu",
+        f"job.run={name}",
+        *common,
+        *extra,
+    )
+    log(
+        f"submit {name}: rc={out.returncode} {out.stdout.strip()[-300:]} {out.stderr.strip()[-600:]}"
+    )
     if out.returncode:
         raise SystemExit(f"submit {name} failed")
     run_dir = args.runs_root / "slurm_gpu" / name
@@ -55,7 +71,9 @@ def release(job_id: str, rec: dict[str, str]) -> None:
     submitted = time.mktime(time.strptime(rec.get("SubmitTime", ""), "%Y-%m-%dT%H:%M:%S"))
     if time.time() >= submitted + 2:
         out = sh("scontrol", "update", f"jobid={job_id}", "StartTime=now")
-        log(f"released job {job_id} (Restarts={rec.get('Restarts')}): rc={out.returncode} {out.stderr.strip()}")
+        log(
+            f"released job {job_id} (Restarts={rec.get('Restarts')}): rc={out.returncode} {out.stderr.strip()}"
+        )
 
 
 def wait_all(jobs: dict[str, str], deadline: float) -> dict[str, dict[str, str]]:
@@ -64,7 +82,9 @@ def wait_all(jobs: dict[str, str], deadline: float) -> dict[str, dict[str, str]]
     while time.monotonic() < deadline:
         for name, job_id in jobs.items():
             rec = recs[name] = job(job_id)
-            state = f"{rec.get('JobState')} restarts={rec.get('Restarts')} reason={rec.get('Reason')}"
+            state = (
+                f"{rec.get('JobState')} restarts={rec.get('Restarts')} reason={rec.get('Reason')}"
+            )
             if seen.get(name) != state:
                 log(f"{name} (job {job_id}): {state}")
                 seen[name] = state
@@ -87,7 +107,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def diff(a: dict[int, float], b: dict[int, float], steps) -> dict:
     d = [abs(a[s] - b[s]) for s in steps if s in a and s in b]
-    return {"steps": len(d), "max_abs": max(d) if d else None, "mean_abs": sum(d) / len(d) if d else None}
+    return {
+        "steps": len(d),
+        "max_abs": max(d) if d else None,
+        "mean_abs": sum(d) / len(d) if d else None,
+    }
 
 
 def timings(log_file: Path) -> list[tuple[float, str]]:
@@ -135,21 +159,39 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
     up = sh(sys.executable, "-m", "launchers", "cluster", "up")
-    log(f"cluster up rc={up.returncode} in {time.monotonic() - t:.1f}s: {up.stdout.strip()} {up.stderr.strip()}")
+    log(
+        f"cluster up rc={up.returncode} in {time.monotonic() - t:.1f}s: {up.stdout.strip()} {up.stderr.strip()}"
+    )
     log(sh("scontrol", "show", "node", "node1").stdout.strip().replace("\n", " | "))
     gpus = ["--gpus-per-node=1"] if args.cluster == "local_gpu" else []
-    probe = sh("srun", "-N1", *gpus, "bash", "-c",
-               "echo CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset} on $SLURMD_NODENAME; nvidia-smi -L")
+    probe = sh(
+        "srun",
+        "-N1",
+        *gpus,
+        "bash",
+        "-c",
+        "echo CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset} on $SLURMD_NODENAME; nvidia-smi -L",
+    )
     log(f"srun probe rc={probe.returncode}: {probe.stdout.strip()} {probe.stderr.strip()[-500:]}")
 
-    common = [f"trainer.train.max_steps={args.steps}", f"trainer.model.seq_length={args.seq_length}",
-              f"trainer.train.micro_batch_size={args.mbs}", "trainer.train.log_every=1",
-              "trainer.optim.warmup_steps=10", "trainer.checkpoint.every_steps=1000",
-              "trainer.checkpoint.keep_last=1", "trainer.checkpoint.export_final=false",
-              "trainer.train.compile=false", "cluster.python=benchmarks/slurm_gpu/timed_python.sh",
-              *args.set]
-    limited = ["job.time_limit=00:02:00", "cluster.signal_lead_s=30",
-               f"cluster.env.BIONEMO_STEP_SLEEP={args.sleep}"]
+    common = [
+        f"trainer.train.max_steps={args.steps}",
+        f"trainer.model.seq_length={args.seq_length}",
+        f"trainer.train.micro_batch_size={args.mbs}",
+        "trainer.train.log_every=1",
+        "trainer.optim.warmup_steps=10",
+        "trainer.checkpoint.every_steps=1000",
+        "trainer.checkpoint.keep_last=1",
+        "trainer.checkpoint.export_final=false",
+        "trainer.train.compile=false",
+        "cluster.python=benchmarks/slurm_gpu/timed_python.sh",
+        *args.set,
+    ]
+    limited = [
+        "job.time_limit=00:02:00",
+        "cluster.signal_lead_s=30",
+        f"cluster.env.BIONEMO_STEP_SLEEP={args.sleep}",
+    ]
     runs, jobs = {}, {}
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # a run directory is never reused
     for name, extra in (("limited", limited), ("ref1", []), ("ref2", [])):
@@ -162,28 +204,60 @@ def main() -> int:
     at = int(resumed.group(1)) if resumed else None
     after = range(at + 1, args.steps + 1) if at is not None else range(0)
     summary = {
-        "jobs": {n: {k: recs.get(n, {}).get(k) for k in ("JobId", "JobState", "Restarts", "ExitCode",
-                                                          "SubmitTime", "StartTime", "EndTime")}
-                 for n in jobs},
+        "jobs": {
+            n: {
+                k: recs.get(n, {}).get(k)
+                for k in (
+                    "JobId",
+                    "JobState",
+                    "Restarts",
+                    "ExitCode",
+                    "SubmitTime",
+                    "StartTime",
+                    "EndTime",
+                )
+            }
+            for n in jobs
+        },
         "resumed_at_step": at,
-        "after_restart": {"limited_vs_ref1": diff(loss["limited"], loss["ref1"], after),
-                          "ref2_vs_ref1": diff(loss["ref2"], loss["ref1"], after)},
-        "before_restart": {"limited_vs_ref1": diff(loss["limited"], loss["ref1"], range(1, (at or 0) + 1)),
-                           "ref2_vs_ref1": diff(loss["ref2"], loss["ref1"], range(1, (at or 0) + 1))},
+        "after_restart": {
+            "limited_vs_ref1": diff(loss["limited"], loss["ref1"], after),
+            "ref2_vs_ref1": diff(loss["ref2"], loss["ref1"], after),
+        },
+        "before_restart": {
+            "limited_vs_ref1": diff(loss["limited"], loss["ref1"], range(1, (at or 0) + 1)),
+            "ref2_vs_ref1": diff(loss["ref2"], loss["ref1"], range(1, (at or 0) + 1)),
+        },
         "all_steps": {"ref2_vs_ref1": diff(loss["ref2"], loss["ref1"], range(1, args.steps + 1))},
         "losses": {n: {str(s): v for s, v in sorted(steps.items())} for n, steps in loss.items()},
-        "timings": {"limited_first_start": breakdown(runs["limited"], 0),
-                    "limited_restart": breakdown(runs["limited"], 1),
-                    "ref1_start": breakdown(runs["ref1"], 0), "ref2_start": breakdown(runs["ref2"], 0)},
-        "config": {"steps": args.steps, "seq_length": args.seq_length, "micro_batch_size": args.mbs,
-                   "step_sleep_limited": args.sleep, "common_overrides": common, "limited_overrides": limited},
+        "timings": {
+            "limited_first_start": breakdown(runs["limited"], 0),
+            "limited_restart": breakdown(runs["limited"], 1),
+            "ref1_start": breakdown(runs["ref1"], 0),
+            "ref2_start": breakdown(runs["ref2"], 0),
+        },
+        "config": {
+            "steps": args.steps,
+            "seq_length": args.seq_length,
+            "micro_batch_size": args.mbs,
+            "step_sleep_limited": args.sleep,
+            "common_overrides": common,
+            "limited_overrides": limited,
+        },
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     with tarfile.open(args.out / "runs.tar.gz", "w:gz") as tar:
         for name, d in runs.items():
             tar.add(d, arcname=name, filter=_no_checkpoints)
-    log(json.dumps({k: summary[k] for k in ("jobs", "resumed_at_step", "after_restart", "before_restart",
-                                            "all_steps")}, indent=1))
+    log(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("jobs", "resumed_at_step", "after_restart", "before_restart", "all_steps")
+            },
+            indent=1,
+        )
+    )
     for key, value in summary["timings"].items():
         log(f"{key}: " + json.dumps(value))
     done = all(recs.get(n, {}).get("JobState") == "COMPLETED" for n in jobs)

@@ -98,14 +98,21 @@ def rendezvous_store(env: DistEnv, timeout_s: float):
     import torch.distributed as dist
 
     if os.environ.get(FAIL_BEFORE_RENDEZVOUS) == str(env.rank):
-        raise RuntimeError(f"{FAIL_BEFORE_RENDEZVOUS}={env.rank}: rank {env.rank} fails before the rendezvous")
+        raise RuntimeError(
+            f"{FAIL_BEFORE_RENDEZVOUS}={env.rank}: rank {env.rank} fails before the rendezvous"
+        )
     serve = env.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     listen_fd = _loopback_listener(env.master_addr, env.master_port) if serve else None
     if serve:
         log.info("rendezvous store on %s:%d", env.master_addr, env.master_port)
-    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=serve,
-                          timeout=timedelta(seconds=min(timeout_s, RENDEZVOUS_TIMEOUT_S)),
-                          master_listen_fd=listen_fd)
+    store = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=serve,
+        timeout=timedelta(seconds=min(timeout_s, RENDEZVOUS_TIMEOUT_S)),
+        master_listen_fd=listen_fd,
+    )
     store.set_timeout(timedelta(seconds=timeout_s))
     return store
 
@@ -123,6 +130,8 @@ def _loopback_listener(addr: str, port: int) -> int | None:
     try:
         sock = socket.create_server((addr, port), family=family, backlog=socket.SOMAXCONN)
     except OSError as e:
-        raise RuntimeError(f"rendezvous: cannot listen on {addr}:{port}: {e.strerror}; "
-                           "another process holds the port (MASTER_PORT)") from None
+        raise RuntimeError(
+            f"rendezvous: cannot listen on {addr}:{port}: {e.strerror}; "
+            "another process holds the port (MASTER_PORT)"
+        ) from None
     return sock.detach()

@@ -27,8 +27,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
-def compile_regions(model: nn.Module, *, recompute_pointwise: bool | None = None,
-                    **compile_kwargs) -> bool:
+def compile_regions(
+    model: nn.Module, *, recompute_pointwise: bool | None = None, **compile_kwargs
+) -> bool:
     """Compile `model.layers[i]` and `model.lm_head` in place; False if the model has no layers.
 
     recompute_pointwise: let the partitioner recompute elementwise results in the backward even
@@ -73,14 +74,19 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise") -> int:
         # fp8 GEMMs need both dimensions divisible by 16; the LM head (33-wide decoder) and a
         # fine-tuning head stay bf16. The blocks are `layers.*`, or `encoder.layers.*` under a
         # fine-tuning head (bionemo/finetune.py).
-        ok = (isinstance(module, nn.Linear) and fqn.startswith(("layers.", "encoder.layers."))
-              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        ok = (
+            isinstance(module, nn.Linear)
+            and fqn.startswith(("layers.", "encoder.layers."))
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
         if ok:
             swapped.append(fqn)
         return ok
 
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
-                               module_filter_fn=in_blocks)
+    convert_to_float8_training(
+        model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=in_blocks
+    )
     return len(swapped)
 
 
@@ -96,11 +102,14 @@ def data_parallel_mesh(device: torch.device, strategy: str, local_world: int):
         return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     nodes = world // local_world
     if world % local_world or nodes < 2:
-        raise ValueError(f"parallel.data_parallel=hsdp needs several nodes of equal size; this "
-                         f"job has {world} ranks, {local_world} per node: use "
-                         f"parallel.data_parallel=fsdp on one node")
-    return init_device_mesh(device.type, (nodes, local_world),
-                            mesh_dim_names=("replicate", "shard"))
+        raise ValueError(
+            f"parallel.data_parallel=hsdp needs several nodes of equal size; this "
+            f"job has {world} ranks, {local_world} per node: use "
+            f"parallel.data_parallel=fsdp on one node"
+        )
+    return init_device_mesh(
+        device.type, (nodes, local_world), mesh_dim_names=("replicate", "shard")
+    )
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -117,14 +126,26 @@ def shard(model: nn.Module, mesh, *, bf16: bool, cpu_offload: bool = False) -> N
     for compute, reduce gradients in fp32, keep fp32 master weights (the shards). Forward inputs
     are not cast (cast_forward_inputs=False): the blocks' fp32 rotary tables stay fp32, as under
     DDP. `model.loss` is a forward method too (it is what the training step calls)."""
-    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
-                                        fully_shard, register_fsdp_forward_method)
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                               cast_forward_inputs=False) if bf16
-          else MixedPrecisionPolicy(cast_forward_inputs=False))
-    kw = dict(mesh=mesh, mp_policy=mp,
-              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    mp = (
+        MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+        if bf16
+        else MixedPrecisionPolicy(cast_forward_inputs=False)
+    )
+    kw = dict(
+        mesh=mesh,
+        mp_policy=mp,
+        offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    )
     layers = _blocks(model)
     for i, block in enumerate(layers):
         # The last block's weights are needed again at once by the backward: keep them gathered.
@@ -133,10 +154,19 @@ def shard(model: nn.Module, mesh, *, bf16: bool, cpu_offload: bool = False) -> N
     register_fsdp_forward_method(model, "loss")
 
 
-def wrap_for_training(step_fn: nn.Module, model: nn.Module, *, compile: bool, dp: int,
-                      device: torch.device, recompute_pointwise: bool | None = None,
-                      fp8: bool | str = False, mesh=None, bf16: bool = False,
-                      cpu_offload: bool = False) -> nn.Module:
+def wrap_for_training(
+    step_fn: nn.Module,
+    model: nn.Module,
+    *,
+    compile: bool,
+    dp: int,
+    device: torch.device,
+    recompute_pointwise: bool | None = None,
+    fp8: bool | str = False,
+    mesh=None,
+    bf16: bool = False,
+    cpu_offload: bool = False,
+) -> nn.Module:
     """The module the training loop calls: `step_fn` (which holds `model`) with the blocks' GEMMs
     in FP8 when `fp8` (a recipe, or True for tensorwise), compiled per region when `compile`, then
     sharded over `mesh` (FSDP2) when one is given, else under DDP when `dp` > 1."""

@@ -35,8 +35,9 @@ def megatron_state_to_torch(ckpt: Path, model_cfg) -> dict:
 
     own_group = not dist.is_initialized()
     if own_group:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
     try:
         ps.initialize_model_parallel(1, 1)
         # bf16 parameters, as the engine saves them (the checkpoint's dtype), on the host
@@ -72,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=Path, help="a megatron-engine runs/.../checkpoints/step-N")
     p.add_argument("out", type=Path, help="new folder for the torch-engine checkpoint")
-    p.add_argument("--config", type=Path,
-                   help="the run's config.yaml (default: the run directory above the checkpoint)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="the run's config.yaml (default: the run directory above the checkpoint)",
+    )
     args = p.parse_args(argv)
     from bionemo import rundir
     from bionemo.config import load_trainer_config
@@ -88,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config or args.checkpoint.parents[1] / "config.yaml"
     cfg = load_trainer_config(config)
     state = json.loads((args.checkpoint / "trainer_state.json").read_text())
-    write_torch_checkpoint(megatron_state_to_torch(args.checkpoint, cfg.model), args.out,
-                           state.get("step", 0))
+    write_torch_checkpoint(
+        megatron_state_to_torch(args.checkpoint, cfg.model), args.out, state.get("step", 0)
+    )
     print(f"wrote {args.out}")
     return 0
 

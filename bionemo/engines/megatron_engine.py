@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()
-            if k in ("input_ids", "attention_mask", "labels")}
+    return {
+        k: v.to(device, non_blocking=True)
+        for k, v in batch.items()
+        if k in ("input_ids", "attention_mask", "labels")
+    }
 
 
 class MegatronEngine:
@@ -41,7 +44,9 @@ class MegatronEngine:
 
     def __init__(self, cfg: TrainerConfig, env: DistEnv, device: torch.device, init_from=None):
         if device.type != "cuda":
-            raise ValueError("train.engine=megatron needs a CUDA device (megatron-core is GPU-only)")
+            raise ValueError(
+                "train.engine=megatron needs a CUDA device (megatron-core is GPU-only)"
+            )
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -57,21 +62,32 @@ class MegatronEngine:
         self.world_size = env.world_size
         self.dp_size = cfg.check_parallel(env.world_size)
         if not dist.is_initialized():  # a single process: megatron still wants a process group
-            dist.init_process_group("nccl", init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                    rank=0, world_size=1, device_id=device)
-        ps.initialize_model_parallel(tensor_model_parallel_size=self.tp,
-                                     pipeline_model_parallel_size=self.pp)
+            dist.init_process_group(
+                "nccl",
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=0,
+                world_size=1,
+                device_id=device,
+            )
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp
+        )
         self.dp_rank = ps.get_data_parallel_rank()
-        self.first_stage, self.last_stage = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        self.first_stage, self.last_stage = (
+            ps.is_pipeline_first_stage(),
+            ps.is_pipeline_last_stage(),
+        )
         torch.manual_seed(cfg.train.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
 
         bf16 = cfg.train.precision == "bf16-mixed"
-        self.tconfig = esm2_megatron.transformer_config(cfg.model, tp=self.tp, pp=self.pp,
-                                                        bf16=bf16, cpu_init=False)
+        self.tconfig = esm2_megatron.transformer_config(
+            cfg.model, tp=self.tp, pp=self.pp, bf16=bf16, cpu_init=False
+        )
         with torch.device(device):
-            model = esm2_megatron.MegatronESM2(cfg.model, self.tconfig, pre_process=self.first_stage,
-                                               post_process=self.last_stage)
+            model = esm2_megatron.MegatronESM2(
+                cfg.model, self.tconfig, pre_process=self.first_stage, post_process=self.last_stage
+            )
         model.cuda(device)
         self.uses_te = esm2_megatron.has_transformer_engine()
         if init_from is not None:
@@ -82,24 +98,41 @@ class MegatronEngine:
         if bf16:
             model = Float16Module(self.tconfig, model)
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-        self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=model)
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(
+            config=self.tconfig, ddp_config=ddp_config, module=model
+        )
         self.tconfig.no_sync_func = self.model.no_sync
         self.tconfig.finalize_model_grads_func = finalize_model_grads
         o = cfg.optim
         self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio,
-                            weight_decay=o.weight_decay, adam_beta1=o.betas[0],
-                            adam_beta2=o.betas[1], adam_eps=o.eps, bf16=bf16,
-                            params_dtype=self.tconfig.params_dtype,
-                            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-                            clip_grad=o.clip_grad or 0.0),
-            [self.model])
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.lr * o.min_lr_ratio,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.betas[0],
+                adam_beta2=o.betas[1],
+                adam_eps=o.eps,
+                bf16=bf16,
+                params_dtype=self.tconfig.params_dtype,
+                use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+                clip_grad=o.clip_grad or 0.0,
+            ),
+            [self.model],
+        )
         self.forward_backward = get_forward_backward_func()
-        log.info("megatron engine: TP=%d PP=%d DP=%d, %s layers, distributed optimizer %s",
-                 self.tp, self.pp, self.dp_size, "Transformer Engine" if self.uses_te else "local",
-                 cfg.parallel.distributed_optimizer)
+        log.info(
+            "megatron engine: TP=%d PP=%d DP=%d, %s layers, distributed optimizer %s",
+            self.tp,
+            self.pp,
+            self.dp_size,
+            "Transformer Engine" if self.uses_te else "local",
+            cfg.parallel.distributed_optimizer,
+        )
 
     # ------------------------------------------------------------ steps
     @staticmethod
@@ -116,9 +149,14 @@ class MegatronEngine:
         batches = [_to_device(b, self.device) for b in micro_batches]
         B, S = batches[0]["input_ids"].shape
         out = self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.model],
-            num_microbatches=len(batches), seq_length=S, micro_batch_size=B,
-            forward_only=forward_only)
+            forward_step_func=self._forward_step,
+            data_iterator=iter(batches),
+            model=[self.model],
+            num_microbatches=len(batches),
+            seq_length=S,
+            micro_batch_size=B,
+            forward_only=forward_only,
+        )
         if not self.last_stage:  # the loss lives on the last stage; see train_step's contract
             return torch.zeros((), device=self.device)
         return torch.stack([d["loss"] for d in out]).mean() * self.pp
@@ -151,9 +189,12 @@ class MegatronEngine:
 
     def _sharded(self, loading: bool) -> dict:
         model_sd = self.inner.sharded_state_dict(metadata=self.CKPT_METADATA)
-        return {"model": model_sd,
-                "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading,
-                                                               metadata=self.CKPT_METADATA)}
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_sd, is_loading=loading, metadata=self.CKPT_METADATA
+            ),
+        }
 
     def save(self, path) -> None:
         from megatron.core import dist_checkpointing
@@ -206,14 +247,21 @@ class MegatronEngine:
         from bionemo.models.esm2 import megatron as esm2_megatron
 
         if hf.is_hf_folder(path):  # a Hugging Face folder: our full state dict, then sliced
-            esm2_megatron.load_full_state(model, esm2_megatron.torch_to_megatron(
-                hf.load_state(path, self.cfg.model), self.cfg.model, model.vocab_size,
-                te=self.uses_te))
+            esm2_megatron.load_full_state(
+                model,
+                esm2_megatron.torch_to_megatron(
+                    hf.load_state(path, self.cfg.model),
+                    self.cfg.model,
+                    model.vocab_size,
+                    te=self.uses_te,
+                ),
+            )
             return
         if not (path / rundir.COMPLETE).is_file():
             raise ValueError(
                 f"checkpoint.init_from: {path} is not a complete checkpoint folder (no "
-                f"{rundir.COMPLETE} marker); point it at a runs/.../checkpoints/step-N folder")
+                f"{rundir.COMPLETE} marker); point it at a runs/.../checkpoints/step-N folder"
+            )
         if checkpoint_engine(path) == "megatron":
             from megatron.core import dist_checkpointing
 
@@ -221,8 +269,12 @@ class MegatronEngine:
             esm2_megatron.load_model_state(model, state["model"])
             return
         full = load_torch_weights(path, self.cfg.model)
-        esm2_megatron.load_full_state(model, esm2_megatron.torch_to_megatron(
-            full, self.cfg.model, model.vocab_size, te=self.uses_te))
+        esm2_megatron.load_full_state(
+            model,
+            esm2_megatron.torch_to_megatron(
+                full, self.cfg.model, model.vocab_size, te=self.uses_te
+            ),
+        )
 
 
 @contextmanager
@@ -256,8 +308,9 @@ def _torch_adam_step_kept(optimizer):
     def wrap(opt, original):
         return lambda model_param, tensors: original(model_param, {"step": None, **tensors})
 
-    with _optimizer_method_replaced(optimizer, "_set_main_param_and_optimizer_states",
-                                    wrap) as targets:
+    with _optimizer_method_replaced(
+        optimizer, "_set_main_param_and_optimizer_states", wrap
+    ) as targets:
         yield
     for opt in targets:
         for state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
@@ -270,12 +323,14 @@ def repad_buckets(flat: torch.Tensor, buckets) -> torch.Tensor:
     (`bucket.offset`), zeros in the padding between buckets."""
     unpadded = sum(b.numel_unpadded for b in buckets)
     if unpadded != flat.numel():
-        raise RuntimeError(f"optimizer state of {flat.numel()} elements does not match its "
-                           f"buckets ({unpadded} unpadded elements)")
+        raise RuntimeError(
+            f"optimizer state of {flat.numel()} elements does not match its "
+            f"buckets ({unpadded} unpadded elements)"
+        )
     out = flat.new_zeros(buckets[-1].offset + buckets[-1].numel_unpadded)
     cursor = 0
     for b in buckets:
-        out[b.offset:b.offset + b.numel_unpadded] = flat[cursor:cursor + b.numel_unpadded]
+        out[b.offset : b.offset + b.numel_unpadded] = flat[cursor : cursor + b.numel_unpadded]
         cursor += b.numel_unpadded
     return out
 
@@ -300,8 +355,13 @@ def _bucket_padding_kept(optimizer):
                 if isinstance(gbuf_idx, int):  # skips e.g. "buckets_coalesced": True
                     buckets = opt.buffers[gbuf_idx].buckets
                     for world in per_dtype.values():
-                        world.update({k: repad_buckets(t, buckets) for k, t in world.items()
-                                      if torch.is_tensor(t) and t.dim() == 1})
+                        world.update(
+                            {
+                                k: repad_buckets(t, buckets)
+                                for k, t in world.items()
+                                if torch.is_tensor(t) and t.dim() == 1
+                            }
+                        )
             return state
 
         return gather

@@ -42,8 +42,10 @@ class MaskedLMLoss(nn.Module):
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to the device; host values (a packed batch's max_seqlen) stay where they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device):
@@ -53,9 +55,10 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig, device: torch.device):
     o = cfg.optim
     groups = []
     for params, extra in finetune.param_sets(model, cfg):  # mlm: every parameter, one set
-        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay,
-                    **extra},
-                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra}]
+        groups += [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay, **extra},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **extra},
+        ]
     on_gpu = device.type == "cuda" and not cfg.parallel.fsdp_cpu_offload  # offload: CPU step
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and on_gpu)
 
@@ -82,11 +85,19 @@ def sharding_mesh(cfg: TrainerConfig, env: DistEnv, device: torch.device):
     if cfg.parallel.data_parallel == "ddp":
         return None
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+        )
     mesh = data_parallel_mesh(device, cfg.parallel.data_parallel, local_world_size(env))
-    log.info("FSDP2 over mesh %s %s%s", tuple(mesh.shape), mesh.mesh_dim_names,
-             ", CPU offload" if cfg.parallel.fsdp_cpu_offload else "")
+    log.info(
+        "FSDP2 over mesh %s %s%s",
+        tuple(mesh.shape),
+        mesh.mesh_dim_names,
+        ", CPU offload" if cfg.parallel.fsdp_cpu_offload else "",
+    )
     return mesh
 
 
@@ -102,8 +113,14 @@ def _kept_stager(device: torch.device):
             pass
 
     cuda = device.type == "cuda"
-    return KeptStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                     use_async_staging=False, use_non_blocking_copy=cuda))
+    return KeptStager(
+        StagingOptions(
+            use_pinned_memory=cuda,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=cuda,
+        )
+    )
 
 
 class TorchEngine:
@@ -121,9 +138,11 @@ class TorchEngine:
         self.dp_rank = env.rank
         self.world_size = env.world_size
         if cfg.train.fp8 != "none" and not has_fp8(device):
-            raise ValueError(f"train.fp8={cfg.train.fp8} needs an FP8 GPU (compute capability 8.9 "
-                             f"or more: H100/H200 class); this rank runs on {device_name(device)}: "
-                             f"set train.fp8=none")
+            raise ValueError(
+                f"train.fp8={cfg.train.fp8} needs an FP8 GPU (compute capability 8.9 "
+                f"or more: H100/H200 class); this rank runs on {device_name(device)}: "
+                f"set train.fp8=none"
+            )
         self.sharded = cfg.parallel.data_parallel != "ddp"  # FSDP2: weights are DTensor shards
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         with device:  # initialise on the device: a 3B model's init on the host takes minutes
@@ -137,16 +156,24 @@ class TorchEngine:
                 raise ValueError(
                     f"checkpoint.init_from: {init_from} holds megatron-engine weights; convert "
                     f"them first (python -m bionemo.engines.convert {init_from} OUT) and point "
-                    f"checkpoint.init_from at OUT, or use train.engine=megatron")
+                    f"checkpoint.init_from at OUT, or use train.engine=megatron"
+                )
             load_weights(init_from, self.model)
         self.model = finetune.task_model(cfg, self.model)  # mlm: the model; else encoder + head
         # Weights are loaded whole above, before any sharding; the optimizer is built after it,
         # on the parameters FSDP leaves (DTensor shards replace the originals).
         bf16 = device.type == "cuda" and cfg.train.precision == "bf16-mixed"
         self.step_fn = wrap_for_training(
-            MaskedLMLoss(self.model), self.model, compile=cfg.train.compile, dp=self.dp_size,
-            device=device, fp8=cfg.train.fp8, mesh=sharding_mesh(cfg, env, device), bf16=bf16,
-            cpu_offload=cfg.parallel.fsdp_cpu_offload)
+            MaskedLMLoss(self.model),
+            self.model,
+            compile=cfg.train.compile,
+            dp=self.dp_size,
+            device=device,
+            fp8=cfg.train.fp8,
+            mesh=sharding_mesh(cfg, env, device),
+            bf16=bf16,
+            cpu_offload=cfg.parallel.fsdp_cpu_offload,
+        )
         self.optimizer = build_optimizer(self.model, cfg, device)
         # Under FSDP the blocks compute in bf16 already (the gathered weights); autocast still
         # keeps LayerNorm, softmax and the loss in fp32, as under DDP.
@@ -196,13 +223,16 @@ class TorchEngine:
             return None
         if self._stager is None:  # kept: its pinned buffers are reused by every later save
             self._stager = _kept_stager(self.device)
-        return dcp.async_save(state, checkpoint_id=path, process_group=group,
-                              async_stager=self._stager)
+        return dcp.async_save(
+            state, checkpoint_id=path, process_group=group, async_stager=self._stager
+        )
 
     def load(self, path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd
+        )
 
     supports_async_save = True
     _stager = None

@@ -55,7 +55,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from bionemo.models.geneformer import Geneformer
 
         return Geneformer(cfg)
-    raise ValueError(f"model.family {cfg.family!r} is unknown; known families: 'esm2', 'geneformer'")
+    raise ValueError(
+        f"model.family {cfg.family!r} is unknown; known families: 'esm2', 'geneformer'"
+    )
 
 
 def load_factory(path: str):
@@ -65,22 +67,28 @@ def load_factory(path: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise PluginError(f"{where}: cannot import {module_name} ({type(e).__name__}: {e}); "
-                          "install the package into the trainer's environment or add its folder "
-                          "to cluster.env.PYTHONPATH") from e
+        raise PluginError(
+            f"{where}: cannot import {module_name} ({type(e).__name__}: {e}); "
+            "install the package into the trainer's environment or add its folder "
+            "to cluster.env.PYTHONPATH"
+        ) from e
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise PluginError(f"{where}: {module_name} has no function {name!r}; name the function "
-                          "that builds the model (see bionemo/models/__init__.py)")
+        raise PluginError(
+            f"{where}: {module_name} has no function {name!r}; name the function "
+            "that builds the model (see bionemo/models/__init__.py)"
+        )
     return factory
 
 
 def build_plugin(cfg: ModelConfig) -> nn.Module:
     model = load_factory(cfg.plugin)(cfg)
     if not isinstance(model, nn.Module) or not callable(getattr(model, "loss", None)):
-        raise PluginError(f"trainer.model.plugin: {cfg.plugin!r} returned {type(model).__name__}, "
-                          "not a torch.nn.Module with a loss(input_ids, attention_mask, labels, "
-                          "...) method; see bionemo/models/__init__.py")
+        raise PluginError(
+            f"trainer.model.plugin: {cfg.plugin!r} returned {type(model).__name__}, "
+            "not a torch.nn.Module with a loss(input_ids, attention_mask, labels, "
+            "...) method; see bionemo/models/__init__.py"
+        )
     return model
 
 

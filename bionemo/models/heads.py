@@ -27,8 +27,13 @@ def residue_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class MLPHead(nn.Module):
     def __init__(self, hidden: int, outputs: int, dropout: float):
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Dropout(dropout), nn.Linear(hidden, outputs))
+        self.net = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, outputs),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -22,6 +22,7 @@ from launchers.spec import JobSpec
 # A SLURM job that the controller no longer knows: how `states` says it (status and list read it).
 GONE = "gone from the controller"
 
+
 class BackendError(RuntimeError):
     """The scheduler (or the local process) refused or failed; the message says what it said."""
 

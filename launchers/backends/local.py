@@ -57,8 +57,15 @@ def rank_environment(env: dict[str, str], rank: int, nproc: int, port: int) -> d
     the rendezvous store listens on loopback only."""
     if nproc == 1:
         return env
-    return {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-            "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return {
+        **env,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
 
 
 def free_port() -> int:
@@ -91,9 +98,15 @@ class _Ranks:
         self.procs: list[subprocess.Popen] = []
         try:
             for rank in range(nproc):
-                self.procs.append(subprocess.Popen(
-                    argv, cwd=cwd, env=rank_environment(env, rank, nproc, port),
-                    stdout=write_fd, stderr=write_fd))
+                self.procs.append(
+                    subprocess.Popen(
+                        argv,
+                        cwd=cwd,
+                        env=rank_environment(env, rank, nproc, port),
+                        stdout=write_fd,
+                        stderr=write_fd,
+                    )
+                )
         except OSError as e:
             self.signal(signal.SIGKILL)
             os.close(read_fd)
@@ -181,15 +194,24 @@ class LocalBackend(Backend):
             return sweep.describe_local(spec)
         saved = spec.config.model_dump(mode="json")
         nproc = _nproc(saved)
-        env = {k: v for k, v in environment(saved["cluster"], nproc).items()
-               if k in saved["cluster"]["env"] or k in ("PYTHONUNBUFFERED", "OMP_NUM_THREADS")}
-        line = (f"cd {shlex.quote(spec.cluster.workdir)} && "
-                + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-                + " " + shlex.join(command(spec.cluster.python, spec.run_dir)) + "\n")
+        env = {
+            k: v
+            for k, v in environment(saved["cluster"], nproc).items()
+            if k in saved["cluster"]["env"] or k in ("PYTHONUNBUFFERED", "OMP_NUM_THREADS")
+        }
+        line = (
+            f"cd {shlex.quote(spec.cluster.workdir)} && "
+            + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            + " "
+            + shlex.join(command(spec.cluster.python, spec.run_dir))
+            + "\n"
+        )
         if nproc == 1:
             return line
-        return (f"# {nproc} processes, each with RANK=<0..{nproc - 1}> LOCAL_RANK=<rank> "
-                f"WORLD_SIZE={nproc} MASTER_ADDR=127.0.0.1 MASTER_PORT=<a free port>\n" + line)
+        return (
+            f"# {nproc} processes, each with RANK=<0..{nproc - 1}> LOCAL_RANK=<rank> "
+            f"WORLD_SIZE={nproc} MASTER_ADDR=127.0.0.1 MASTER_PORT=<a free port>\n" + line
+        )
 
     def submit(self, spec: JobSpec) -> Submission:
         if spec.config.kind == "sweep":
@@ -197,11 +219,14 @@ class LocalBackend(Backend):
                 return Submission(job_id=None, exit_code=sweep.run_local(spec))
             except OSError as e:
                 raise BackendError(f"cannot start {spec.cluster.python}: {e}") from None
-        return Submission(job_id=None, exit_code=run(spec.config.model_dump(mode="json"),
-                                                     spec.run_dir))
+        return Submission(
+            job_id=None, exit_code=run(spec.config.model_dump(mode="json"), spec.run_dir)
+        )
 
     def resubmit(self, run_dir: Path, saved: dict) -> Submission:
         if saved.get("sweep"):
-            raise BackendError("a local sweep is run again, not resumed: start a new one with "
-                               "`python -m launchers sweep --backend local ...` (make sweep)")
+            raise BackendError(
+                "a local sweep is run again, not resumed: start a new one with "
+                "`python -m launchers sweep --backend local ...` (make sweep)"
+            )
         return Submission(job_id=None, exit_code=run(saved, Path(run_dir)))

@@ -109,8 +109,10 @@ def nemo_run(home: str | Path):
         import nemo_run as run
         from nemo_run.run.torchx_backend.schedulers import slurm as scheduler
     except ImportError as e:
-        raise BackendError(f"nemo_run is not importable ({e}); install nemo_run==0.11.1 with "
-                           "leptonai<0.47 (see docs/launcher.md, Backends)") from None
+        raise BackendError(
+            f"nemo_run is not importable ({e}); install nemo_run==0.11.1 with "
+            "leptonai<0.47 (see docs/launcher.md, Backends)"
+        ) from None
     run.config.set_nemorun_home(home)
     scheduler.SLURM_JOB_DIRS = os.path.join(home, ".slurm_jobs")
     return run
@@ -148,9 +150,12 @@ def tunnel(spec: JobSpec, run):
     if not target:
         return run.LocalTunnel(job_dir="")  # "": NEMORUN_HOME/experiments, i.e. the run's own
     user, _, host = target.rpartition("@")
-    return run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""),
-                         job_dir=str(home_of(spec.run_dir) / "experiments"),
-                         identity=os.environ.get(SSH_KEY_ENV))
+    return run.SSHTunnel(
+        host=host,
+        user=user or os.environ.get("USER", ""),
+        job_dir=str(home_of(spec.run_dir) / "experiments"),
+        identity=os.environ.get(SSH_KEY_ENV),
+    )
 
 
 def make_executor(spec: JobSpec, run):
@@ -167,9 +172,14 @@ def make_executor(spec: JobSpec, run):
     if job.hold:
         extra["hold"] = True
     if sweeping:  # the orchestrator: one task on the first node, outside any container
-        srun_args = ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
-                     f"--cpus-per-task={cl.cpus_per_task}", "--kill-on-bad-exit=0",
-                     f"--chdir={cl.workdir}"]
+        srun_args = [
+            "--nodes=1",
+            "--ntasks=1",
+            "--ntasks-per-node=1",
+            f"--cpus-per-task={cl.cpus_per_task}",
+            "--kill-on-bad-exit=0",
+            f"--chdir={cl.workdir}",
+        ]
     else:
         srun_args = slurm.srun_flags(spec, kill_on_bad_exit=True)
         if not cl.container_image:
@@ -206,8 +216,12 @@ def make_executor(spec: JobSpec, run):
 def trainer_script(spec: JobSpec, run):
     """`python -m bionemo.train RUN_DIR` as a NeMo-Run Script (NeMo-Run joins the words of the
     command with spaces, so they are quoted here)."""
-    return run.Script(path="bionemo.train", m=True, args=[shlex.quote(str(spec.run_dir))],
-                      entrypoint=shlex.quote(spec.cluster.python))
+    return run.Script(
+        path="bionemo.train",
+        m=True,
+        args=[shlex.quote(str(spec.run_dir))],
+        entrypoint=shlex.quote(spec.cluster.python),
+    )
 
 
 def sweep_script(spec: JobSpec, run):
@@ -216,8 +230,12 @@ def sweep_script(spec: JobSpec, run):
 
     words = sweep.command(spec, in_step=True)
     assert words[1:3] == ["-m", sweep.MODULE], words
-    return run.Script(path=sweep.MODULE, m=True, args=[shlex.quote(w) for w in words[3:]],
-                      entrypoint=shlex.quote(words[0]))
+    return run.Script(
+        path=sweep.MODULE,
+        m=True,
+        args=[shlex.quote(w) for w in words[3:]],
+        entrypoint=shlex.quote(words[0]),
+    )
 
 
 def task_script(spec: JobSpec, run):
@@ -229,19 +247,26 @@ def _check_paths(spec: JobSpec, home: Path) -> None:
 
     cl = spec.cluster
     if not NEMO_RUN_WORD.match(str(home)):  # validation refuses this first (module docstring)
-        raise BackendError(f"NEMORUN_HOME {str(home)!r} is not a plain shell word, and NeMo-Run "
-                           "puts it into shell commands unquoted; rename the run or use "
-                           "--backend sbatch")
-    texts = {"the run directory": str(spec.run_dir), "cluster.workdir": cl.workdir,
-             "cluster.python": cl.python, "NEMORUN_HOME": str(home),
-             "the environment or setup lines": setup_lines(spec),
-             "cluster.srun_args": " ".join(cl.srun_args)}
+        raise BackendError(
+            f"NEMORUN_HOME {str(home)!r} is not a plain shell word, and NeMo-Run "
+            "puts it into shell commands unquoted; rename the run or use "
+            "--backend sbatch"
+        )
+    texts = {
+        "the run directory": str(spec.run_dir),
+        "cluster.workdir": cl.workdir,
+        "cluster.python": cl.python,
+        "NEMORUN_HOME": str(home),
+        "the environment or setup lines": setup_lines(spec),
+        "cluster.srun_args": " ".join(cl.srun_args),
+    }
     for what, text in texts.items():
         if _FORBIDDEN in text:
             raise BackendError(
                 f"{what} contains {_FORBIDDEN!r}, which NeMo-Run rewrites in batch scripts "
                 "without a container; rename it (e.g. the experiment or runs_root) or use "
-                "--backend sbatch")
+                "--backend sbatch"
+            )
 
 
 def _use_cluster(saved_cluster: dict, start: bool = False) -> None:
@@ -254,8 +279,14 @@ def _use_cluster(saved_cluster: dict, start: bool = False) -> None:
 
 
 def _experiment(run, spec: JobSpec, executor):
-    return run.Experiment(slurm.job_name(spec), executor=executor, log_level="ERROR",
-                          clean_mode=True, enable_goodbye_message=False, skip_status_at_exit=True)
+    return run.Experiment(
+        slurm.job_name(spec),
+        executor=executor,
+        log_level="ERROR",
+        clean_mode=True,
+        enable_goodbye_message=False,
+        skip_status_at_exit=True,
+    )
 
 
 def script(spec: JobSpec) -> str:
@@ -341,8 +372,12 @@ class NemoRunBackend(Backend):
         if not job_id.isdigit():
             raise BackendError(f"NeMo-Run returned no SLURM job id (handle {handle!r})")
         task = task_name(spec.config.kind)
-        record.update(spec.run_dir, lambda d: d.setdefault("nemo_run", {}).update(
-            {job_id: dict(experiment=exp_id, task=task, handle=handle, home=str(home))}))
+        record.update(
+            spec.run_dir,
+            lambda d: d.setdefault("nemo_run", {}).update(
+                {job_id: dict(experiment=exp_id, task=task, handle=handle, home=str(home))}
+            ),
+        )
         return Submission(job_id=job_id, notes=[f"NeMo-Run experiment {exp_id}, {took:.3f} s"])
 
     def resubmit(self, run_dir: Path, saved: dict) -> Submission:
@@ -398,8 +433,13 @@ class NemoRunBackend(Backend):
             with _silenced(), _no_stdin():
                 exp.cancel(task)
             state = SbatchBackend().states(run_dir, saved, [job_id])[job_id]
-            if state.split(",")[0].split(" ")[0] in ("PENDING", "RUNNING", "REQUEUED",
-                                                      "CONFIGURING", "SUSPENDED"):
+            if state.split(",")[0].split(" ")[0] in (
+                "PENDING",
+                "RUNNING",
+                "REQUEUED",
+                "CONFIGURING",
+                "SUSPENDED",
+            ):
                 leftover.append(job_id)
             else:
                 via.append(f"{job_id}: Experiment.cancel({task!r}) of {exp._id}")

@@ -26,8 +26,12 @@ SWEEP_TEMPLATE = "slurm/sweep.sbatch.j2"  # a sweep job (launchers/sweep.py)
 
 def render(spec: JobSpec) -> str:
     if spec.config.kind == "sweep":
-        return slurm.render(SWEEP_TEMPLATE, spec, sweep_lines=sweep.lines(sweep.command(spec)),
-                            sweep_summary=sweep.summary(spec))
+        return slurm.render(
+            SWEEP_TEMPLATE,
+            spec,
+            sweep_lines=sweep.lines(sweep.command(spec)),
+            sweep_summary=sweep.summary(spec),
+        )
     return slurm.render(TEMPLATE, spec)
 
 
@@ -47,8 +51,11 @@ def client_env(saved_cluster: dict, start: bool = False) -> dict[str, str]:
         env.update(cluster.slurm_env())
         try:
             if start and not _controller_answers(env) and not cluster.is_up():
-                print("starting the bundled SLURM cluster (launchers/cluster.py) ...",
-                      file=sys.stderr, flush=True)
+                print(
+                    "starting the bundled SLURM cluster (launchers/cluster.py) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 cluster.up()
         except cluster.ClusterError as e:
             raise BackendError(f"the bundled cluster could not start: {e}") from None
@@ -73,8 +80,9 @@ def _controller_answers(env: dict) -> bool:
 
 def _run(cmd: list[str], env: dict, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
     except FileNotFoundError:
         raise BackendError(f"{cmd[0]} not found: is this a SLURM login node?") from None
     except subprocess.TimeoutExpired:

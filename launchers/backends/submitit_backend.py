@@ -110,8 +110,12 @@ class TrainerJob(Checkpointable):
 
     @classmethod
     def of(cls, spec: JobSpec) -> "TrainerJob":
-        return cls(str(spec.run_dir), spec.cluster.python, spec.cluster.workdir,
-                   spec.trainer.train.stop_signal)
+        return cls(
+            str(spec.run_dir),
+            spec.cluster.python,
+            spec.cluster.workdir,
+            spec.trainer.train.stop_signal,
+        )
 
     # pickled state: the four settings; what a running task holds is rebuilt
     def __getstate__(self) -> dict:
@@ -156,8 +160,11 @@ class TrainerJob(Checkpointable):
             try:
                 env._requeue(0)  # submitit's own requeue: scontrol requeue $SLURM_JOB_ID
             except (OSError, subprocess.SubprocessError) as e:
-                _amend(self.run_dir, decision="stop",
-                       reason=verdict["reason"] + f"; but the requeue failed: {e}")
+                _amend(
+                    self.run_dir,
+                    decision="stop",
+                    reason=verdict["reason"] + f"; but the requeue failed: {e}",
+                )
                 raise RunStopped(f"requeue failed: {e}") from None
             sys.exit(-1)  # as submitit's handler does after a requeue: no result pickle
         if verdict["outcome"] == "finished":
@@ -174,8 +181,9 @@ class TrainerJob(Checkpointable):
         rc = self._wait() if self._proc is not None else REQUEUE_EXIT_CODE
         verdict = self._decide(rc, via="submitit checkpoint() (warning signal)")
         if verdict["decision"] == "requeue":
-            return DelayedSubmission(type(self)(self.run_dir, self.python, self.workdir,
-                                                self.stop_signal))
+            return DelayedSubmission(
+                type(self)(self.run_dir, self.python, self.workdir, self.stop_signal)
+            )
         if verdict["outcome"] == "finished":
             raise _Finished()
         raise RunStopped(verdict["reason"])
@@ -214,8 +222,9 @@ class TrainerJob(Checkpointable):
         self._decided = True
         start = os.environ.get("BIONEMO_BATCH_START")
         elapsed = time.time() - float(start) if start else None
-        return decide_and_record(self.run_dir, exit_code, terminated=self._terminated,
-                                 elapsed_s=elapsed, via=via)
+        return decide_and_record(
+            self.run_dir, exit_code, terminated=self._terminated, elapsed_s=elapsed, via=via
+        )
 
 
 class SweepFailed(RuntimeError):
@@ -255,15 +264,31 @@ def decide_and_record(run_dir, exit_code: int, *, terminated: bool, elapsed_s, v
     restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     latest = rundir.latest_complete_step(run_dir)
     events = requeue.attempt_events(rundir.read_events(run_dir), job_id, restarts)
-    verdict = requeue.decide(finished=rundir.is_finished(run_dir), exit_code=exit_code,
-                             latest_step=latest, restarts=restarts,
-                             policy=data.get("policy", {}), history=data.get("attempts", []),
-                             terminated=terminated, elapsed_s=elapsed_s, events=events)
+    verdict = requeue.decide(
+        finished=rundir.is_finished(run_dir),
+        exit_code=exit_code,
+        latest_step=latest,
+        restarts=restarts,
+        policy=data.get("policy", {}),
+        history=data.get("attempts", []),
+        terminated=terminated,
+        elapsed_s=elapsed_s,
+        events=events,
+    )
     # printed first: on a full disk the record below may fail, the log line still says why
     print(f"[launcher] decision: {verdict['decision']} -- {verdict['reason']}", flush=True)
-    record.add_attempt(run_dir, dict(job_id=job_id, restart=restarts,
-                                     host=socket.gethostname(), exit_code=exit_code,
-                                     latest_step=latest, via=via, **verdict))
+    record.add_attempt(
+        run_dir,
+        dict(
+            job_id=job_id,
+            restart=restarts,
+            host=socket.gethostname(),
+            exit_code=exit_code,
+            latest_step=latest,
+            via=via,
+            **verdict,
+        ),
+    )
     return verdict
 
 
@@ -319,8 +344,9 @@ def parameters(spec: JobSpec) -> dict:
         slurm_dependency=job.dependency,
         slurm_signal_delay_s=cl.signal_lead_s,
         slurm_setup=setup_lines(spec),
-        slurm_srun_args=(_sweep_step_flags(spec) if sweeping
-                         else slurm.srun_flags(spec, kill_on_bad_exit=True)),
+        slurm_srun_args=(
+            _sweep_step_flags(spec) if sweeping else slurm.srun_flags(spec, kill_on_bad_exit=True)
+        ),
         slurm_additional_parameters=extra,
     )
     if cl.gpus_per_node:
@@ -331,8 +357,12 @@ def parameters(spec: JobSpec) -> dict:
 def _sweep_step_flags(spec: JobSpec) -> list[str]:
     """submitit's srun step of a sweep: one task on the first node, outside any container (the
     orchestrator calls srun); the trial steps overlap it."""
-    return ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1",
-            f"--cpus-per-task={spec.cluster.cpus_per_task}"]
+    return [
+        "--nodes=1",
+        "--ntasks=1",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={spec.cluster.cpus_per_task}",
+    ]
 
 
 @contextlib.contextmanager
@@ -355,9 +385,12 @@ def make_executor(spec: JobSpec) -> submitit.AutoExecutor:
     from launchers import sweep
 
     python = sweep.orchestrator_python(spec) if spec.config.kind == "sweep" else spec.cluster.python
-    ex = submitit.AutoExecutor(folder=str(Path(spec.run_dir) / FOLDER), cluster="slurm",
-                               slurm_python=shlex.quote(python),
-                               slurm_max_num_timeout=spec.job.max_restarts)
+    ex = submitit.AutoExecutor(
+        folder=str(Path(spec.run_dir) / FOLDER),
+        cluster="slurm",
+        slurm_python=shlex.quote(python),
+        slurm_max_num_timeout=spec.job.max_restarts,
+    )
     ex.update_parameters(**parameters(spec))
     return ex
 
@@ -427,8 +460,11 @@ class SubmititBackend(Backend):
             took = time.perf_counter() - t0
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             raise BackendError(f"submitit could not submit: {str(e).strip()}") from None
-        return Submission(job_id=str(job.job_id), scheduler_s=0.0,
-                          notes=[f"submitit folder {job.paths.folder}, submit {took:.3f} s"])
+        return Submission(
+            job_id=str(job.job_id),
+            scheduler_s=0.0,
+            notes=[f"submitit folder {job.paths.folder}, submit {took:.3f} s"],
+        )
 
     def resubmit(self, run_dir: Path, saved: dict) -> Submission:
         return self.submit(_spec_of(run_dir, saved))
@@ -459,8 +495,9 @@ class SubmititBackend(Backend):
                 _slurm_job(run_dir, job_id).cancel(check=False)  # scancel through submitit
             except OSError as e:
                 raise BackendError(f"scancel failed: {e}") from None
-        record.add_event(run_dir, "cancel-via", detail="submitit Job.cancel() of job(s) "
-                         + ", ".join(job_ids))
+        record.add_event(
+            run_dir, "cancel-via", detail="submitit Job.cancel() of job(s) " + ", ".join(job_ids)
+        )
         return job_ids
 
     def log_files(self, run_dir: Path, saved: dict, job_ids: list[str]) -> list[Path]:

@@ -32,13 +32,17 @@ def find_run(run: str | None) -> Path:
         for candidate in (Path(run), REPO_ROOT / "runs" / run):
             if (candidate / rundir.CONFIG).is_file():
                 return candidate.resolve()
-        raise ConfigError("command line", "RUN", f"{run} is not a run directory (no config.yaml)",
-                          "pass the directory `submit` printed, e.g. runs/esm2/<run>")
-    runs = sorted((REPO_ROOT / "runs").glob(f"*/*/{rundir.CONFIG}"),
-                  key=lambda p: p.stat().st_mtime)
+        raise ConfigError(
+            "command line",
+            "RUN",
+            f"{run} is not a run directory (no config.yaml)",
+            "pass the directory `submit` printed, e.g. runs/esm2/<run>",
+        )
+    runs = sorted(
+        (REPO_ROOT / "runs").glob(f"*/*/{rundir.CONFIG}"), key=lambda p: p.stat().st_mtime
+    )
     if not runs:
-        raise ConfigError("command line", "RUN", "no runs under runs/",
-                          "pass RUN=<run directory>")
+        raise ConfigError("command line", "RUN", "no runs under runs/", "pass RUN=<run directory>")
     return runs[-1].parent
 
 

@@ -34,9 +34,11 @@ def cmd_status(args) -> int:
         latest = rundir.latest_complete_step(run_dir)
         max_steps = saved.get("trainer", {}).get("train", {}).get("max_steps", "?")
         logged = _last_logged_step(run_dir)
-        echo(f"progress  latest complete checkpoint: "
-             f"{'none' if latest is None else f'step {latest}'}"
-             f"; last logged step: {'-' if logged is None else logged} of {max_steps}")
+        echo(
+            f"progress  latest complete checkpoint: "
+            f"{'none' if latest is None else f'step {latest}'}"
+            f"; last logged step: {'-' if logged is None else logged} of {max_steps}"
+        )
         speed = runs.speed(run_dir, max_steps)
         if speed:
             echo(f"speed     {speed}")
@@ -44,12 +46,16 @@ def cmd_status(args) -> int:
     attempts = data.get("attempts", [])
     if attempts:
         a = attempts[-1]
-        echo(f"last      {a.get('time')} job {a.get('job_id')} restart {a.get('restart')}: "
-             f"exit {requeue.explain_exit(a.get('exit_code'))}, {a.get('outcome')} -> "
-             f"{a.get('decision')}")
+        echo(
+            f"last      {a.get('time')} job {a.get('job_id')} restart {a.get('restart')}: "
+            f"exit {requeue.explain_exit(a.get('exit_code'))}, {a.get('outcome')} -> "
+            f"{a.get('decision')}"
+        )
         echo(f"reason    {a.get('reason')}")
-        echo(f"attempts  {len(attempts)} ({sum(a.get('decision') == 'requeue' for a in attempts)}"
-             " requeued by the launcher)")
+        echo(
+            f"attempts  {len(attempts)} ({sum(a.get('decision') == 'requeue' for a in attempts)}"
+            " requeued by the launcher)"
+        )
     _unrecorded_decision(run_dir, attempts[-1] if attempts else {})
     for e in data.get("events", [])[-3:]:
         echo(f"event     {e.get('time')} {e.get('event')} {e.get('detail', '')}".rstrip())
@@ -60,23 +66,36 @@ def cmd_status(args) -> int:
 
 
 STATUS_EVENTS = 5  # the newest records of events.jsonl that `status` shows
-_EVENT_KEYS = ("file", "reason", "rank", "waited_s", "suspect_rank", "suspect_host", "filesystem",
-               "detail", "decision", "unrecorded")
+_EVENT_KEYS = (
+    "file",
+    "reason",
+    "rank",
+    "waited_s",
+    "suspect_rank",
+    "suspect_host",
+    "filesystem",
+    "detail",
+    "decision",
+    "unrecorded",
+)
 
 
 def _trainer_event(e: dict) -> str:
     """One record of events.jsonl on one line: time, event, step, host, then what it says."""
     what = "; ".join(f"{k} {e[k]}" for k in _EVENT_KEYS if e.get(k) not in (None, ""))
-    line = (f"{e.get('time')} {e.get('event')} step {e.get('step', '-')} on {e.get('host')}"
-            + (f": {what}" if what else ""))
+    line = f"{e.get('time')} {e.get('event')} step {e.get('step', '-')} on {e.get('host')}" + (
+        f": {what}" if what else ""
+    )
     return line if len(line) <= 240 else line[:237] + "..."
 
 
 def _unrecorded_decision(run_dir: Path, last: dict) -> None:
     """The batch log's last decision when submission.json does not hold it (the requeue step
     could not write it, e.g. on a full disk): the log line is printed before anything is recorded."""
-    logs = sorted([*(run_dir / rundir.LOGS).glob("*.out"), *(run_dir / "submitit").glob("*.out")],
-                  key=lambda p: p.stat().st_mtime)
+    logs = sorted(
+        [*(run_dir / rundir.LOGS).glob("*.out"), *(run_dir / "submitit").glob("*.out")],
+        key=lambda p: p.stat().st_mtime,
+    )
     for log in reversed(logs[-3:]):
         try:
             with open(log, "rb") as f:
@@ -88,12 +107,14 @@ def _unrecorded_decision(run_dir: Path, last: dict) -> None:
         found = [i for i, line in enumerate(lines) if line.startswith(requeue.DECISION)]
         if not found:
             continue
-        decision, _, reason = lines[found[-1]][len(requeue.DECISION):].strip().partition(" -- ")
+        decision, _, reason = lines[found[-1]][len(requeue.DECISION) :].strip().partition(" -- ")
         if last.get("decision") == decision and str(last.get("reason", "")).startswith(reason):
             return  # recorded (an amended reason only grows)
         echo(f"decision  {decision} -- {reason}")
-        why = next((line for line in lines[found[-1]:] if "could not record" in line),
-                   "it is not in submission.json")
+        why = next(
+            (line for line in lines[found[-1] :] if "could not record" in line),
+            "it is not in submission.json",
+        )
         echo(f"          (from {log}: {why.removeprefix('[launcher] ')})")
         return
 
@@ -107,17 +128,21 @@ def _disk(run_dir: Path) -> None:
         return
     free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
     if size and free < 0.02 * size:
-        echo(f"disk      {free / 2**20:.1f} MiB free of {size / 2**20:.1f} MiB on the run "
-             "directory's filesystem: nearly full; free space before `resume`")
+        echo(
+            f"disk      {free / 2**20:.1f} MiB free of {size / 2**20:.1f} MiB on the run "
+            "directory's filesystem: nearly full; free space before `resume`"
+        )
 
 
 def _sweep_status(run_dir: Path, saved: dict) -> None:
     """A sweep's progress: the trials started so far, then its result per recompute policy."""
     sw = saved["sweep"]
     trials = sorted((run_dir / sweep.TRIALS).glob("*/*/*-mbs*"))
-    echo(f"sweep     micro batch {sw.get('min')}..{sw.get('max')}, recompute "
-         f"{','.join(sw.get('recompute', []))}; trials started: {len(trials)}"
-         + (f" (latest {trials[-1].name})" if trials else ""))
+    echo(
+        f"sweep     micro batch {sw.get('min')}..{sw.get('max')}, recompute "
+        f"{','.join(sw.get('recompute', []))}; trials started: {len(trials)}"
+        + (f" (latest {trials[-1].name})" if trials else "")
+    )
     model = Path(saved.get("job", {}).get("model", "?")).stem
     result = run_dir / sweep.RESULTS / f"{model}.json"
     if not result.is_file():
@@ -125,9 +150,11 @@ def _sweep_status(run_dir: Path, saved: dict) -> None:
         return
     data = json.loads(result.read_text())
     for policy, found in data.get("policies", {}).items():
-        echo(f"result    {policy}: largest micro batch {found.get('max_micro_batch_size')}, "
-             f"fastest {found.get('micro_batch_size')} ({found.get('tokens_per_s_per_gpu') or 0:,.0f}"
-             f" tokens/s/GPU)")
+        echo(
+            f"result    {policy}: largest micro batch {found.get('max_micro_batch_size')}, "
+            f"fastest {found.get('micro_batch_size')} ({found.get('tokens_per_s_per_gpu') or 0:,.0f}"
+            f" tokens/s/GPU)"
+        )
     echo(f"results   {result.with_suffix('.md')} (and {sw.get('out')}/{data.get('gpu')}/)")
 
 
@@ -168,7 +195,7 @@ def cmd_logs(args) -> int:
     for p in newest:
         echo(f"==> {p} <==")
         lines = p.read_text(errors="replace").splitlines()
-        echo("\n".join(lines[-args.lines:]))
+        echo("\n".join(lines[-args.lines :]))
     return 0
 
 
@@ -196,8 +223,12 @@ def cmd_list(args) -> int:
     """Every run under the runs root (a path, or --cluster's cluster.runs_root): launchers/runs.py."""
     root = Path(args.root) if args.root else runs.runs_root(args.cluster or "local")
     if args.root and not root.is_dir():
-        raise ConfigError("command line", "ROOT", f"{root} is not a directory",
-                          "pass a runs root (e.g. runs) or --cluster NAME")
+        raise ConfigError(
+            "command line",
+            "ROOT",
+            f"{root} is not a directory",
+            "pass a runs root (e.g. runs) or --cluster NAME",
+        )
     found = runs.rows(root) if root.is_dir() else []
     echo(runs.table(found) if found else f"no runs under {root}")
     return 0
@@ -213,4 +244,3 @@ def cmd_plot(args) -> int:
     for path in paths:
         echo(str(path))
     return 0
-

@@ -29,10 +29,15 @@ STARTED = [time.perf_counter()]
 
 def _resolve(args, extra_layers=(), extra_overrides=()):
     return config.resolve(
-        model=args.model, cluster=args.cluster, nodes=args.nodes,
-        backend=getattr(args, "backend", None), config_files=args.config or [],
-        overrides=list(extra_overrides) + list(args.overrides), extra_layers=extra_layers,
-        options=getattr(args, "options", ()), kind=getattr(args, "kind", "train"),
+        model=args.model,
+        cluster=args.cluster,
+        nodes=args.nodes,
+        backend=getattr(args, "backend", None),
+        config_files=args.config or [],
+        overrides=list(extra_overrides) + list(args.overrides),
+        extra_layers=extra_layers,
+        options=getattr(args, "options", ()),
+        kind=getattr(args, "kind", "train"),
     )
 
 
@@ -50,12 +55,19 @@ def _write_run_dir(spec, backend, files: dict[str, str], default_run: bool = Fal
             except FileExistsError:
                 continue
         else:
-            raise ConfigError("command line", "job.run", f"{spec.run_dir} exists already",
-                              f"continue it with `python -m launchers resume {spec.run_dir}`")
+            raise ConfigError(
+                "command line",
+                "job.run",
+                f"{spec.run_dir} exists already",
+                f"continue it with `python -m launchers resume {spec.run_dir}`",
+            )
     except OSError as e:  # spec.build checked the folders; this is what changed since
-        raise ConfigError("resolved config", "cluster.runs_root", f"cannot create a run "
-                          f"directory in {parent} ({e.strerror})",
-                          "point cluster.runs_root at a directory you can write") from None
+        raise ConfigError(
+            "resolved config",
+            "cluster.runs_root",
+            f"cannot create a run directory in {parent} ({e.strerror})",
+            "point cluster.runs_root at a directory you can write",
+        ) from None
     if name != spec.job.run:
         spec.config.job.run = name
         spec = dataclasses.replace(spec, run_dir=parent / name)
@@ -83,8 +95,13 @@ def _check_partition(spec, origins) -> None:
             return warn(f"{unchecked}: the cluster is behind {SSH_ENV}'s SSH tunnel")
     env = sbatch.client_env(spec.cluster.model_dump(), start=True)
     try:
-        out = subprocess.run(["sinfo", "--noheader", "--all", "--format=%P %D"], env=env,
-                             capture_output=True, text=True, timeout=SINFO_TIMEOUT_S)
+        out = subprocess.run(
+            ["sinfo", "--noheader", "--all", "--format=%P %D"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SINFO_TIMEOUT_S,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return warn(f"{unchecked} (sinfo: {e})")
     sizes: dict[str, int] = {}  # partition -> nodes (sinfo prints a line per node state)
@@ -100,15 +117,21 @@ def _check_partition(spec, origins) -> None:
     wanted = spec.cluster.partition.split(",") if spec.cluster.partition else [default]
     unknown = [p for p in wanted if p not in sizes]
     if unknown:
-        raise ConfigError(_src(origins, ("cluster", "partition")), "cluster.partition",
-                          f"{unknown[0] or '(default)'} is not a partition of this cluster",
-                          "choose one of " + ", ".join(sizes))
+        raise ConfigError(
+            _src(origins, ("cluster", "partition")),
+            "cluster.partition",
+            f"{unknown[0] or '(default)'} is not a partition of this cluster",
+            "choose one of " + ", ".join(sizes),
+        )
     largest = max(sizes[p] for p in wanted)
     if spec.job.nodes > largest:
-        raise ConfigError(_src(origins, ("job", "nodes")), "job.nodes",
-                          f"{spec.job.nodes} nodes, but partition {','.join(wanted)} has "
-                          f"{largest}: the job would wait forever",
-                          f"use --nodes {largest} or fewer, or another cluster.partition")
+        raise ConfigError(
+            _src(origins, ("job", "nodes")),
+            "job.nodes",
+            f"{spec.job.nodes} nodes, but partition {','.join(wanted)} has "
+            f"{largest}: the job would wait forever",
+            f"use --nodes {largest} or fewer, or another cluster.partition",
+        )
 
 
 PLUGIN_CHECK_TIMEOUT_S = 10  # a bare interpreter finds a module in ~50 ms
@@ -140,21 +163,31 @@ def _check_plugin(spec, origins, strict: bool = True) -> None:
     key, module = "trainer.model.plugin", plugin.partition(":")[0]
     cl = spec.cluster
     if cl.container_image:
-        return warn(f"{key}: {module} is not checked here: the trainer imports it inside the "
-                    "container image, which must hold it")
+        return warn(
+            f"{key}: {module} is not checked here: the trainer imports it inside the "
+            "container image, which must hold it"
+        )
     try:
-        done = subprocess.run([cl.python, "-c", _FIND_MODULE, module], cwd=cl.workdir,
-                              env={**os.environ, **cl.env}, capture_output=True, text=True,
-                              timeout=PLUGIN_CHECK_TIMEOUT_S)
+        done = subprocess.run(
+            [cl.python, "-c", _FIND_MODULE, module],
+            cwd=cl.workdir,
+            env={**os.environ, **cl.env},
+            capture_output=True,
+            text=True,
+            timeout=PLUGIN_CHECK_TIMEOUT_S,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return warn(f"{key}: {module} is not checked ({cl.python}: {e})")
     if done.returncode == 0:
         return
     why = (done.stderr.strip().splitlines() or ["no answer"])[-1]
-    err = ConfigError(_src(origins, ("trainer", "model", "plugin")), key,
-                      f"{cl.python} cannot import {module} ({why})",
-                      "install the package into that environment (pip install -e ...) or add "
-                      "its folder to cluster.env.PYTHONPATH")
+    err = ConfigError(
+        _src(origins, ("trainer", "model", "plugin")),
+        key,
+        f"{cl.python} cannot import {module} ({why})",
+        "install the package into that environment (pip install -e ...) or add "
+        "its folder to cluster.env.PYTHONPATH",
+    )
     if strict:
         raise err
     warn(str(err))
@@ -169,9 +202,13 @@ def _write_files(spec, files: dict[str, str]) -> None:
 
 
 def _policy(cfg) -> dict:
-    return dict(max_restarts=cfg.job.max_restarts, time_limit_s=cfg.time_limit_s,
-                signal_lead_s=cfg.cluster.signal_lead_s, requeue_exit_code=REQUEUE_EXIT_CODE,
-                oom_exit_code=OOM_EXIT_CODE)
+    return dict(
+        max_restarts=cfg.job.max_restarts,
+        time_limit_s=cfg.time_limit_s,
+        signal_lead_s=cfg.cluster.signal_lead_s,
+        requeue_exit_code=REQUEUE_EXIT_CODE,
+        oom_exit_code=OOM_EXIT_CODE,
+    )
 
 
 def _run_local_attempt(run_dir: Path, submission, command: str) -> int:
@@ -185,9 +222,19 @@ def _run_local_attempt(run_dir: Path, submission, command: str) -> int:
         reason = f"stopped and saved at step {latest}; `resume {run_dir}` continues it"
     else:
         reason = f"exited {rc} at step {latest} (local backend: nothing is requeued)"
-    record.add_attempt(run_dir, dict(job_id=None, restart=0, exit_code=rc, latest_step=latest,
-                                     outcome="finished" if finished else "local",
-                                     decision="none", reason=reason, command=command))
+    record.add_attempt(
+        run_dir,
+        dict(
+            job_id=None,
+            restart=0,
+            exit_code=rc,
+            latest_step=latest,
+            outcome="finished" if finished else "local",
+            decision="none",
+            reason=reason,
+            command=command,
+        ),
+    )
     echo(f"[launcher] {reason}")
     return rc
 
@@ -203,8 +250,11 @@ def cmd_render(args) -> int:
     text = backend.describe(spec)
     for w in spec.warnings:
         warn(w)
-    what = {"sbatch": f"{spec.config.kind}.sbatch", "submitit": "submitit's batch script",
-            "nemo_run": "NeMo-Run's batch script"}.get(spec.job.backend, "command")
+    what = {
+        "sbatch": f"{spec.config.kind}.sbatch",
+        "submitit": "submitit's batch script",
+        "nemo_run": "NeMo-Run's batch script",
+    }.get(spec.job.backend, "command")
     echo(f"# ==== {what} (dry run: nothing written, nothing submitted) ====")
     echo(text.rstrip("\n"))
     echo(f"# ==== config.yaml -> {spec.run_dir}/config.yaml ====")
@@ -222,15 +272,22 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
     for w in spec.warnings:
         warn(w)
     spec = _write_run_dir(spec, backend, files, resolved.default_run)
-    record.create(spec.run_dir, backend=backend.name, cluster=spec.cluster.name,
-                  policy=_policy(spec.config), kind=spec.config.kind)
+    record.create(
+        spec.run_dir,
+        backend=backend.name,
+        cluster=spec.cluster.name,
+        policy=_policy(spec.config),
+        kind=spec.config.kind,
+    )
     t_ready = time.perf_counter()
     try:
         sub = backend.submit(spec)
     except backends.BackendError as e:
         record.add_event(spec.run_dir, "submit-failed", detail=str(e))
-        error(f"{e}\nthe run directory {spec.run_dir} is written; fix the problem, then "
-              f"`python -m launchers resume {spec.run_dir}`")
+        error(
+            f"{e}\nthe run directory {spec.run_dir} is written; fix the problem, then "
+            f"`python -m launchers resume {spec.run_dir}`"
+        )
         return 1
     if sub.job_id is None:  # local backend: it ran in the foreground
         record.add_job(spec.run_dir, None, command)
@@ -239,25 +296,47 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
         return _run_local_attempt(spec.run_dir, sub, command)
     total = time.perf_counter() - STARTED[0]
     # seconds since `python -m launchers` started (imports included, interpreter start-up not)
-    record.add_job(spec.run_dir, sub.job_id, command, timings=dict(
-        launcher_s=round(total - sub.scheduler_s, 4), scheduler_s=round(sub.scheduler_s, 4),
-        before_submit_s=round(t_ready - STARTED[0], 4)))
+    record.add_job(
+        spec.run_dir,
+        sub.job_id,
+        command,
+        timings=dict(
+            launcher_s=round(total - sub.scheduler_s, 4),
+            scheduler_s=round(sub.scheduler_s, 4),
+            before_submit_s=round(t_ready - STARTED[0], 4),
+        ),
+    )
     echo(f"submitted job {sub.job_id}: {spec.run_dir}")
     echo(f"  status: make status RUN={spec.run_dir}   logs: make logs RUN={spec.run_dir}")
     if spec.config.kind == "sweep":
-        echo(f"  results: {spec.config.sweep.out}/<gpu>/{sweep.model_name(spec)}.md, copied to "
-             f"{spec.run_dir / sweep.RESULTS}")
+        echo(
+            f"  results: {spec.config.sweep.out}/<gpu>/{sweep.model_name(spec)}.md, copied to "
+            f"{spec.run_dir / sweep.RESULTS}"
+        )
     return 0
 
 
 def _local_sweep_done(spec, rc: int) -> int:
     """Record a local sweep's outcome (a sweep is run again, never resumed)."""
     where = f"{spec.config.sweep.out}/<gpu>/{sweep.model_name(spec)}.md"
-    reason = (f"sweep finished: results in {where}, copied to {spec.run_dir / sweep.RESULTS}"
-              if rc == 0 else f"sweep exited {rc} (its log is in {spec.run_dir / rundir.LOGS})")
-    record.add_attempt(spec.run_dir, dict(job_id=None, restart=0, exit_code=rc, latest_step=None,
-                                          outcome="finished" if rc == 0 else "local",
-                                          decision="none", reason=reason, command="sweep"))
+    reason = (
+        f"sweep finished: results in {where}, copied to {spec.run_dir / sweep.RESULTS}"
+        if rc == 0
+        else f"sweep exited {rc} (its log is in {spec.run_dir / rundir.LOGS})"
+    )
+    record.add_attempt(
+        spec.run_dir,
+        dict(
+            job_id=None,
+            restart=0,
+            exit_code=rc,
+            latest_step=None,
+            outcome="finished" if rc == 0 else "local",
+            decision="none",
+            reason=reason,
+            command="sweep",
+        ),
+    )
     echo(f"[launcher] {reason}")
     return rc
 
@@ -267,8 +346,12 @@ def cmd_recipe(args) -> int:
     resolved = _resolve(args)
     spec = specs.build(resolved, strict=False)  # host problems are warnings, as for render
     _check_plugin(spec, resolved.origins, strict=False)
-    words = [w for flag in ("model", "cluster", "nodes", "backend")
-             if getattr(args, flag) is not None for w in (f"--{flag}", str(getattr(args, flag)))]
+    words = [
+        w
+        for flag in ("model", "cluster", "nodes", "backend")
+        if getattr(args, flag) is not None
+        for w in (f"--{flag}", str(getattr(args, flag)))
+    ]
     words += [w for f in args.config or [] for w in ("--config", f)] + list(args.overrides)
     command = shlex.join(["python", "-m", "launchers", "recipe", *words])
     text = recipe.text(resolved, command)
@@ -279,26 +362,36 @@ def cmd_recipe(args) -> int:
         return 0
     out = Path(args.out)
     if out.exists() and not args.force:
-        raise ConfigError("command line", "--out", f"{out} exists already",
-                          "choose another --out, or pass --force to replace it")
+        raise ConfigError(
+            "command line",
+            "--out",
+            f"{out} exists already",
+            "choose another --out, or pass --force to replace it",
+        )
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)
         tmp.replace(out)  # whole or absent
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise ConfigError("command line", "--out", f"cannot write {out} ({e.strerror})",
-                          "choose a writable path") from None
-    echo(f"wrote {out}: edit it, then `python -m launchers submit --config {out}` "
-         f"(make submit CONFIG={out})")
+        raise ConfigError(
+            "command line", "--out", f"cannot write {out} ({e.strerror})", "choose a writable path"
+        ) from None
+    echo(
+        f"wrote {out}: edit it, then `python -m launchers submit --config {out}` "
+        f"(make submit CONFIG={out})"
+    )
     return 0
 
 
 # The sweep's options and the keys they set: (flag, key, help). The only place they are
 # declared: launchers/cli.py adds them, launchers/sweep.py hands the keys to the orchestrator.
 SWEEP_OPTIONS = (
-    ("--gpus-per-trial", "sweep.gpus_per_trial",
-     "ranks (GPUs) per node of each trial; default: the profile's ranks per node"),
+    (
+        "--gpus-per-trial",
+        "sweep.gpus_per_trial",
+        "ranks (GPUs) per node of each trial; default: the profile's ranks per node",
+    ),
     ("--tp", "trainer.parallel.tensor", "tensor-parallel size of the trials"),
     ("--memory-cap-gib", "trainer.train.memory_cap_gib", "cap each trial's GPU memory (GiB)"),
     ("--min", "sweep.min", "smallest micro batch to try (default 1)"),
@@ -307,8 +400,11 @@ SWEEP_OPTIONS = (
     ("--steps", "sweep.steps", "timed steps per trial (default 10)"),
     ("--recompute", "sweep.recompute", "policies to sweep, e.g. none,selective (default all)"),
     ("--gpu-name", "sweep.gpu_name", "results and table name, e.g. h100_80gb (default detected)"),
-    ("--cpu-memory-limit-gib", "sweep.cpu_memory_limit_gib",
-     "CPU trials: address-space limit of every trial process (GiB)"),
+    (
+        "--cpu-memory-limit-gib",
+        "sweep.cpu_memory_limit_gib",
+        "CPU trials: address-space limit of every trial process (GiB)",
+    ),
     ("--trial-timeout", "sweep.trial_timeout_s", "seconds before a trial counts as hung"),
     ("--out", "sweep.out", "results folder, relative to the workdir (default benchmarks/results)"),
     ("--tables", "sweep.tables", "benchmark tables for --write-table (default configs/benchmarks)"),
@@ -321,10 +417,13 @@ def cmd_sweep(args) -> int:
     args.kind = "sweep"
     if args.backend == "local" and args.nodes is None:
         args.nodes = 1  # trials on this machine; the profile's job.nodes is for SLURM jobs
-    args.options = [(flag, key, getattr(args, flag[2:].replace("-", "_")))
-                    for flag, key, _ in SWEEP_OPTIONS]
-    args.options += [("--compile", "trainer.train.compile", args.compile),
-                     ("--write-table", "sweep.write_table", args.write_table or None)]
+    args.options = [
+        (flag, key, getattr(args, flag[2:].replace("-", "_"))) for flag, key, _ in SWEEP_OPTIONS
+    ]
+    args.options += [
+        ("--compile", "trainer.train.compile", args.compile),
+        ("--write-table", "sweep.write_table", args.write_table or None),
+    ]
     if args.dry_run:
         return cmd_render(args)
     return cmd_submit(args, command="sweep")
@@ -333,8 +432,9 @@ def cmd_sweep(args) -> int:
 def cmd_debug(args) -> int:
     args.backend = None
     extra = [f"cluster.tasks_per_node={args.nproc}"] if args.nproc else []
-    return cmd_submit(args, extra_layers=[CONFIGS / "debug.yaml"], extra_overrides=extra,
-                      command="debug")
+    return cmd_submit(
+        args, extra_layers=[CONFIGS / "debug.yaml"], extra_overrides=extra, command="debug"
+    )
 
 
 _LIVE = runs.LIVE  # scheduler states of a job that has not ended
@@ -343,36 +443,48 @@ _LIVE = runs.LIVE  # scheduler states of a job that has not ended
 def cmd_resume(args) -> int:
     run_dir = find_run(args.run)
     saved = load_saved(run_dir)
-    resolved = config.resolve(base=saved, overrides=args.overrides,
-                              kind="sweep" if saved.get("sweep") else "train")
+    resolved = config.resolve(
+        base=saved, overrides=args.overrides, kind="sweep" if saved.get("sweep") else "train"
+    )
     for key in ("experiment", "run"):
         if getattr(resolved.config.job, key) != saved.get("job", {}).get(key):
-            raise ConfigError("command line", f"job.{key}", "cannot change on resume",
-                              "submit a new run instead")
+            raise ConfigError(
+                "command line", f"job.{key}", "cannot change on resume", "submit a new run instead"
+            )
     spec = specs.build(resolved, strict=True, existing=True)
     _check_plugin(spec, resolved.origins)
     if spec.run_dir.resolve() != run_dir.resolve():
-        raise ConfigError("command line", "cluster.runs_root", "cannot change on resume",
-                          f"the run lives in {run_dir}")
+        raise ConfigError(
+            "command line",
+            "cluster.runs_root",
+            "cannot change on resume",
+            f"the run lives in {run_dir}",
+        )
     backend = backends.get(spec.job.backend)
     data = record.load(run_dir)
     ids = record.job_ids(data)
     if backend.name in backends.SCHEDULED and ids:
         state = backend.states(run_dir, saved, ids[-1:]).get(ids[-1], "")
         if state.split(" ")[0].split(",")[0] in _LIVE:
-            raise ConfigError("command line", "RUN", f"job {ids[-1]} of this run is {state}",
-                              f"wait for it or `python -m launchers cancel {run_dir}` first")
+            raise ConfigError(
+                "command line",
+                "RUN",
+                f"job {ids[-1]} of this run is {state}",
+                f"wait for it or `python -m launchers cancel {run_dir}` first",
+            )
     files = backend.files(spec)
     _check_partition(spec, resolved.origins)
     for w in spec.warnings:
         warn(w)
     _write_files(spec, files)
     if not data.get("policy"):
-        record.create(run_dir, backend=backend.name, cluster=spec.cluster.name,
-                      policy=_policy(spec.config))
+        record.create(
+            run_dir, backend=backend.name, cluster=spec.cluster.name, policy=_policy(spec.config)
+        )
     else:
-        record.update(run_dir, lambda d: d.update(policy=_policy(spec.config),
-                                                  backend=backend.name))
+        record.update(
+            run_dir, lambda d: d.update(policy=_policy(spec.config), backend=backend.name)
+        )
     if args.overrides:
         record.add_event(run_dir, "resume-overrides", detail=" ".join(args.overrides))
     try:
@@ -386,4 +498,3 @@ def cmd_resume(args) -> int:
         return _run_local_attempt(run_dir, sub, "resume")
     echo(f"resubmitted {run_dir} as job {sub.job_id}; it continues from its latest checkpoint")
     return 0
-

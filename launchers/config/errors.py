@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 class ConfigError(Exception):
     """A configuration or invocation the launcher refuses. One line per problem:
     `<file>: <dotted.key>: <problem>; <fix>`."""
@@ -21,8 +22,8 @@ class ConfigError(Exception):
         return err
 
 
-
 def _did_you_mean(word: str, options) -> str:
     import difflib  # only on the error path
+
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

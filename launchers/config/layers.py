@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from launchers.config.errors import ConfigError, _did_you_mean
-from launchers.config.schema import (ALIASES, SECTIONS, Key, _is_text, _unwrap_optional,
-                                     schema_type)
+from launchers.config.schema import ALIASES, SECTIONS, Key, _is_text, _unwrap_optional, schema_type
 from launchers.config.yaml_io import label, load_yaml_file, load_yaml_text
 
 
@@ -87,17 +86,24 @@ def file_layer(path: Path, source_key: str) -> Layer:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(src, "(top level)", "must be a mapping of sections",
-                          "write `job:`, `cluster:` and/or `trainer:` sections")
+        raise ConfigError(
+            src,
+            "(top level)",
+            "must be a mapping of sections",
+            "write `job:`, `cluster:` and/or `trainer:` sections",
+        )
     for k, v in raw.items():
         if k not in SECTIONS:
-            raise ConfigError(src, str(k), "unknown section" + _did_you_mean(str(k), SECTIONS),
-                              "a config file has only the sections job, cluster, trainer "
-                              "(and sweep, for `python -m launchers sweep`)")
+            raise ConfigError(
+                src,
+                str(k),
+                "unknown section" + _did_you_mean(str(k), SECTIONS),
+                "a config file has only the sections job, cluster, trainer "
+                "(and sweep, for `python -m launchers sweep`)",
+            )
         if not isinstance(v, dict):
             raise ConfigError(src, str(k), "must be a mapping", f"write `{k}:` followed by keys")
     return Layer(src, raw)
-
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # how Python keeps argv bytes that are not UTF-8
@@ -106,32 +112,51 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")  # how Python keeps argv bytes that 
 def check_utf8(text: str, source: str, key: str) -> None:
     """Refuse text decoded from bytes that are not UTF-8: it cannot be written to config.yaml,
     the batch script or a file name that other tools read back."""
+
     def shown(t: str) -> str:
         return repr(t.encode("utf-8", "surrogateescape"))[2:-1]
 
     if _SURROGATE.search(text) or _SURROGATE.search(key):
-        raise ConfigError(source, shown(key), f"'{shown(text)}' is not UTF-8 text",
-                          "pass it in UTF-8 (a UTF-8 locale, or rename the file)")
+        raise ConfigError(
+            source,
+            shown(key),
+            f"'{shown(text)}' is not UTF-8 text",
+            "pass it in UTF-8 (a UTF-8 locale, or rename the file)",
+        )
 
 
 def parse_override(item: str) -> tuple[Key, Any]:
     name, _, raw = item.partition("=")
     check_utf8(raw, "command line", ALIASES.get(name.strip(), name.strip()))
     if "=" not in item:
-        raise ConfigError("command line", item, "not a key=value override",
-                          "write e.g. trainer.train.max_steps=100 (see docs/launcher.md)")
+        raise ConfigError(
+            "command line",
+            item,
+            "not a key=value override",
+            "write e.g. trainer.train.max_steps=100 (see docs/launcher.md)",
+        )
     name = ALIASES.get(name.strip(), name.strip())
     key = tuple(name.split("."))
     if not name or any(not p for p in key):
-        raise ConfigError("command line", name or "(empty)", "empty key",
-                          "write e.g. trainer.train.max_steps=100")
+        raise ConfigError(
+            "command line", name or "(empty)", "empty key", "write e.g. trainer.train.max_steps=100"
+        )
     if key[0] not in SECTIONS:
-        raise ConfigError("command line", name, "unknown key" + _did_you_mean(key[0], SECTIONS),
-                          "keys start with job., cluster., trainer. or sweep. (aliases: "
-                          + ", ".join(ALIASES) + ")")
+        raise ConfigError(
+            "command line",
+            name,
+            "unknown key" + _did_you_mean(key[0], SECTIONS),
+            "keys start with job., cluster., trainer. or sweep. (aliases: "
+            + ", ".join(ALIASES)
+            + ")",
+        )
     if len(key) == 1:
-        raise ConfigError("command line", name, "a whole section cannot be set",
-                          f"set one key, e.g. {name}.KEY=VALUE")
+        raise ConfigError(
+            "command line",
+            name,
+            "a whole section cannot be set",
+            f"set one key, e.g. {name}.KEY=VALUE",
+        )
     ann = schema_type(key)
     _, optional = _unwrap_optional(ann)
     if _is_text(ann) and not (optional and raw.strip() in ("null", "~")):
@@ -139,8 +164,9 @@ def parse_override(item: str) -> tuple[Key, Any]:
     return key, load_yaml_text(raw, "command line") if raw.strip() else None
 
 
-def cli_layer(flags: dict[str, Any], overrides: list[str],
-              options: Sequence[tuple[str, str, Any]] = ()) -> Layer:
+def cli_layer(
+    flags: dict[str, Any], overrides: list[str], options: Sequence[tuple[str, str, Any]] = ()
+) -> Layer:
     """The command line: flags (--model, ...) first, then other options given as (flag, dotted
     key, value) (the sweep's --min, --tp, ...), then key=value overrides in order."""
     data: dict = {}
@@ -162,7 +188,6 @@ def cli_layer(flags: dict[str, Any], overrides: list[str],
                 del origins[k]
         origins[key] = "command line"
     return Layer("command line", data, origins)
-
 
 
 def _src(origins: dict[Key, str], key: Key, default: str = "resolved config") -> str:

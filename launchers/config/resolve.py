@@ -16,8 +16,16 @@ from pydantic import ValidationError
 from bionemo import rundir
 from launchers.config.checks import _check, _translate
 from launchers.config.errors import ConfigError, _did_you_mean
-from launchers.config.layers import (Layer, _get, _leaves, _src, check_utf8, cli_layer,
-                                     file_layer, merge)
+from launchers.config.layers import (
+    Layer,
+    _get,
+    _leaves,
+    _src,
+    check_utf8,
+    cli_layer,
+    file_layer,
+    merge,
+)
 from launchers.config.schema import BenchmarkTable, Key, LaunchConfig
 from launchers.config.yaml_io import label, load_yaml_file
 from launchers.paths import CONFIGS, REPO_ROOT
@@ -68,8 +76,12 @@ def _preset_path(kind: str, name: str, key: str, source: str) -> Path:
     p = CONFIGS / kind / f"{name}.yaml"
     if not re.match(r"^[A-Za-z0-9_.-]+$", name) or not p.is_file():
         known = known_names(kind)
-        raise ConfigError(source, key, f"unknown {kind[:-1]} {name!r}"
-                          + _did_you_mean(name, known), "known: " + ", ".join(known))
+        raise ConfigError(
+            source,
+            key,
+            f"unknown {kind[:-1]} {name!r}" + _did_you_mean(name, known),
+            "known: " + ", ".join(known),
+        )
     return p
 
 
@@ -101,8 +113,14 @@ def resolve(
     `base` replaces the preset/table/profile layers with an already resolved config (resume).
     `kind` "sweep" adds the sweep section (its defaults); "train" refuses one.
     """
-    upper = _upper_layers(config_files, extra_layers, overrides, options, kind,
-                          {"model": model, "cluster": cluster, "nodes": nodes, "backend": backend})
+    upper = _upper_layers(
+        config_files,
+        extra_layers,
+        overrides,
+        options,
+        kind,
+        {"model": model, "cluster": cluster, "nodes": nodes, "backend": backend},
+    )
     if base is None:
         return _resolve_fresh(upper, now or datetime.now(timezone.utc))
     if kind == "sweep":
@@ -110,8 +128,9 @@ def resolve(
     return _resolve_resume(base, upper)
 
 
-def _upper_layers(config_files, extra_layers, overrides, options, kind: str,
-                  flags: dict[str, Any]) -> list[Layer]:
+def _upper_layers(
+    config_files, extra_layers, overrides, options, kind: str, flags: dict[str, Any]
+) -> list[Layer]:
     """The layers above the preset (or the saved config): files, then the command line."""
     user = [file_layer(Path(f), "--config") for f in config_files]
     user += [file_layer(Path(f), "(defaults)") for f in extra_layers]
@@ -121,9 +140,12 @@ def _upper_layers(config_files, extra_layers, overrides, options, kind: str,
     else:
         _, sweep_src = _highest(upper, ("sweep",))
         if sweep_src is not None:
-            raise ConfigError(sweep_src, "sweep", "sweep settings belong to a sweep job",
-                              "run `python -m launchers sweep` (make sweep BACKEND=...), or "
-                              "remove them")
+            raise ConfigError(
+                sweep_src,
+                "sweep",
+                "sweep settings belong to a sweep job",
+                "run `python -m launchers sweep` (make sweep BACKEND=...), or remove them",
+            )
     return upper
 
 
@@ -132,49 +154,67 @@ def _resolve_fresh(upper: list[Layer], now: datetime) -> Resolved:
     then every implicit choice made explicit (_fill_defaults)."""
     model_name, model_src = _highest(upper, ("job", "model"))
     if not model_name:
-        raise ConfigError("command line", "job.model", "no model given",
-                          "pass --model NAME; known: " + ", ".join(known_names("models")))
+        raise ConfigError(
+            "command line",
+            "job.model",
+            "no model given",
+            "pass --model NAME; known: " + ", ".join(known_names("models")),
+        )
     cluster_name, cluster_src = _highest(upper, ("job", "cluster"))
     cluster_name = cluster_name or "local"
     if not isinstance(model_name, str) or not isinstance(cluster_name, str):
-        raise ConfigError(model_src or cluster_src or "command line", "job.model",
-                          "must be a name", "pass --model NAME --cluster NAME")
+        raise ConfigError(
+            model_src or cluster_src or "command line",
+            "job.model",
+            "must be a name",
+            "pass --model NAME --cluster NAME",
+        )
     preset = file_layer(_preset_path("models", model_name, "job.model", model_src), "job.model")
-    profile_path = _preset_path("clusters", cluster_name, "job.cluster",
-                                cluster_src or "(default)")
+    profile_path = _preset_path("clusters", cluster_name, "job.cluster", cluster_src or "(default)")
     profile = file_layer(profile_path, "job.cluster")
     # the profile's name is its file name unless it says otherwise
     profile.data.setdefault("cluster", {}).setdefault("name", profile_path.stem)
 
     gpu_type, gpu_src = _highest([profile] + upper, ("cluster", "gpu_type"))
     if not gpu_type:
-        raise ConfigError(label(profile_path), "cluster.gpu_type", "missing",
-                          "set the GPU type (known: " + ", ".join(known_names("benchmarks"))
-                          + ")")
+        raise ConfigError(
+            label(profile_path),
+            "cluster.gpu_type",
+            "missing",
+            "set the GPU type (known: " + ", ".join(known_names("benchmarks")) + ")",
+        )
     found = load_table(str(gpu_type))
     if found is None:
         known = known_names("benchmarks")
-        raise ConfigError(gpu_src, "cluster.gpu_type", f"unknown GPU type {gpu_type!r}"
-                          + _did_you_mean(str(gpu_type), known),
-                          f"known: {', '.join(known)} (a new type needs "
-                          f"configs/benchmarks/{gpu_type}.yaml)")
+        raise ConfigError(
+            gpu_src,
+            "cluster.gpu_type",
+            f"unknown GPU type {gpu_type!r}" + _did_you_mean(str(gpu_type), known),
+            f"known: {', '.join(known)} (a new type needs configs/benchmarks/{gpu_type}.yaml)",
+        )
     table_path, table = found
     model_key = Path(model_name).stem
     row = table.rows.get(model_key)
-    table_layer = Layer(f"{label(table_path)} (row {model_key})",
-                        {"trainer": row.trainer_layer()} if row else {})
+    table_layer = Layer(
+        f"{label(table_path)} (row {model_key})", {"trainer": row.trainer_layer()} if row else {}
+    )
     layers = [preset, table_layer, profile] + upper
     cfg, origins = _validate(layers)
 
     default_run = cfg.job.run is None
     before = {s: dict(getattr(cfg, s).__dict__) for s in ("job", "cluster")}
     _fill_defaults(cfg, now)
-    derived: dict[tuple[str, ...], Any] = {(s, k): v for s, old in before.items() for k, v in old.items()
-               if getattr(getattr(cfg, s), k) != v}
+    derived: dict[tuple[str, ...], Any] = {
+        (s, k): v
+        for s, old in before.items()
+        for k, v in old.items()
+        if getattr(getattr(cfg, s), k) != v
+    }
     warnings: list[str] = []
     _check(cfg, origins, table, row, table_layer.source, warnings)
-    return Resolved(cfg, origins, [layer.source for layer in layers], warnings, table,
-                    default_run, derived)
+    return Resolved(
+        cfg, origins, [layer.source for layer in layers], warnings, table, default_run, derived
+    )
 
 
 def _resolve_resume(base: dict, upper: list[Layer]) -> Resolved:
@@ -184,9 +224,12 @@ def _resolve_resume(base: dict, upper: list[Layer]) -> Resolved:
     cfg, origins = _validate(layers)
     found = load_table(cfg.cluster.gpu_type)
     if found is None:
-        raise ConfigError(_src(origins, ("cluster", "gpu_type")), "cluster.gpu_type",
-                          f"unknown GPU type {cfg.cluster.gpu_type!r}",
-                          "known: " + ", ".join(known_names("benchmarks")))
+        raise ConfigError(
+            _src(origins, ("cluster", "gpu_type")),
+            "cluster.gpu_type",
+            f"unknown GPU type {cfg.cluster.gpu_type!r}",
+            "known: " + ", ".join(known_names("benchmarks")),
+        )
     table_path, table = found
     row = table.rows.get(cfg.trainer.model.name)
     warnings: list[str] = []

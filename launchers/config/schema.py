@@ -27,8 +27,10 @@ ALIASES = {
 # Values with a syntax of their own
 # --------------------------------------------------------------------------------------------
 
-_TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+_TIME = re.compile(
+    r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+    r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$"
+)
 TIME_FIX = "write SLURM's [days-]hours:minutes:seconds, e.g. 00:30:00, 04:00:00 or 1-00:00:00"
 
 
@@ -68,11 +70,15 @@ def check_name(value: str | None) -> str | None:
         return value
     fix = "any other characters are fine (shell metacharacters included: every value is quoted)"
     if not value or value in (".", "..") or value != value.strip() or len(value) > 128:
-        raise ValueError(f"{value!r} is not a usable directory name; use 1-128 characters "
-                         "without leading or trailing spaces")
+        raise ValueError(
+            f"{value!r} is not a usable directory name; use 1-128 characters "
+            "without leading or trailing spaces"
+        )
     if _BAD_NAME.search(value):
-        raise ValueError(f"{value!r} contains '/', '\\', '%', a control character or bytes "
-                         f"that are not UTF-8; {fix}")
+        raise ValueError(
+            f"{value!r} contains '/', '\\', '%', a control character or bytes "
+            f"that are not UTF-8; {fix}"
+        )
     return value
 
 
@@ -89,8 +95,14 @@ _DEPENDENCY = re.compile(
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
 # Set by the batch script or by SLURM itself; a profile must not shadow them.
-_RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                 "LOCAL_WORLD_SIZE"}
+_RESERVED_ENV = {
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+}
 _SBATCH_FLAG = re.compile(r"^--[a-z][a-z0-9-]*(?:=[^\s'\"\\`$;&|<>()]+)?$")
 
 
@@ -112,32 +124,54 @@ class Section(BaseModel):
 class JobConfig(Section):
     """What to run, where and how big. Set by --model/--cluster/--nodes/--backend or job.* keys."""
 
-    model: str = Field(description=(
-        "preset name (configs/models/<model>.yaml) or a path to a preset file"))
-    cluster: str = Field("local", description=(
-        "profile name (configs/clusters/<cluster>.yaml) or a path"))
-    backend: Literal["sbatch", "submitit", "nemo_run", "local"] = Field("sbatch", description=(
-        "sbatch: render a batch script and submit it. submitit: a submitit Checkpointable job. "
-        "nemo_run: a NeMo-Run Experiment on run.SlurmExecutor. local: run the trainer on this "
-        "machine, in the foreground (one process per rank). docs/launcher.md, Backends."))
-    nodes: int = Field(1, ge=1, description=(
-        "nodes of the job (ranks: nodes x the profile's ranks per node)"))
-    experiment: str | None = Field(None, description=(
-        "runs/<experiment>/...; default: trainer.model.family"))
-    run: str | None = Field(None, description=(
-        "runs/<experiment>/<run>; default: <model>-<nodes>n-<UTC timestamp>, and -02, -03, ... "
-        "when submits in the same second want that name (the run directory is created atomically)"))
+    model: str = Field(
+        description=("preset name (configs/models/<model>.yaml) or a path to a preset file")
+    )
+    cluster: str = Field(
+        "local", description=("profile name (configs/clusters/<cluster>.yaml) or a path")
+    )
+    backend: Literal["sbatch", "submitit", "nemo_run", "local"] = Field(
+        "sbatch",
+        description=(
+            "sbatch: render a batch script and submit it. submitit: a submitit Checkpointable job. "
+            "nemo_run: a NeMo-Run Experiment on run.SlurmExecutor. local: run the trainer on this "
+            "machine, in the foreground (one process per rank). docs/launcher.md, Backends."
+        ),
+    )
+    nodes: int = Field(
+        1, ge=1, description=("nodes of the job (ranks: nodes x the profile's ranks per node)")
+    )
+    experiment: str | None = Field(
+        None, description=("runs/<experiment>/...; default: trainer.model.family")
+    )
+    run: str | None = Field(
+        None,
+        description=(
+            "runs/<experiment>/<run>; default: <model>-<nodes>n-<UTC timestamp>, and -02, -03, ... "
+            "when submits in the same second want that name (the run directory is created atomically)"
+        ),
+    )
     time_limit: str | None = Field(None, description="SLURM syntax; default: cluster.time_limit")
     dependency: str | None = Field(None, description="sbatch --dependency, e.g. afterok:1234")
     constraint: str | None = Field(None, description="sbatch --constraint (node features)")
     exclude: str | None = Field(None, description="sbatch --exclude (a host list)")
-    hold: bool = Field(False, description=(
-        "submit held (sbatch --hold); release with `scontrol release <id>`"))
-    max_restarts: int = Field(50, ge=0, description=(
-        "The requeue policy (launchers/requeue.py) stops after this many restarts of one job."))
-    check_data: bool = Field(True, description=(
-        "Check that trainer.data files exist before submitting. Turn off only when the data lives "
-        "where the submitting host cannot see it (e.g. only inside the container)."))
+    hold: bool = Field(
+        False, description=("submit held (sbatch --hold); release with `scontrol release <id>`")
+    )
+    max_restarts: int = Field(
+        50,
+        ge=0,
+        description=(
+            "The requeue policy (launchers/requeue.py) stops after this many restarts of one job."
+        ),
+    )
+    check_data: bool = Field(
+        True,
+        description=(
+            "Check that trainer.data files exist before submitting. Turn off only when the data lives "
+            "where the submitting host cannot see it (e.g. only inside the container)."
+        ),
+    )
 
     @field_validator("experiment", "run")
     @classmethod
@@ -166,8 +200,12 @@ class JobConfig(Section):
     @field_validator("constraint")
     @classmethod
     def _constraint(cls, v):
-        return _pattern_check(v, re.compile(r"^[A-Za-z0-9_.,:&|*\[\]()\-]+$"),
-                              "a SLURM constraint expression", "h100&ib")
+        return _pattern_check(
+            v,
+            re.compile(r"^[A-Za-z0-9_.,:&|*\[\]()\-]+$"),
+            "a SLURM constraint expression",
+            "h100&ib",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,57 +217,96 @@ class ClusterConfig(Section):
     """A cluster profile: configs/clusters/<name>.yaml, section `cluster`."""
 
     name: str = Field(description="the profile's name; set from the file name")
-    bundled: bool = Field(False, description=(
-        "The bundled local cluster (launchers/cluster.py): submit starts it when it is down and "
-        "talks to it through its own SLURM_CONF."))
-    partition: str | None = Field(None, description=(
-        "sbatch --partition; null: the cluster's default"))
+    bundled: bool = Field(
+        False,
+        description=(
+            "The bundled local cluster (launchers/cluster.py): submit starts it when it is down and "
+            "talks to it through its own SLURM_CONF."
+        ),
+    )
+    partition: str | None = Field(
+        None, description=("sbatch --partition; null: the cluster's default")
+    )
     account: str | None = Field(None, description="sbatch --account")
     qos: str | None = Field(None, description="sbatch --qos")
-    gpu_type: str = Field(description=(
-        "Selects the benchmark table configs/benchmarks/<gpu_type>.yaml (a100_80gb, h100_80gb, "
-        "cpu)."))
-    gpus_per_node: int = Field(0, ge=0, description=(
-        "> 0: one rank per GPU, --gpus-per-node is rendered"))
-    tasks_per_node: int | None = Field(None, ge=1, description=(
-        "ranks per node without GPUs (default 1)"))
-    cpus_per_task: int = Field(1, ge=1, description=(
-        "CPUs per rank (sbatch and srun --cpus-per-task); also the default OMP_NUM_THREADS"))
+    gpu_type: str = Field(
+        description=(
+            "Selects the benchmark table configs/benchmarks/<gpu_type>.yaml (a100_80gb, h100_80gb, "
+            "cpu)."
+        )
+    )
+    gpus_per_node: int = Field(
+        0, ge=0, description=("> 0: one rank per GPU, --gpus-per-node is rendered")
+    )
+    tasks_per_node: int | None = Field(
+        None, ge=1, description=("ranks per node without GPUs (default 1)")
+    )
+    cpus_per_task: int = Field(
+        1,
+        ge=1,
+        description=(
+            "CPUs per rank (sbatch and srun --cpus-per-task); also the default OMP_NUM_THREADS"
+        ),
+    )
     time_limit: str = Field("01:00:00", description="default job.time_limit (SLURM syntax)")
-    signal_lead_s: int = Field(120, gt=0, description=(
-        "Seconds before the time limit at which SLURM sends trainer.train.stop_signal to the "
-        "ranks (sbatch --signal=<sig>@<lead>). SLURM checks about once a minute, so it may come "
-        "up to 60 s earlier. The trainer must save and exit within the lead time."))
+    signal_lead_s: int = Field(
+        120,
+        gt=0,
+        description=(
+            "Seconds before the time limit at which SLURM sends trainer.train.stop_signal to the "
+            "ranks (sbatch --signal=<sig>@<lead>). SLURM checks about once a minute, so it may come "
+            "up to 60 s earlier. The trainer must save and exit within the lead time."
+        ),
+    )
     exclusive: bool = Field(False, description="sbatch --exclusive: whole nodes")
-    container_image: str | None = Field(None, description=(
-        "pyxis --container-image (enables the pyxis flags)"))
-    container_mounts: list[str] = Field([], description=(
-        "pyxis --container-mounts, each SRC:DST[:FLAGS]; mount the shared filesystem at the "
-        "same path, so paths mean the same inside and out"))
-    container_workdir: str | None = Field(None, description=(
-        "pyxis --container-workdir; default: workdir"))
-    workdir: str | None = Field(None, description=(
-        "Where the job runs (the repository checkout, as the compute nodes see it); relative "
-        "paths below (python, runs_root) are relative to it. null: this repository."))
-    python: str = Field("python3", description=(
-        "the interpreter that runs the trainer (inside the container)"))
-    host_python: str | None = Field(None, description=(
-        "The batch host's interpreter for the requeue decision (stdlib only); default: `python` "
-        "without a container, python3 with one."))
-    env: dict[str, str] = Field({}, description=(
-        "exported before srun; never secrets (see docs/launcher.md)"))
-    setup: list[str] = Field([], description=(
-        "shell lines run before srun (e.g. `module load ...`), verbatim"))
+    container_image: str | None = Field(
+        None, description=("pyxis --container-image (enables the pyxis flags)")
+    )
+    container_mounts: list[str] = Field(
+        [],
+        description=(
+            "pyxis --container-mounts, each SRC:DST[:FLAGS]; mount the shared filesystem at the "
+            "same path, so paths mean the same inside and out"
+        ),
+    )
+    container_workdir: str | None = Field(
+        None, description=("pyxis --container-workdir; default: workdir")
+    )
+    workdir: str | None = Field(
+        None,
+        description=(
+            "Where the job runs (the repository checkout, as the compute nodes see it); relative "
+            "paths below (python, runs_root) are relative to it. null: this repository."
+        ),
+    )
+    python: str = Field(
+        "python3", description=("the interpreter that runs the trainer (inside the container)")
+    )
+    host_python: str | None = Field(
+        None,
+        description=(
+            "The batch host's interpreter for the requeue decision (stdlib only); default: `python` "
+            "without a container, python3 with one."
+        ),
+    )
+    env: dict[str, str] = Field(
+        {}, description=("exported before srun; never secrets (see docs/launcher.md)")
+    )
+    setup: list[str] = Field(
+        [], description=("shell lines run before srun (e.g. `module load ...`), verbatim")
+    )
     srun_args: list[str] = Field([], description="extra srun flags, e.g. --mpi=pmix")
     sbatch_args: list[str] = Field([], description="extra #SBATCH flags, e.g. --mem=0")
-    runs_root: str = Field("runs", description=(
-        "run directories live in <runs_root>/<experiment>/<run>"))
+    runs_root: str = Field(
+        "runs", description=("run directories live in <runs_root>/<experiment>/<run>")
+    )
 
     @field_validator("partition", "account", "qos")
     @classmethod
     def _word(cls, v):
-        return _pattern_check(v, _SLURM_WORD, "a SLURM name (letters, digits, _.,:+-)",
-                              "gpu or batch,backfill")
+        return _pattern_check(
+            v, _SLURM_WORD, "a SLURM name (letters, digits, _.,:+-)", "gpu or batch,backfill"
+        )
 
     @field_validator("time_limit", mode="before")
     @classmethod
@@ -244,17 +321,20 @@ class ClusterConfig(Section):
         out = {}
         for k, val in v.items():
             if not isinstance(k, str) or not _ENV_NAME.match(k):
-                raise ValueError(f"{k!r} is not an environment variable name; use letters, "
-                                 "digits and _")
+                raise ValueError(
+                    f"{k!r} is not an environment variable name; use letters, digits and _"
+                )
             if _SECRET.search(k):
                 raise ValueError(
                     f"{k} looks like a secret, and secrets are never written into configs or "
-                    "scripts; export it in the shell that submits (the job inherits it)")
+                    "scripts; export it in the shell that submits (the job inherits it)"
+                )
             if k in _RESERVED_ENV or k.startswith("SLURM_"):
-                raise ValueError(f"{k} is set by the batch script or SLURM; remove it from "
-                                 "cluster.env")
+                raise ValueError(
+                    f"{k} is set by the batch script or SLURM; remove it from cluster.env"
+                )
             if isinstance(val, bool) or val is None:
-                raise ValueError(f"{k}: give the value as a quoted string, e.g. {k}: \"1\"")
+                raise ValueError(f'{k}: give the value as a quoted string, e.g. {k}: "1"')
             out[k] = str(val) if isinstance(val, (int, float)) else val
         return out
 
@@ -263,8 +343,10 @@ class ClusterConfig(Section):
     def _mounts(cls, v):
         for m in v:
             if "," in m or not re.match(r"^[^\s:]+(:[^\s:]+){0,2}$", m):
-                raise ValueError(f"{m!r} is not one pyxis mount; write SRC[:DST[:FLAGS]], one "
-                                 "list item per mount")
+                raise ValueError(
+                    f"{m!r} is not one pyxis mount; write SRC[:DST[:FLAGS]], one "
+                    "list item per mount"
+                )
         return v
 
     @field_validator("sbatch_args")
@@ -279,12 +361,22 @@ class ClusterConfig(Section):
     @classmethod
     def _runs_root(cls, v):
         if "%" in v or "\\" in v:
-            raise ValueError(f"{v!r} contains '%' or '\\', which SLURM reads as file-name "
-                             "patterns; choose a directory without them")
+            raise ValueError(
+                f"{v!r} contains '%' or '\\', which SLURM reads as file-name "
+                "patterns; choose a directory without them"
+            )
         return v
 
-    @field_validator("setup", "python", "host_python", "workdir", "container_image",
-                     "container_workdir", "runs_root", "srun_args")
+    @field_validator(
+        "setup",
+        "python",
+        "host_python",
+        "workdir",
+        "container_image",
+        "container_workdir",
+        "runs_root",
+        "srun_args",
+    )
     @classmethod
     def _one_line(cls, v):
         for item in v if isinstance(v, list) else [v]:
@@ -298,7 +390,11 @@ class ClusterConfig(Section):
 # --------------------------------------------------------------------------------------------
 
 Policy = Literal["none", "selective", "full"]
-POLICIES: tuple[Policy, ...] = ("none", "selective", "full")  # most memory first (the sweep's order)
+POLICIES: tuple[Policy, ...] = (
+    "none",
+    "selective",
+    "full",
+)  # most memory first (the sweep's order)
 
 
 class SweepConfig(Section):
@@ -309,26 +405,46 @@ class SweepConfig(Section):
     switch are trainer.parallel.tensor, trainer.train.memory_cap_gib and trainer.train.compile
     (flags --tp, --memory-cap-gib, --compile). A trial spans all job.nodes nodes."""
 
-    gpus_per_trial: int | None = Field(None, ge=1, description=(
-        "Ranks per node of each trial (GPUs per node); default: the profile's ranks per node."))
+    gpus_per_trial: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Ranks per node of each trial (GPUs per node); default: the profile's ranks per node."
+        ),
+    )
     min: int = Field(1, ge=1, description="smallest micro batch tried")
     max: int = Field(512, ge=1, description="largest micro batch tried")
     warmup_steps: int = Field(3, ge=0, description="steps dropped before timing")
     steps: int = Field(10, ge=1, description="timed steps per trial")
-    recompute: list[Policy] = Field(list(POLICIES), description=(
-        "activation_checkpointing policies swept, in this order (each starts where the last "
-        "ended)"))
-    gpu_name: str | None = Field(None, description=(
-        "results and table name, e.g. h100_80gb; default: detected"))
+    recompute: list[Policy] = Field(
+        list(POLICIES),
+        description=(
+            "activation_checkpointing policies swept, in this order (each starts where the last "
+            "ended)"
+        ),
+    )
+    gpu_name: str | None = Field(
+        None, description=("results and table name, e.g. h100_80gb; default: detected")
+    )
     write_table: bool = Field(False, description="update the model's row in <tables>/<gpu>.yaml")
-    cpu_memory_limit_gib: float | None = Field(None, gt=0, description=(
-        "CPU trials only: address-space limit (RLIMIT_AS) of every trial process, a real OOM"))
+    cpu_memory_limit_gib: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "CPU trials only: address-space limit (RLIMIT_AS) of every trial process, a real OOM"
+        ),
+    )
     trial_timeout_s: float = Field(1800, gt=0, description="a trial running longer counts as hung")
-    out: str = Field("benchmarks/results", description=(
-        "Results: <out>/<gpu>/<model>.*, copied into <run_dir>/results. Relative to "
-        "cluster.workdir."))
-    tables: str = Field("configs/benchmarks", description=(
-        "benchmark tables for write_table, relative to workdir"))
+    out: str = Field(
+        "benchmarks/results",
+        description=(
+            "Results: <out>/<gpu>/<model>.*, copied into <run_dir>/results. Relative to "
+            "cluster.workdir."
+        ),
+    )
+    tables: str = Field(
+        "configs/benchmarks", description=("benchmark tables for write_table, relative to workdir")
+    )
 
     @field_validator("recompute", mode="before")
     @classmethod
@@ -350,8 +466,12 @@ class SweepConfig(Section):
     @field_validator("gpu_name")
     @classmethod
     def _gpu_name(cls, v):
-        return _pattern_check(v, re.compile(r"^[a-z0-9_.-]+$"),
-                              "a table name (lower-case letters, digits, _.-)", "h100_80gb")
+        return _pattern_check(
+            v,
+            re.compile(r"^[a-z0-9_.-]+$"),
+            "a table name (lower-case letters, digits, _.-)",
+            "h100_80gb",
+        )
 
     @field_validator("out", "tables")
     @classmethod
@@ -366,8 +486,9 @@ class LaunchConfig(Section):
 
     job: JobConfig
     cluster: ClusterConfig
-    sweep: SweepConfig | None = Field(None, description=(
-        "a sweep job (`python -m launchers sweep`); absent: training"))
+    sweep: SweepConfig | None = Field(
+        None, description=("a sweep job (`python -m launchers sweep`); absent: training")
+    )
     trainer: TrainerConfig
 
     # Derived values (not stored: recomputed from the sections).
@@ -397,24 +518,30 @@ class LaunchConfig(Section):
 
 class BenchmarkRow(Section):
     micro_batch_size: int = Field(gt=0, description="-> trainer.train.micro_batch_size")
-    engine: Literal["torch", "megatron"] | None = Field(None, description=(
-        "-> trainer.train.engine (TP/PP > 1: megatron)"))
+    engine: Literal["torch", "megatron"] | None = Field(
+        None, description=("-> trainer.train.engine (TP/PP > 1: megatron)")
+    )
     tensor_parallel: int = Field(1, gt=0, description="-> trainer.parallel.tensor")
     pipeline_parallel: int = Field(1, gt=0, description="-> trainer.parallel.pipeline")
-    global_batch_size: int | None = Field(None, gt=0, description=(
-        "-> trainer.train.global_batch_size"))
+    global_batch_size: int | None = Field(
+        None, gt=0, description=("-> trainer.train.global_batch_size")
+    )
     gpus: int = Field(0, ge=0, description="the job size the row was measured at (reference only)")
-    max_micro_batch_size: int | None = Field(None, gt=0, description=(
-        "larger micro batches draw a warning"))
+    max_micro_batch_size: int | None = Field(
+        None, gt=0, description=("larger micro batches draw a warning")
+    )
     measured: bool | None = Field(None, description="default: the table's flag")
     source: str | None = Field(None, description="default: the table's source")
-    date: str | None = Field(None, description=(
-        "when the row was measured (written by `make sweep --write-table`)"))
+    date: str | None = Field(
+        None, description=("when the row was measured (written by `make sweep --write-table`)")
+    )
     notes: str | None = None
 
     def trainer_layer(self) -> dict:
-        train: dict[str, object] = {"micro_batch_size": self.micro_batch_size,
-                 "global_batch_size": self.global_batch_size}
+        train: dict[str, object] = {
+            "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
+        }
         if self.engine is not None:
             train["engine"] = self.engine
         return {
@@ -429,8 +556,9 @@ FP8_GPU_TYPES = ("h100", "h200", "h800", "gh200", "b100", "b200", "gb200")
 
 class BenchmarkTable(Section):
     gpu_type: str
-    kind: Literal["gpu", "cpu"] = Field(description=(
-        "cpu: the profile must have gpus_per_node 0; gpu: > 0"))
+    kind: Literal["gpu", "cpu"] = Field(
+        description=("cpu: the profile must have gpus_per_node 0; gpu: > 0")
+    )
     measured: bool
     source: str
     rows: dict[str, BenchmarkRow]
@@ -455,8 +583,11 @@ def _unwrap_optional(ann):
 def _models_in(ann) -> list[type[BaseModel]]:
     """The pydantic models an annotation stands for (one, or each member of a union)."""
     base, _ = _unwrap_optional(ann)
-    members = get_args(base) if (get_origin(base) is Union
-                                 or type(base).__name__ == "UnionType") else (base,)
+    members = (
+        get_args(base)
+        if (get_origin(base) is Union or type(base).__name__ == "UnionType")
+        else (base,)
+    )
     return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
 
 
@@ -476,15 +607,22 @@ def schema_type(key: Key):
                 here = ".".join(key[:i]) or "(top level)"
                 options = _fields_of(models)
                 hint = _did_you_mean(part, options)
-                raise ConfigError("command line", ".".join(key), f"unknown key{hint}",
-                                  f"keys under {here}: {', '.join(options)}")
+                raise ConfigError(
+                    "command line",
+                    ".".join(key),
+                    f"unknown key{hint}",
+                    f"keys under {here}: {', '.join(options)}",
+                )
             ann = owner.model_fields[part].annotation
         elif get_origin(base) is dict:
             ann = get_args(base)[1]
         else:
-            raise ConfigError("command line", ".".join(key),
-                              f"{'.'.join(key[:i])} is a single value and has no sub-keys",
-                              f"write {'.'.join(key[:i])}=VALUE")
+            raise ConfigError(
+                "command line",
+                ".".join(key),
+                f"{'.'.join(key[:i])} is a single value and has no sub-keys",
+                f"write {'.'.join(key[:i])}=VALUE",
+            )
     return ann
 
 
@@ -495,6 +633,7 @@ def _is_text(ann) -> bool:
     if get_origin(base) is Literal:
         return all(isinstance(a, str) for a in get_args(base))
     return False
+
 
 def _models_at(loc: Key) -> list[type[BaseModel]]:
     """The schema model(s) at a location (several where the schema has a union)."""

@@ -38,7 +38,8 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
+    _INT,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
     list("-+0123456789"),
 )
 _Loader.add_implicit_resolver(
@@ -55,13 +56,23 @@ def load_yaml_text(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except DuplicateKeyError as e:
-        raise ConfigError(source, e.key, f"given twice (lines {e.lines[0]} and {e.lines[1]}), and "
-                          "YAML would keep the last silently", "keep one of them") from None
+        raise ConfigError(
+            source,
+            e.key,
+            f"given twice (lines {e.lines[0]} and {e.lines[1]}), and "
+            "YAML would keep the last silently",
+            "keep one of them",
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         position = getattr(e, "position", None)  # ReaderError: a character YAML refuses
-        where = (f"line {mark.line + 1}" if mark else f"character {position}"
-                 if position is not None else "(file)")
+        where = (
+            f"line {mark.line + 1}"
+            if mark
+            else f"character {position}"
+            if position is not None
+            else "(file)"
+        )
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(source, where, f"not valid YAML ({problem})", "fix the syntax") from None
 
@@ -70,11 +81,16 @@ def load_yaml_file(path: Path, key: str = "(file)") -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(label(path), key, f"cannot read ({e.strerror})",
-                          "check the path") from None
+        raise ConfigError(
+            label(path), key, f"cannot read ({e.strerror})", "check the path"
+        ) from None
     except UnicodeDecodeError as e:
-        raise ConfigError(label(path), key, f"not UTF-8 text (byte {e.object[e.start]:#04x} at "
-                          f"offset {e.start}): not a YAML file", "check the path") from None
+        raise ConfigError(
+            label(path),
+            key,
+            f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): not a YAML file",
+            "check the path",
+        ) from None
     return load_yaml_text(text, label(path))
 
 

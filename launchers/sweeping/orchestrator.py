@@ -51,55 +51,117 @@ from launchers.sweeping.trials import (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0],
+        prog=f"python -m {MODULE}",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="preset name: configs/models/<model>.yaml")
-    p.add_argument("--gpus-per-trial", type=int, default=1,
-                   help="processes per node in each trial (GPUs per node; CPU: ranks per node)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes per trial (needs --inside-allocation)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=int,
+        default=1,
+        help="processes per node in each trial (GPUs per node; CPU: ranks per node)",
+    )
+    p.add_argument(
+        "--nodes", type=int, default=1, help="nodes per trial (needs --inside-allocation)"
+    )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (parallel.tensor)")
-    p.add_argument("--memory-cap-gib", type=float, default=None,
-                   help="cap each trial's GPU memory (emulates a smaller card)")
+    p.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        help="cap each trial's GPU memory (emulates a smaller card)",
+    )
     p.add_argument("--min", type=int, default=1, help="smallest micro batch to try")
     p.add_argument("--max", type=int, default=512, help="largest micro batch to try")
     p.add_argument("--warmup-steps", type=int, default=3, help="steps dropped before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per trial")
-    p.add_argument("--recompute", default=",".join(POLICIES),
-                   help="comma-separated activation_checkpointing policies to sweep")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="train.compile in every trial (default: the base config's value)")
-    p.add_argument("--gpu-name", default=None,
-                   help="table name, e.g. h100_80gb (default: detected; 'cpu' without a GPU)")
+    p.add_argument(
+        "--recompute",
+        default=",".join(POLICIES),
+        help="comma-separated activation_checkpointing policies to sweep",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train.compile in every trial (default: the base config's value)",
+    )
+    p.add_argument(
+        "--gpu-name",
+        default=None,
+        help="table name, e.g. h100_80gb (default: detected; 'cpu' without a GPU)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
-    p.add_argument("--work-dir", type=Path, default=Path("runs/sweep"),
-                   help="trial run directories (must be on a filesystem every node sees)")
-    p.add_argument("--tables", type=Path, default=Path("configs/benchmarks"),
-                   help="folder of benchmark tables for --write-table")
-    p.add_argument("--write-table", action="store_true",
-                   help="update this model's row in <tables>/<gpu>.yaml from the measurement")
-    p.add_argument("--cpu-memory-limit-gib", type=float, default=None,
-                   help="CPU only: address-space limit (RLIMIT_AS) of every trial process")
-    p.add_argument("--inside-allocation", action="store_true",
-                   help="run each trial as an srun step of the current SLURM job")
-    p.add_argument("--trial-timeout", type=float, default=1800,
-                   help="seconds before a trial counts as hung (covers torch.compile start-up)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("runs/sweep"),
+        help="trial run directories (must be on a filesystem every node sees)",
+    )
+    p.add_argument(
+        "--tables",
+        type=Path,
+        default=Path("configs/benchmarks"),
+        help="folder of benchmark tables for --write-table",
+    )
+    p.add_argument(
+        "--write-table",
+        action="store_true",
+        help="update this model's row in <tables>/<gpu>.yaml from the measurement",
+    )
+    p.add_argument(
+        "--cpu-memory-limit-gib",
+        type=float,
+        default=None,
+        help="CPU only: address-space limit (RLIMIT_AS) of every trial process",
+    )
+    p.add_argument(
+        "--inside-allocation",
+        action="store_true",
+        help="run each trial as an srun step of the current SLURM job",
+    )
+    p.add_argument(
+        "--trial-timeout",
+        type=float,
+        default=1800,
+        help="seconds before a trial counts as hung (covers torch.compile start-up)",
+    )
     # Set by `python -m launchers sweep` (launchers/sweep.py: command):
-    p.add_argument("--base-config", type=Path, required=True,
-                   help="the run's resolved config.yaml: its trainer section is every trial's base")
-    p.add_argument("--python", default=sys.executable,
-                   help="interpreter of the trial processes (e.g. the container's)")
-    p.add_argument("--srun-arg", dest="srun_args", action="append", default=[],
-                   metavar="--FLAG[=VALUE]",
-                   help="extra flag for each trial's srun step, e.g. --srun-arg=--overlap")
-    p.add_argument("--copy-results", type=Path, default=None, metavar="DIR",
-                   help="also copy the result files into DIR (the launcher's run directory)")
+    p.add_argument(
+        "--base-config",
+        type=Path,
+        required=True,
+        help="the run's resolved config.yaml: its trainer section is every trial's base",
+    )
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter of the trial processes (e.g. the container's)",
+    )
+    p.add_argument(
+        "--srun-arg",
+        dest="srun_args",
+        action="append",
+        default=[],
+        metavar="--FLAG[=VALUE]",
+        help="extra flag for each trial's srun step, e.g. --srun-arg=--overlap",
+    )
+    p.add_argument(
+        "--copy-results",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also copy the result files into DIR (the launcher's run directory)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the results
     args.recompute = [x.strip() for x in args.recompute.split(",") if x.strip()]
     unknown = sorted(set(args.recompute) - set(POLICIES))
     if unknown or not args.recompute:
-        p.error(f"--recompute takes a comma-separated subset of {', '.join(POLICIES)}; got {unknown}")
+        p.error(
+            f"--recompute takes a comma-separated subset of {', '.join(POLICIES)}; got {unknown}"
+        )
     args.recompute = [x for x in POLICIES if x in args.recompute]  # most memory first (see search)
     if not 1 <= args.min <= args.max:
         p.error(f"need 1 <= --min <= --max, got {args.min} and {args.max}")
@@ -119,15 +181,21 @@ def run_sweep(args: argparse.Namespace) -> dict:
     is_gpu = is_gpu and first["train"]["device"] != "cpu"  # train.device=cpu: CPU trials anyway
     gpu = args.gpu_name or (gpu_table_name(device) if is_gpu else "cpu")
     if args.cpu_memory_limit_gib and is_gpu:
-        raise ValueError("--cpu-memory-limit-gib is for CPU trials: CUDA reserves far more address "
-                         "space than any limit allows; cap GPU memory with --memory-cap-gib")
+        raise ValueError(
+            "--cpu-memory-limit-gib is for CPU trials: CUDA reserves far more address "
+            "space than any limit allows; cap GPU memory with --memory-cap-gib"
+        )
     if args.inside_allocation and "SLURM_JOB_ID" not in os.environ:
-        raise ValueError("--inside-allocation needs a SLURM job (no SLURM_JOB_ID): run it in the "
-                         "batch script of an allocation of --nodes nodes, see docs/sweep.md")
+        raise ValueError(
+            "--inside-allocation needs a SLURM job (no SLURM_JOB_ID): run it in the "
+            "batch script of an allocation of --nodes nodes, see docs/sweep.md"
+        )
     work_dir = (args.work_dir / gpu / args.model).resolve()
-    print(f"[sweep] {args.model} on {gpu} ({device}): world size {world}, micro batch "
-          f"{args.min}..{args.max}, recompute {', '.join(args.recompute)}; trials in {work_dir}",
-          flush=True)
+    print(
+        f"[sweep] {args.model} on {gpu} ({device}): world size {world}, micro batch "
+        f"{args.min}..{args.max}, recompute {', '.join(args.recompute)}; trials in {work_dir}",
+        flush=True,
+    )
 
     runner = Runner(args, preset, work_dir)
     start = args.min
@@ -142,21 +210,33 @@ def run_sweep(args: argparse.Namespace) -> dict:
     if policies[ref]["micro_batch_size"] is not None:
         best_config = trial_config(preset, args, ref, policies[ref]["micro_batch_size"])
     return {
-        "model": args.model, "gpu": gpu,
+        "model": args.model,
+        "gpu": gpu,
         "command": shlex.join(["python", "-m", MODULE, *args.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": socket.gethostname(), "device": device, "torch": torch_version(),
+        "host": socket.gethostname(),
+        "device": device,
+        "torch": torch_version(),
         "git_commit": git_commit(),
-        "world_size": world, "gpus_per_trial": args.gpus_per_trial, "nodes": args.nodes,
-        "tensor_parallel": args.tp, "seq_length": first["model"]["seq_length"],
-        "memory_cap_gib": args.memory_cap_gib, "cpu_memory_limit_gib": args.cpu_memory_limit_gib,
-        "compile": first["train"]["compile"], "warmup_steps": args.warmup_steps, "timed_steps": args.steps,
+        "world_size": world,
+        "gpus_per_trial": args.gpus_per_trial,
+        "nodes": args.nodes,
+        "tensor_parallel": args.tp,
+        "seq_length": first["model"]["seq_length"],
+        "memory_cap_gib": args.memory_cap_gib,
+        "cpu_memory_limit_gib": args.cpu_memory_limit_gib,
+        "compile": first["train"]["compile"],
+        "warmup_steps": args.warmup_steps,
+        "timed_steps": args.steps,
         "inside_allocation": args.inside_allocation,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID") if args.inside_allocation else None,
         "search": {"min": args.min, "max": args.max},
         "policies": policies,
-        "best": {"recompute": ref, "micro_batch_size": policies[ref]["micro_batch_size"],
-                 "config": best_config},
+        "best": {
+            "recompute": ref,
+            "micro_batch_size": policies[ref]["micro_batch_size"],
+            "config": best_config,
+        },
         "trials": [asdict(t) for t in runner.trials],
     }
 
@@ -180,15 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.copy_results is not None:
         print(f"[sweep] copied the results into {args.copy_results}")
     if args.write_table:
-        if "none" not in result["policies"] or result["policies"]["none"]["micro_batch_size"] is None:
-            print("[sweep] --write-table needs a fitting micro batch with recompute 'none' (the "
-                  "policy tables describe)", file=sys.stderr)
+        if (
+            "none" not in result["policies"]
+            or result["policies"]["none"]["micro_batch_size"] is None
+        ):
+            print(
+                "[sweep] --write-table needs a fitting micro batch with recompute 'none' (the "
+                "policy tables describe)",
+                file=sys.stderr,
+            )
             return 1
         table = args.tables / f"{result['gpu']}.yaml"
-        old = ((yaml.safe_load(table.read_text()) or {}).get("rows") or {}).get(args.model, {}) \
-            if table.exists() else {}
+        old = (
+            ((yaml.safe_load(table.read_text()) or {}).get("rows") or {}).get(args.model, {})
+            if table.exists()
+            else {}
+        )
         source = str(folder / f"{args.model}.json")
         update_table(table, result["gpu"], args.model, table_row(result, old or {}, source))
         print(f"[sweep] updated row {args.model} of {table}")
     return 0
-

@@ -18,19 +18,40 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 COLORS = {"none": "tab:blue", "selective": "tab:orange", "full": "tab:green"}
 
 
-def _plot(trials: list[dict], key: str, ylabel: str, path: Path, title: str,
-          hline: float | None = None, hline_label: str = "") -> Path:
+def _plot(
+    trials: list[dict],
+    key: str,
+    ylabel: str,
+    path: Path,
+    title: str,
+    hline: float | None = None,
+    hline_label: str = "",
+) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for policy in dict.fromkeys(t["recompute"] for t in trials):
         color = COLORS.get(policy)
-        fit = sorted((t for t in trials if t["recompute"] == policy and t["fits"]),
-                     key=lambda t: t["micro_batch_size"])
-        ax.plot([t["micro_batch_size"] for t in fit], [t[key] for t in fit], "o-", color=color,
-                label=f"recompute {policy}")
+        fit = sorted(
+            (t for t in trials if t["recompute"] == policy and t["fits"]),
+            key=lambda t: t["micro_batch_size"],
+        )
+        ax.plot(
+            [t["micro_batch_size"] for t in fit],
+            [t[key] for t in fit],
+            "o-",
+            color=color,
+            label=f"recompute {policy}",
+        )
         oom = [t["micro_batch_size"] for t in trials if t["recompute"] == policy and not t["fits"]]
         if oom:  # on the x axis: out-of-memory trials have no value to plot
-            ax.plot(oom, [0] * len(oom), "x", color=color, markersize=9, clip_on=False,
-                    label=f"{policy}: out of memory")
+            ax.plot(
+                oom,
+                [0] * len(oom),
+                "x",
+                color=color,
+                markersize=9,
+                clip_on=False,
+                label=f"{policy}: out of memory",
+            )
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle="--", label=hline_label)
     ax.set_xscale("log", base=2)
@@ -52,5 +73,12 @@ def plot_throughput(trials: list[dict], path: Path, title: str) -> Path:
 
 
 def plot_memory(trials: list[dict], path: Path, title: str, cap_gib: float | None) -> Path:
-    return _plot(trials, "peak_memory_gib", "peak memory per rank (GiB; CPU: resident set)", path, title,
-                 hline=cap_gib, hline_label=f"memory cap {cap_gib} GiB")
+    return _plot(
+        trials,
+        "peak_memory_gib",
+        "peak memory per rank (GiB; CPU: resident set)",
+        path,
+        title,
+        hline=cap_gib,
+        hline_label=f"memory cap {cap_gib} GiB",
+    )

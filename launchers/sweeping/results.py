@@ -25,8 +25,10 @@ def _gib(v) -> str:
 def markdown(result: dict) -> str:
     r = result
     lines = [
-        f"# Micro-batch sweep: {r['model']} on {r['gpu']}", "",
-        f"Command: `{r['command']}`", "",
+        f"# Micro-batch sweep: {r['model']} on {r['gpu']}",
+        "",
+        f"Command: `{r['command']}`",
+        "",
         f"- date (UTC): {r['date']}; host: {r['host']}; device: {r['device']}",
         f"- torch {r['torch']}; commit {r['git_commit']}",
         f"- world size {r['world_size']} ({r['gpus_per_trial']} per node x {r['nodes']} nodes), "
@@ -34,7 +36,9 @@ def markdown(result: dict) -> str:
         f"- GPU memory cap: {_gib(r['memory_cap_gib'])}; CPU address-space limit per process: "
         f"{_gib(r['cpu_memory_limit_gib'])}; compile: {r['compile']}",
         f"- {r['warmup_steps']} warm-up steps dropped, median over {r['timed_steps']} timed steps",
-        "", "## Per recompute policy", "",
+        "",
+        "## Per recompute policy",
+        "",
         "| recompute | max micro batch | fastest micro batch | tokens/s/GPU | TFLOP/s/GPU | MFU |"
         " tokens/s/GPU at max |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -46,17 +50,23 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {policy} | {largest} | {_fmt(s['micro_batch_size'], 'd')}"
             f" | {_fmt(s.get('tokens_per_s_per_gpu'))} | {_fmt(s.get('tflops_per_gpu'), '.3g')}"
-            f" | {_fmt(s.get('mfu'), '.1%')} | {_fmt(s.get('tokens_per_s_per_gpu_at_max'))} |")
-    lines += ["", "## Trials (in the order run)", "",
-              "| recompute | micro batch | fits | tokens/s/GPU | useful tokens/s/GPU | TFLOP/s/GPU |"
-              " MFU | peak GiB | seconds |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+            f" | {_fmt(s.get('mfu'), '.1%')} | {_fmt(s.get('tokens_per_s_per_gpu_at_max'))} |"
+        )
+    lines += [
+        "",
+        "## Trials (in the order run)",
+        "",
+        "| recompute | micro batch | fits | tokens/s/GPU | useful tokens/s/GPU | TFLOP/s/GPU |"
+        " MFU | peak GiB | seconds |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for t in r["trials"]:
         lines.append(
             f"| {t['recompute']} | {t['micro_batch_size']} | {'yes' if t['fits'] else 'OOM'}"
             f" | {_fmt(t['tokens_per_s_per_gpu'])} | {_fmt(t['useful_tokens_per_s_per_gpu'])}"
             f" | {_fmt(t['tflops_per_gpu'], '.3g')} | {_fmt(t['mfu'], '.1%')}"
-            f" | {_fmt(t['peak_memory_gib'], '.2f')} | {t['seconds']:.0f} |")
+            f" | {_fmt(t['peak_memory_gib'], '.2f')} | {t['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -73,8 +83,11 @@ def write_results(result: dict, folder: Path, model: str) -> list[Path]:
     paths[2].write_text(markdown(result))
     title = f"{model} on {result['gpu']}, world size {result['world_size']}"
     paths.append(plot_throughput(result["trials"], folder / f"{model}_throughput.png", title))
-    paths.append(plot_memory(result["trials"], folder / f"{model}_memory.png", title,
-                             result["memory_cap_gib"]))
+    paths.append(
+        plot_memory(
+            result["trials"], folder / f"{model}_memory.png", title, result["memory_cap_gib"]
+        )
+    )
     return paths
 
 
@@ -82,17 +95,24 @@ def table_row(result: dict, old_row: dict, source: str) -> dict:
     """The new values of a benchmark-table row, from the sweep's "none" policy."""
     s = result["policies"]["none"]
     if s.get("max_is_search_limit"):
-        print(f"[sweep] note: --max {s['max_micro_batch_size']} itself fit; the table's "
-              f"max_micro_batch_size is only a lower bound (sweep again with a larger --max)")
+        print(
+            f"[sweep] note: --max {s['max_micro_batch_size']} itself fit; the table's "
+            f"max_micro_batch_size is only a lower bound (sweep again with a larger --max)"
+        )
     row = dict(old_row)
-    row.update(micro_batch_size=s["micro_batch_size"], tensor_parallel=result["tensor_parallel"],
-               max_micro_batch_size=s["max_micro_batch_size"])
+    row.update(
+        micro_batch_size=s["micro_batch_size"],
+        tensor_parallel=result["tensor_parallel"],
+        max_micro_batch_size=s["max_micro_batch_size"],
+    )
     if result["gpu"] != "cpu":  # CPU tables say gpus: 0
         row["gpus"] = result["world_size"]
     gbs = row.get("global_batch_size")
     if gbs is not None and gbs % s["micro_batch_size"]:
-        print(f"[sweep] global_batch_size {gbs} is not a multiple of the new micro batch "
-              f"{s['micro_batch_size']}: set to null (micro batch x data-parallel size)")
+        print(
+            f"[sweep] global_batch_size {gbs} is not a multiple of the new micro batch "
+            f"{s['micro_batch_size']}: set to null (micro batch x data-parallel size)"
+        )
         row["global_batch_size"] = None
     date = result["date"][:10]
     row.update(measured=True, source=f"{source} (make sweep, {date})")
@@ -115,9 +135,11 @@ def update_table(path: Path, gpu: str, model: str, row: dict) -> None:
     """Replace (or add) the row `model` under `rows:` in a benchmark table, keeping the text,
     comments included, of everything else; a new table gets a short header."""
     if not path.exists():
-        path.write_text(f"# Benchmark table: {gpu}, measured by `make sweep` (docs/sweep.md).\n"
-                        f"gpu_type: {gpu}\nkind: {'cpu' if gpu == 'cpu' else 'gpu'}\n"
-                        f"measured: true\nsource: make sweep\nrows:\n")
+        path.write_text(
+            f"# Benchmark table: {gpu}, measured by `make sweep` (docs/sweep.md).\n"
+            f"gpu_type: {gpu}\nkind: {'cpu' if gpu == 'cpu' else 'gpu'}\n"
+            f"measured: true\nsource: make sweep\nrows:\n"
+        )
     text = path.read_text()
     before = yaml.safe_load(text) or {}
     block = yaml.safe_dump({model: row}, sort_keys=False, width=100)
@@ -131,11 +153,24 @@ def update_table(path: Path, gpu: str, model: str, row: dict) -> None:
     else:
         # The rows section runs until the next top-level key; a row until the next line indented
         # two spaces or less (blank lines and deeper comments belong to it).
-        end = next((i for i in range(rows_at + 1, len(lines))
-                    if lines[i].strip() and not lines[i].startswith(" ")
-                    and not lines[i].startswith("#")), len(lines))
-        start = next((i for i in range(rows_at + 1, end)
-                      if re.match(rf"  {re.escape(model)}:\s*(#.*)?$", lines[i])), None)
+        end = next(
+            (
+                i
+                for i in range(rows_at + 1, len(lines))
+                if lines[i].strip()
+                and not lines[i].startswith(" ")
+                and not lines[i].startswith("#")
+            ),
+            len(lines),
+        )
+        start = next(
+            (
+                i
+                for i in range(rows_at + 1, end)
+                if re.match(rf"  {re.escape(model)}:\s*(#.*)?$", lines[i])
+            ),
+            None,
+        )
         if start is None:
             while end > rows_at + 1 and not lines[end - 1].strip():
                 end -= 1  # append after the last row, before trailing blank lines
@@ -151,6 +186,8 @@ def update_table(path: Path, gpu: str, model: str, row: dict) -> None:
     after = yaml.safe_load(new_text)
     expected = {**before, "rows": {**(before.get("rows") or {}), model: row}}
     if after != expected:  # an unusual layout: fall back to a plain dump (comments are lost)
-        print(f"[sweep] {path}: could not edit the row in place; rewriting the file without comments")
+        print(
+            f"[sweep] {path}: could not edit the row in place; rewriting the file without comments"
+        )
         new_text = yaml.safe_dump(expected, sort_keys=False, width=100)
     path.write_text(new_text)

@@ -119,8 +119,9 @@ def detect_device() -> tuple[str, bool]:
     """(device name, is a GPU), from nvidia-smi so that this process creates no CUDA context."""
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
         names = out.stdout.strip().splitlines()
         if out.returncode == 0 and names:
             return names[0].strip(), True
@@ -134,12 +135,16 @@ def detect_device() -> tuple[str, bool]:
 
 
 def git_commit() -> str | None:
-    out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
     if out.returncode:
         return None
-    dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain",
-                            "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
@@ -158,17 +163,25 @@ def free_port() -> int:
 
 def first_node_address() -> str:
     """Address of the allocation's first node (srun puts rank 0 there): its NodeAddr."""
-    hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                           capture_output=True, text=True, check=True).stdout.split()
-    node = subprocess.run(["scontrol", "show", "node", "-o", hosts[0]],
-                          capture_output=True, text=True).stdout
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    node = subprocess.run(
+        ["scontrol", "show", "node", "-o", hosts[0]], capture_output=True, text=True
+    ).stdout
     match = re.search(r"\bNodeAddr=(\S+)", node)
     return match.group(1) if match else hosts[0]
 
 
 def trial_environment(args: argparse.Namespace) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    }
     env["PYTHONUNBUFFERED"] = "1"  # complete logs even when a rank is killed
     if args.cpu_memory_limit_gib:
         # Under an address-space limit, reserved-but-unused address space counts like allocated
@@ -200,22 +213,39 @@ def _address_space_limit(limit_bytes: int | None):
     return apply
 
 
-def launch_local(run_dir: Path, world: int, env: dict, limit_bytes: int | None,
-                 timeout: float, python: str = sys.executable) -> tuple[list[int | None], bool]:
+def launch_local(
+    run_dir: Path,
+    world: int,
+    env: dict,
+    limit_bytes: int | None,
+    timeout: float,
+    python: str = sys.executable,
+) -> tuple[list[int | None], bool]:
     """One process per rank on this machine; returns (exit codes, timed out)."""
     port = free_port()
     procs = []
     try:
         for rank in range(world):
             # Set even for world 1, so that SLURM variables of a surrounding job are not read.
-            rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(world),
-                        "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}
+            rank_env = {
+                **env,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(rank),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
             with open(run_dir / f"rank{rank}.log", "w") as log:
-                procs.append(subprocess.Popen(
-                    [python, "-m", "bionemo.train", str(run_dir)], cwd=REPO_ROOT,
-                    env=rank_env, stdout=log, stderr=subprocess.STDOUT,
-                    preexec_fn=_address_space_limit(limit_bytes)))
+                procs.append(
+                    subprocess.Popen(
+                        [python, "-m", "bionemo.train", str(run_dir)],
+                        cwd=REPO_ROOT,
+                        env=rank_env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=_address_space_limit(limit_bytes),
+                    )
+                )
         deadline, grace_until = time.monotonic() + timeout, None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
@@ -238,15 +268,24 @@ def launch_local(run_dir: Path, world: int, env: dict, limit_bytes: int | None,
 # still be exiting (with 12) when the others already failed at the broken connection to it (with
 # 1); killing the step then would hide its 12. --wait gives the remaining ranks FAILURE_GRACE_S
 # after the first one ended (they may be stuck in a collective), then srun kills them.
-_SRUN_TASK = ('echo "[sweep] rank $SLURM_PROCID of $SLURM_NTASKS on $(hostname) '
-              '(node $SLURMD_NODENAME, step $SLURM_JOB_ID.$SLURM_STEP_ID)"; '
-              '{limit}"$1" -m bionemo.train "$0"; rc=$?; '
-              'echo $rc > "$0/rank$SLURM_PROCID.rc"; exit $rc')
+_SRUN_TASK = (
+    'echo "[sweep] rank $SLURM_PROCID of $SLURM_NTASKS on $(hostname) '
+    '(node $SLURMD_NODENAME, step $SLURM_JOB_ID.$SLURM_STEP_ID)"; '
+    '{limit}"$1" -m bionemo.train "$0"; rc=$?; '
+    'echo $rc > "$0/rank$SLURM_PROCID.rc"; exit $rc'
+)
 
 
-def launch_srun(run_dir: Path, nodes: int, per_node: int, env: dict, limit_bytes: int | None,
-                timeout: float, python: str = sys.executable,
-                srun_args: list[str] = ()) -> tuple[list[int | None], bool]:
+def launch_srun(
+    run_dir: Path,
+    nodes: int,
+    per_node: int,
+    env: dict,
+    limit_bytes: int | None,
+    timeout: float,
+    python: str = sys.executable,
+    srun_args: list[str] = (),
+) -> tuple[list[int | None], bool]:
     """One srun job step in the current allocation; returns (exit codes, timed out).
     srun_args: the launcher's flags for the step (CPUs per task, pyxis, the profile's own;
     --overlap when the sweep itself runs in a step, see docs/sweep.md)."""
@@ -254,10 +293,21 @@ def launch_srun(run_dir: Path, nodes: int, per_node: int, env: dict, limit_bytes
     env = {**env, "MASTER_PORT": str(free_port())}  # the batch script runs on the first node
     env.setdefault("MASTER_ADDR", first_node_address())
     limit = f"ulimit -v {limit_bytes // 1024}; " if limit_bytes else ""  # ulimit -v is in KiB
-    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={world}", f"--ntasks-per-node={per_node}",
-           "--kill-on-bad-exit=0", f"--wait={FAILURE_GRACE_S}",
-           f"--output={run_dir}/rank%t.log", *srun_args,
-           "bash", "-c", _SRUN_TASK.format(limit=limit), str(run_dir), python]
+    cmd = [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks={world}",
+        f"--ntasks-per-node={per_node}",
+        "--kill-on-bad-exit=0",
+        f"--wait={FAILURE_GRACE_S}",
+        f"--output={run_dir}/rank%t.log",
+        *srun_args,
+        "bash",
+        "-c",
+        _SRUN_TASK.format(limit=limit),
+        str(run_dir),
+        python,
+    ]
     with open(run_dir / "srun.log", "w") as log:
         log.write(shlex.join(cmd) + "\n")
         log.flush()
@@ -315,8 +365,10 @@ class Runner:
         self.trials: list[Trial] = []
 
     def __call__(self, policy: str, micro_batch: int) -> Trial:
-        done = next((t for t in self.trials
-                     if t.recompute == policy and t.micro_batch_size == micro_batch), None)
+        done = next(
+            (t for t in self.trials if t.recompute == policy and t.micro_batch_size == micro_batch),
+            None,
+        )
         if done is not None:
             return done
         a = self.args
@@ -328,15 +380,24 @@ class Runner:
         print(f"[sweep] {policy:9s} micro batch {micro_batch:4d}: ", end="", flush=True)
         t0 = time.monotonic()
         if a.inside_allocation:
-            codes, timed_out = launch_srun(run_dir, a.nodes, a.gpus_per_trial, self.env,
-                                           self.limit_bytes, a.trial_timeout, a.python,
-                                           a.srun_args)
+            codes, timed_out = launch_srun(
+                run_dir,
+                a.nodes,
+                a.gpus_per_trial,
+                self.env,
+                self.limit_bytes,
+                a.trial_timeout,
+                a.python,
+                a.srun_args,
+            )
         else:
-            codes, timed_out = launch_local(run_dir, self.world, self.env, self.limit_bytes,
-                                            a.trial_timeout, a.python)
+            codes, timed_out = launch_local(
+                run_dir, self.world, self.env, self.limit_bytes, a.trial_timeout, a.python
+            )
         seconds = time.monotonic() - t0
-        trial = Trial(policy, micro_batch, fits=False, seconds=round(seconds, 2),
-                      run_dir=str(run_dir))
+        trial = Trial(
+            policy, micro_batch, fits=False, seconds=round(seconds, 2), run_dir=str(run_dir)
+        )
         if OOM_EXIT_CODE in codes:  # one rank out of memory is enough; the others may have crashed
             print(f"out of memory ({seconds:.0f} s)", flush=True)
         elif not timed_out and all(c == 0 for c in codes):
@@ -346,10 +407,15 @@ class Runner:
             print(describe(trial), flush=True)
         else:
             print("failed", flush=True)
-            why = f"did not finish within {a.trial_timeout:.0f} s" if timed_out else \
-                f"exit codes per rank {codes} (None: killed or unknown)"
+            why = (
+                f"did not finish within {a.trial_timeout:.0f} s"
+                if timed_out
+                else f"exit codes per rank {codes} (None: killed or unknown)"
+            )
             logs = sorted(run_dir.glob("rank*.log")) + sorted(run_dir.glob("srun.log"))
-            raise SweepError(f"trial {policy} micro batch {micro_batch} {why}; the sweep stops "
-                             f"here.\n" + "\n".join(_tail(p) for p in logs))
+            raise SweepError(
+                f"trial {policy} micro batch {micro_batch} {why}; the sweep stops "
+                f"here.\n" + "\n".join(_tail(p) for p in logs)
+            )
         self.trials.append(trial)
         return trial

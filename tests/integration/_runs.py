@@ -27,28 +27,52 @@ from bionemo import rundir
 from launchers import record
 
 REPO = Path(__file__).resolve().parents[2]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-         "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
-SMALL = ["trainer.model.num_layers=2", "trainer.model.seq_length=128",
-         "trainer.train.micro_batch_size=4", "trainer.train.log_every=5",
-         "trainer.train.val_every=1000", "trainer.train.limit_val_batches=0",
-         "trainer.optim.warmup_steps=5", "trainer.checkpoint.keep_last=2"]
+FINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+SMALL = [
+    "trainer.model.num_layers=2",
+    "trainer.model.seq_length=128",
+    "trainer.train.micro_batch_size=4",
+    "trainer.train.log_every=5",
+    "trainer.train.val_every=1000",
+    "trainer.train.limit_val_batches=0",
+    "trainer.optim.warmup_steps=5",
+    "trainer.checkpoint.keep_last=2",
+]
 
 # The time-limited runs: a 2-minute limit with the warning 30 s before it; slurmctld's ~30 s tick
 # sends it 60-90 s into the job, while the slowed-down run (~2.7 s a step) is still going.
 TL_STEPS = 40
 TL_COMMON = [f"max_steps={TL_STEPS}", "trainer.checkpoint.every_steps=10"]
-TL_LIMITED = ["job.time_limit=00:02:00", "cluster.signal_lead_s=30",
-              "cluster.env.BIONEMO_STEP_SLEEP=2.5"]
+TL_LIMITED = [
+    "job.time_limit=00:02:00",
+    "cluster.signal_lead_s=30",
+    "cluster.env.BIONEMO_STEP_SLEEP=2.5",
+]
 SLOW_BACKENDS = ("submitit", "nemo_run")
 # Geneformer through the same path (issue 6): 2 layers at 128 tokens over a 2,005-token vocabulary
 # (the sample builder's --genes 2000 plus 5 special tokens); dropout stays on, so the per-rank RNG
 # states must come back exactly too.
-GENEFORMER = ["trainer.model.num_layers=2", "trainer.model.seq_length=128",
-              "trainer.model.vocab_size=2005", "trainer.train.micro_batch_size=4",
-              "trainer.train.log_every=5", "trainer.train.val_every=1000",
-              "trainer.train.limit_val_batches=0", "trainer.optim.warmup_steps=5",
-              "trainer.checkpoint.keep_last=2"]
+GENEFORMER = [
+    "trainer.model.num_layers=2",
+    "trainer.model.seq_length=128",
+    "trainer.model.vocab_size=2005",
+    "trainer.train.micro_batch_size=4",
+    "trainer.train.log_every=5",
+    "trainer.train.val_every=1000",
+    "trainer.train.limit_val_batches=0",
+    "trainer.optim.warmup_steps=5",
+    "trainer.checkpoint.keep_last=2",
+]
 
 
 class Releaser(threading.Thread):
@@ -75,28 +99,58 @@ class Runs:
     def __init__(self, slurm, data_dir: Path, cells_dir: Path, runs_root: Path):
         self.slurm, self.runs_root = slurm, runs_root
         self.data = {
-            "esm2_8m": [*SMALL, f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
-                        f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
-                        f"trainer.data.database={data_dir}/proteins.sqlite"],
-            "geneformer_10m": [*GENEFORMER, f"trainer.data.train={cells_dir}/train",
-                               f"trainer.data.valid={cells_dir}/valid",
-                               f"trainer.data.vocab={cells_dir}/vocab.json",
-                               f"trainer.data.gene_medians={cells_dir}/gene_medians.json"],
+            "esm2_8m": [
+                *SMALL,
+                f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
+                f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
+                f"trainer.data.database={data_dir}/proteins.sqlite",
+            ],
+            "geneformer_10m": [
+                *GENEFORMER,
+                f"trainer.data.train={cells_dir}/train",
+                f"trainer.data.valid={cells_dir}/valid",
+                f"trainer.data.vocab={cells_dir}/vocab.json",
+                f"trainer.data.gene_medians={cells_dir}/gene_medians.json",
+            ],
         }
         self.releaser = Releaser(slurm)
         self.releaser.start()
         self.slow: dict | None = None
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launchers", *args], cwd=REPO,
-                              env=self.slurm.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "launchers", *args],
+            cwd=REPO,
+            env=self.slurm.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
-    def submit(self, backend: str, run: str, *overrides: str, experiment: str = "backends",
-               model: str = "esm2_8m") -> tuple[Path, str]:
-        out = self.cli("submit", "--backend", backend, "--model", model, "--cluster", "local",
-                       "--nodes", "2", f"cluster.runs_root={self.runs_root}",
-                       f"job.experiment={experiment}", f"job.run={run}", *self.data[model],
-                       *overrides)
+    def submit(
+        self,
+        backend: str,
+        run: str,
+        *overrides: str,
+        experiment: str = "backends",
+        model: str = "esm2_8m",
+    ) -> tuple[Path, str]:
+        out = self.cli(
+            "submit",
+            "--backend",
+            backend,
+            "--model",
+            model,
+            "--cluster",
+            "local",
+            "--nodes",
+            "2",
+            f"cluster.runs_root={self.runs_root}",
+            f"job.experiment={experiment}",
+            f"job.run={run}",
+            *self.data[model],
+            *overrides,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         run_dir = self.runs_root / experiment / run
         job_id = record.job_ids(record.load(run_dir))[-1]
@@ -120,12 +174,41 @@ def shared(slurm, tmp_path_factory, request) -> Runs:
     """One Runs per test session (a module global: both test modules get the same object)."""
     if "runs" not in _SHARED:
         data = tmp_path_factory.mktemp("backends-data")
-        subprocess.run([sys.executable, "-m", "bionemo.data.sample", "--out", str(data),
-                        "--clusters", "300", "--seed", "3"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bionemo.data.sample",
+                "--out",
+                str(data),
+                "--clusters",
+                "300",
+                "--seed",
+                "3",
+            ],
+            check=True,
+            capture_output=True,
+        )
         cells = tmp_path_factory.mktemp("backends-cells")
-        subprocess.run([sys.executable, "-m", "bionemo.data.cells_sample", "--out", str(cells),
-                        "--cells", "200", "--valid-cells", "20", "--genes", "2000",
-                        "--genes-per-cell", "300"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bionemo.data.cells_sample",
+                "--out",
+                str(cells),
+                "--cells",
+                "200",
+                "--valid-cells",
+                "20",
+                "--genes",
+                "2000",
+                "--genes-per-cell",
+                "300",
+            ],
+            check=True,
+            capture_output=True,
+        )
         runs = Runs(slurm, data, cells, tmp_path_factory.mktemp("backends-runs"))
         request.config.add_cleanup(runs.close)
         _SHARED["runs"] = runs
@@ -161,8 +244,9 @@ def wait_for(predicate, timeout: float, what: str, run_dir: Path | None = None):
         if value:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
-                         + (logs(run_dir) if run_dir else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}\n" + (logs(run_dir) if run_dir else "")
+    )
 
 
 def hostnames(slurm, nodelist: str) -> list[str]:
@@ -204,8 +288,9 @@ def wait_time_limit_pair(waiter, ref: tuple[Path, str], limited: tuple[Path, str
     return rec
 
 
-def check_time_limit_run(runs: Runs, backend: str, tmp_path: Path, key: str | None = None,
-                         ref: str = "ref") -> tuple[Path, dict]:
+def check_time_limit_run(
+    runs: Runs, backend: str, tmp_path: Path, key: str | None = None, ref: str = "ref"
+) -> tuple[Path, dict]:
     """The acceptance of one backend: the 2-node run hit its time limit, got the warning,
     saved, was requeued, resumed and finished, with weights identical to the reference.
     `key`/`ref` pick another pair of the shared slow runs (default: the backend's, ESM-2's)."""
@@ -235,9 +320,13 @@ def check_time_limit_run(runs: Runs, backend: str, tmp_path: Path, key: str | No
 def check_status_logs_cancel(runs: Runs, backend: str) -> Path:
     """A second, long job: `status` while it runs, `logs` with the trainer's output, `cancel`."""
     slow_runs(runs)  # the slow runs are under way while this one is checked
-    run_dir, job_id = runs.submit(backend, f"cancel-{backend}", "max_steps=400",
-                                  "trainer.checkpoint.every_steps=5",
-                                  "cluster.env.BIONEMO_STEP_SLEEP=0.5")
+    run_dir, job_id = runs.submit(
+        backend,
+        f"cancel-{backend}",
+        "max_steps=400",
+        "trainer.checkpoint.every_steps=5",
+        "cluster.env.BIONEMO_STEP_SLEEP=0.5",
+    )
     runs.slurm.wait_job(job_id, {"RUNNING"}, timeout=120)
     wait_for(lambda: rundir.latest_complete_step(run_dir), 120, "a first checkpoint", run_dir)
 

@@ -56,11 +56,10 @@ def test_up_is_idempotent(slurm_cluster):
 
 def test_two_node_srun(slurm_cluster, jobs, tmp_path):
     out = tmp_path / "out.txt"
-    script = (
-        "#!/bin/bash\n"
-        "srun bash -c 'echo task $SLURM_PROCID $SLURMD_NODENAME $(hostname)'\n"
+    script = "#!/bin/bash\nsrun bash -c 'echo task $SLURM_PROCID $SLURMD_NODENAME $(hostname)'\n"
+    job_id = slurm_cluster.sbatch(
+        "-N", "2", "--ntasks-per-node=1", "-c", "2", "-o", str(out), script=script
     )
-    job_id = slurm_cluster.sbatch("-N", "2", "--ntasks-per-node=1", "-c", "2", "-o", str(out), script=script)
     jobs.append(job_id)
     record = slurm_cluster.wait_job(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=30)
     assert record["JobState"] == "COMPLETED", (record, out.read_text() if out.exists() else "")
@@ -76,15 +75,19 @@ def test_signal_reaches_trapped_task(slurm_cluster, jobs, tmp_path):
     out = tmp_path / "out.txt"
     script = (
         "#!/bin/bash\n"
-        "srun bash -c 'start=$SECONDS; trap \"echo USR2 after \\$((SECONDS - start))s on $SLURMD_NODENAME; exit 0\" USR2;"
+        'srun bash -c \'start=$SECONDS; trap "echo USR2 after \\$((SECONDS - start))s on $SLURMD_NODENAME; exit 0" USR2;'
         " echo ready; while true; do sleep 0.5; done'\n"
     )
-    job_id = slurm_cluster.sbatch("-N", "1", "--time=1", "--signal=USR2@50", "-o", str(out), script=script)
+    job_id = slurm_cluster.sbatch(
+        "-N", "1", "--time=1", "--signal=USR2@50", "-o", str(out), script=script
+    )
     jobs.append(job_id)
     wait_for_text(out, r"^ready$", timeout=30)
     match = wait_for_text(out, r"^USR2 after (\d+)s on (\S+)$", timeout=60)
     assert int(match.group(1)) < 55
-    record = slurm_cluster.wait_job(job_id, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}, timeout=30)
+    record = slurm_cluster.wait_job(
+        job_id, {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}, timeout=30
+    )
     assert record["JobState"] == "COMPLETED", record
 
 
@@ -116,8 +119,15 @@ def test_node_failure_requeues_job_elsewhere(slurm_cluster, jobs, tmp_path):
     out = tmp_path / "out.txt"
     # --exclusive: the failed node hosts nothing but this job (other tests may share the cluster).
     job_id = slurm_cluster.sbatch(
-        "-N", "2", "--ntasks-per-node=1", "--exclusive", "--requeue", "--open-mode=append",
-        "-o", str(out), script=REQUEUE_SCRIPT,
+        "-N",
+        "2",
+        "--ntasks-per-node=1",
+        "--exclusive",
+        "--requeue",
+        "--open-mode=append",
+        "-o",
+        str(out),
+        script=REQUEUE_SCRIPT,
     )
     jobs.append(job_id)
     record = slurm_cluster.wait_job(job_id, {"RUNNING"}, timeout=30)
@@ -126,7 +136,8 @@ def test_node_failure_requeues_job_elsewhere(slurm_cluster, jobs, tmp_path):
     wait_for_text(out, r"^step on ", timeout=30)
     try:
         slurm_cluster.run(
-            ["scontrol", "update", f"nodename={victim}", "state=down", "reason=test-node-failure"], check=True
+            ["scontrol", "update", f"nodename={victim}", "state=down", "reason=test-node-failure"],
+            check=True,
         )
         record = slurm_cluster.wait_job(job_id, {"PENDING"}, timeout=30)
         assert int(record["Restarts"]) == 1, record

@@ -36,11 +36,24 @@ def small_fs(tmp_path):
 
 
 def test_disk_full_stops_with_the_reason_and_keeps_the_older_checkpoint(runs, small_fs):
-    out = runs.cli("submit", "--backend", "sbatch", "--model", "esm2_8m", "--cluster", "local",
-                   "--nodes", "2", f"cluster.runs_root={small_fs}", "job.experiment=disk",
-                   "job.run=full", *runs.data["esm2_8m"], "max_steps=30",
-                   f"trainer.checkpoint.every_steps={FIRST}",
-                   "cluster.env.BIONEMO_STEP_SLEEP=1")  # ~3 s between saves to shrink the disk
+    out = runs.cli(
+        "submit",
+        "--backend",
+        "sbatch",
+        "--model",
+        "esm2_8m",
+        "--cluster",
+        "local",
+        "--nodes",
+        "2",
+        f"cluster.runs_root={small_fs}",
+        "job.experiment=disk",
+        "job.run=full",
+        *runs.data["esm2_8m"],
+        "max_steps=30",
+        f"trainer.checkpoint.every_steps={FIRST}",
+        "cluster.env.BIONEMO_STEP_SLEEP=1",
+    )  # ~3 s between saves to shrink the disk
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = small_fs / "disk" / "full"
     job_id = record.job_ids(record.load(run_dir))[-1]

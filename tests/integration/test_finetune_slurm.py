@@ -26,18 +26,41 @@ def test_fine_tune_job_runs_through_submit(runs, tmp_path):  # noqa: F811
 
     table = tmp_path / "labels.csv"
     pacsv.write_csv(pa.table(labelled_rows(200, seed=5)), table)
-    shape = ModelConfig(name="esm2_8m", num_layers=2, hidden_size=320, num_attention_heads=20,
-                        ffn_hidden_size=1280, seq_length=128)
+    shape = ModelConfig(
+        name="esm2_8m",
+        num_layers=2,
+        hidden_size=320,
+        num_attention_heads=20,
+        ffn_hidden_size=1280,
+        seq_length=128,
+    )
     torch.manual_seed(0)
     init = hf.export(build_model(shape), tmp_path / "hf_init")  # stands in for a published model
 
-    out = runs.cli("submit", "--backend", "sbatch", "--model", "esm2_8m", "--cluster", "local",
-                   "--nodes", "2", f"cluster.runs_root={runs.runs_root}", "job.experiment=finetune",
-                   "job.run=classify", *SMALL, f"max_steps={STEPS}",
-                   "trainer.train.val_every=10", "trainer.train.limit_val_batches=1",
-                   "trainer.checkpoint.every_steps=10", "trainer.task.kind=sequence_classification",
-                   f"trainer.task.data={table}", "trainer.task.label_column=band",
-                   "trainer.task.num_classes=3", f"trainer.checkpoint.init_from={init}")
+    out = runs.cli(
+        "submit",
+        "--backend",
+        "sbatch",
+        "--model",
+        "esm2_8m",
+        "--cluster",
+        "local",
+        "--nodes",
+        "2",
+        f"cluster.runs_root={runs.runs_root}",
+        "job.experiment=finetune",
+        "job.run=classify",
+        *SMALL,
+        f"max_steps={STEPS}",
+        "trainer.train.val_every=10",
+        "trainer.train.limit_val_batches=1",
+        "trainer.checkpoint.every_steps=10",
+        "trainer.task.kind=sequence_classification",
+        f"trainer.task.data={table}",
+        "trainer.task.label_column=band",
+        "trainer.task.num_classes=3",
+        f"trainer.checkpoint.init_from={init}",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     run_dir = runs.runs_root / "finetune" / "classify"
     from launchers import record
@@ -53,5 +76,6 @@ def test_fine_tune_job_runs_through_submit(runs, tmp_path):  # noqa: F811
     assert [r["step"] for r in valid] == [10, 20] and all(0 <= r["accuracy"] <= 1 for r in valid)
     final = run_dir / "final_model"
     assert {"model.safetensors", "config.json", "head.safetensors", "head_config.json"} <= {
-        p.name for p in final.iterdir()}
+        p.name for p in final.iterdir()
+    }
     assert json.loads((final / "head_config.json").read_text())["id2label"]["0"] == "high"

@@ -15,8 +15,9 @@ from tests.integration._runs import check_time_limit_run, runs  # noqa: F401 -- 
 
 
 def test_geneformer_time_limit_requeues_and_resumes_exactly(runs, tmp_path):  # noqa: F811
-    run_dir, _ = check_time_limit_run(runs, "sbatch", tmp_path, key="geneformer",
-                                      ref="geneformer-ref")
+    run_dir, _ = check_time_limit_run(
+        runs, "sbatch", tmp_path, key="geneformer", ref="geneformer-ref"
+    )
     trainer = yaml.safe_load((run_dir / rundir.CONFIG).read_text())["trainer"]
     assert trainer["model"]["family"] == "geneformer"
     assert trainer["model"]["hidden_dropout"] > 0  # the RNG states had to be restored exactly

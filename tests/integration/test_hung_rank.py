@@ -20,13 +20,23 @@ from pathlib import Path
 from bionemo import rundir
 from bionemo.watchdog import heartbeat_path
 from launchers import record
-from tests.integration._runs import (TL_COMMON, TL_STEPS, assert_finished,  # noqa: F401
-                                     assert_same_weights, logs, runs, wait_for)
+from tests.integration._runs import (
+    TL_COMMON,
+    TL_STEPS,
+    assert_finished,  # noqa: F401
+    assert_same_weights,
+    logs,
+    runs,
+    wait_for,
+)
 
 WATCHDOG_S = 10  # well above a step here (~0.5 s with the sleep below, more on a busy CI box)
-HUNG = [*TL_COMMON, f"trainer.train.watchdog_s={WATCHDOG_S}",
-        # 30 steps after the first checkpoint take >= 9 s: time to stop a rank mid-run
-        "cluster.env.BIONEMO_STEP_SLEEP=0.3"]
+HUNG = [
+    *TL_COMMON,
+    f"trainer.train.watchdog_s={WATCHDOG_S}",
+    # 30 steps after the first checkpoint take >= 9 s: time to stop a rank mid-run
+    "cluster.env.BIONEMO_STEP_SLEEP=0.3",
+]
 
 
 def _heartbeat(run_dir: Path, rank: int) -> dict:
@@ -44,6 +54,7 @@ def _environ(pid: int) -> dict[str, str]:
 def _stop_rank_mid_step(run_dir: Path, job_id: str, rank: int) -> int:
     """SIGSTOP the rank's trainer (the bundled nodes are this host) while it trains, not saves;
     returns its pid."""
+
     def training():
         beat = _heartbeat(run_dir, rank)
         return beat if beat.get("phase") == "step" and beat.get("step", 0) > 10 else None
@@ -57,15 +68,20 @@ def _stop_rank_mid_step(run_dir: Path, job_id: str, rank: int) -> int:
 
 
 def test_a_stopped_rank_ends_the_job_which_resumes_exactly(runs, tmp_path):  # noqa: F811
-    ref_dir, ref_job = (runs.slow or {}).get("ref") or runs.submit("sbatch", "hung-reference",
-                                                                   *TL_COMMON)
+    ref_dir, ref_job = (runs.slow or {}).get("ref") or runs.submit(
+        "sbatch", "hung-reference", *TL_COMMON
+    )
     run_dir, job_id = runs.submit("sbatch", "hung-rank", *HUNG)
     runs.slurm.wait_job(job_id, {"RUNNING"}, timeout=120)
     pid = _stop_rank_mid_step(run_dir, job_id, rank=1)
     stopped_at = time.monotonic()
     try:
-        attempt = wait_for(lambda: record.load(run_dir).get("attempts"), WATCHDOG_S + 60,
-                           "the first attempt's decision", run_dir)[0]
+        attempt = wait_for(
+            lambda: record.load(run_dir).get("attempts"),
+            WATCHDOG_S + 60,
+            "the first attempt's decision",
+            run_dir,
+        )[0]
         took = time.monotonic() - stopped_at
         rec = runs.wait_final(job_id, timeout=240)
     finally:
@@ -94,5 +110,6 @@ def test_a_stopped_rank_ends_the_job_which_resumes_exactly(runs, tmp_path):  # n
     assert_finished(run_dir, TL_STEPS)
     resumed = re.findall(r"resumed from \S+step-0*(\d+)", logs(run_dir))
     assert resumed and int(resumed[0]) >= 10, logs(run_dir)
-    assert_same_weights(rundir.step_dir(ref_dir, TL_STEPS), rundir.step_dir(run_dir, TL_STEPS),
-                        tmp_path)
+    assert_same_weights(
+        rundir.step_dir(ref_dir, TL_STEPS), rundir.step_dir(run_dir, TL_STEPS), tmp_path
+    )

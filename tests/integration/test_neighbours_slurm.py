@@ -25,16 +25,26 @@ def test_status_of_a_job_gone_without_accounting(tmp_path, slurm_cluster):
     record.create(run, backend="sbatch", cluster="local", policy={})
     record.add_job(run, UNKNOWN_JOB, "submit")
 
-    out = subprocess.run([sys.executable, "-m", "launchers", "status", str(run)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "status", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     state = next(line for line in out.stdout.splitlines() if line.startswith("state"))
     said = sacct.stderr.strip().splitlines()[-1]  # "Slurm accounting storage is disabled"
-    assert state == (f"state     job {UNKNOWN_JOB}: {runs.GONE} (ended a while ago); "
-                     f"no accounting (sacct: {said})")
+    assert state == (
+        f"state     job {UNKNOWN_JOB}: {runs.GONE} (ended a while ago); "
+        f"no accounting (sacct: {said})"
+    )
 
-    out = subprocess.run([sys.executable, "-m", "launchers", "list", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "list", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].split()[1:5] == ["esm2/gone", "sbatch", "failed", "-"]
 
@@ -49,8 +59,12 @@ def test_list_follows_a_real_job_until_cancelled(tmp_path, slurm_cluster):
     record.add_job(run, str(job), "submit")
 
     def listed() -> list[str]:
-        out = subprocess.run([sys.executable, "-m", "launchers", "list", str(tmp_path)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "launchers", "list", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.splitlines()[1].split()[1:5]
 
@@ -58,8 +72,12 @@ def test_list_follows_a_real_job_until_cancelled(tmp_path, slurm_cluster):
         if listed()[2] == "queued":  # scontrol said PENDING (other tests' jobs may hold nodes)
             slurm_cluster.wait_job(job, "RUNNING", timeout=60)
         assert listed() == ["esm2/live", "sbatch", "running", "-"]
-        done = subprocess.run([sys.executable, "-m", "launchers", "cancel", str(run)],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "launchers", "cancel", str(run)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         slurm_cluster.wait_job(job, "CANCELLED", timeout=30)
         assert listed() == ["esm2/live", "sbatch", "stopped", "-"]

@@ -53,12 +53,16 @@ def _address(hex_addr: str) -> str:
     raw = bytes.fromhex(hex_addr)
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))  # /proc prints host-order words
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))  # /proc prints host-order words
     return socket.inet_ntop(socket.AF_INET6, words)
 
 
 def _is_loopback(addr: str) -> bool:
-    return addr.startswith("127.") or addr in ("::1", "::ffff:127.0.0.1") or addr.startswith("::ffff:127.")
+    return (
+        addr.startswith("127.")
+        or addr in ("::1", "::ffff:127.0.0.1")
+        or addr.startswith("::ffff:127.")
+    )
 
 
 def _socket_inodes(pid: int) -> set[int]:
@@ -87,15 +91,19 @@ def _trainer_pids(run_dir: Path) -> list[int]:
 def _trainer_listeners(run_dir: Path) -> dict[int, list[tuple[str, int]]] | None:
     """pid -> listening sockets of each trainer rank of the run, once both ranks listen."""
     table = _listening()
-    found = {pid: [a for i in _socket_inodes(pid) for a in table.get(i, [])]
-             for pid in _trainer_pids(run_dir)}
+    found = {
+        pid: [a for i in _socket_inodes(pid) for a in table.get(i, [])]
+        for pid in _trainer_pids(run_dir)
+    }
     return found if len(found) == 2 and all(found.values()) else None
 
 
 def test_slurm_daemons_listen_on_loopback_only(slurm_cluster):
     if not cluster.hostname_is_loopback():
-        pytest.skip("this host's name does not resolve to 127.0.0.1: SLURM can only bind every "
-                    "address here (docs/local-cluster.md)")
+        pytest.skip(
+            "this host's name does not resolve to 127.0.0.1: SLURM can only bind every "
+            "address here (docs/local-cluster.md)"
+        )
     ports = {cluster.CTLD_PORT, *(cluster.SLURMD_BASE_PORT + i for i in range(len(cluster.NODES)))}
     bound = [a for socks in _listening().values() for a in socks if a[1] in ports]
     assert {p for _, p in bound} == ports, bound
@@ -106,17 +114,24 @@ def test_slurm_daemons_listen_on_loopback_only(slurm_cluster):
 
 
 def test_old_schemes_port_taken_the_run_trains_and_listens_on_loopback(runs, slurm_cluster):
-    run_dir, job_id = runs.submit("sbatch", "port-taken", "max_steps=8",
-                                  "trainer.checkpoint.every_steps=4", "job.hold=true",
-                                  "cluster.env.BIONEMO_STEP_SLEEP=0.5", experiment="rank-faults")
+    run_dir, job_id = runs.submit(
+        "sbatch",
+        "port-taken",
+        "max_steps=8",
+        "trainer.checkpoint.every_steps=4",
+        "job.hold=true",
+        "cluster.env.BIONEMO_STEP_SLEEP=0.5",
+        experiment="rank-faults",
+    )
     holder = socket.socket()
     with contextlib.suppress(OSError):  # taken already: the clash is there either way
         holder.bind(("0.0.0.0", 20000 + int(job_id) % 20000))
         holder.listen()
     try:
         slurm_cluster.run(["scontrol", "release", job_id], check=True)
-        listeners = wait_for(lambda: _trainer_listeners(run_dir), 90,
-                             "both ranks listening", run_dir)
+        listeners = wait_for(
+            lambda: _trainer_listeners(run_dir), 90, "both ranks listening", run_dir
+        )
         rec = runs.wait_final(job_id, timeout=120)
     finally:
         holder.close()
@@ -127,13 +142,24 @@ def test_old_schemes_port_taken_the_run_trains_and_listens_on_loopback(runs, slu
         assert all(_is_loopback(addr) for addr, _ in socks), (pid, socks)
 
 
-def test_a_rank_that_dies_before_the_rendezvous_ends_the_step_and_the_policy_decides(runs, slurm_cluster):
+def test_a_rank_that_dies_before_the_rendezvous_ends_the_step_and_the_policy_decides(
+    runs, slurm_cluster
+):
     t0 = time.monotonic()
-    run_dir, job_id = runs.submit("sbatch", "dead-rank", "max_steps=8",
-                                  f"cluster.env.{FAIL_BEFORE_RENDEZVOUS}=1", experiment="rank-faults")
+    run_dir, job_id = runs.submit(
+        "sbatch",
+        "dead-rank",
+        "max_steps=8",
+        f"cluster.env.{FAIL_BEFORE_RENDEZVOUS}=1",
+        experiment="rank-faults",
+    )
     try:
-        attempt = wait_for(lambda: record.load(run_dir).get("attempts"), DECISION_BOUND_S,
-                           "the requeue decision after rank 1 failed", run_dir)[0]
+        attempt = wait_for(
+            lambda: record.load(run_dir).get("attempts"),
+            DECISION_BOUND_S,
+            "the requeue decision after rank 1 failed",
+            run_dir,
+        )[0]
     finally:
         runs.releaser.jobs.discard(job_id)
         slurm_cluster.cancel(job_id)
@@ -153,12 +179,20 @@ def test_a_rank_alone_gives_up_on_the_rendezvous_after_the_timeout():
     with socket.socket() as s:  # a port where nobody serves the store
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("from bionemo.distributed.env import DistEnv, rendezvous_store\n"
-            "rendezvous_store(DistEnv.from_environ('USR2'), 3)\n")
-    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+    code = (
+        "from bionemo.distributed.env import DistEnv, rendezvous_store\n"
+        "rendezvous_store(DistEnv.from_environ('USR2'), 3)\n"
+    )
+    env = {
+        **os.environ,
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0 and "timeout" in out.stderr.lower(), out.stderr[-2000:]
     assert time.monotonic() - t0 < 30

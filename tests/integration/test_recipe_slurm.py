@@ -15,17 +15,37 @@ from tests.integration._runs import FINAL, REPO, SMALL, assert_finished, logs
 DATA = REPO / "data" / "sample"
 
 
-def test_recipe_edit_submit_runs_the_edit_and_a_bad_edit_stays_out_of_the_queue(slurm_cluster,
-                                                                                  tmp_path):
+def test_recipe_edit_submit_runs_the_edit_and_a_bad_edit_stays_out_of_the_queue(
+    slurm_cluster, tmp_path
+):
     def launchers(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launchers", *args], cwd=tmp_path,
-                              env=slurm_cluster.env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "launchers", *args],
+            cwd=tmp_path,
+            env=slurm_cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     recipe = tmp_path / "my.yaml"
-    made = launchers("recipe", "--model", "esm2_8m", "--cluster", "local", "--nodes", "2",
-                     f"cluster.runs_root={tmp_path}/runs", "job.experiment=recipe", *SMALL,
-                     "max_steps=6", "trainer.checkpoint.every_steps=1000",
-                     "trainer.checkpoint.export_final=false", "--out", str(recipe))
+    made = launchers(
+        "recipe",
+        "--model",
+        "esm2_8m",
+        "--cluster",
+        "local",
+        "--nodes",
+        "2",
+        f"cluster.runs_root={tmp_path}/runs",
+        "job.experiment=recipe",
+        *SMALL,
+        "max_steps=6",
+        "trainer.checkpoint.every_steps=1000",
+        "trainer.checkpoint.export_final=false",
+        "--out",
+        str(recipe),
+    )
     assert made.returncode == 0, made.stderr
     text = recipe.read_text()
     assert re.search(r"^    max_steps: 6 +# command line$", text, re.M)

@@ -23,9 +23,21 @@ import pytest
 
 from bionemo import rundir
 from launchers import cli, cluster, record
-from tests.integration._runs import (FINAL, REPO, SMALL, TL_COMMON, TL_LIMITED, TL_STEPS, Releaser,
-                                     assert_finished, assert_same_weights, hostnames, logs, wait_for,
-                                     wait_time_limit_pair)
+from tests.integration._runs import (
+    FINAL,
+    REPO,
+    SMALL,
+    TL_COMMON,
+    TL_LIMITED,
+    TL_STEPS,
+    Releaser,
+    assert_finished,
+    assert_same_weights,
+    hostnames,
+    logs,
+    wait_for,
+    wait_time_limit_pair,
+)
 
 MALFORMED_FILE = REPO / "tests" / "golden" / "malformed.yaml"
 
@@ -35,8 +47,21 @@ MALFORMED_FILE = REPO / "tests" / "golden" / "malformed.yaml"
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "bionemo.data.sample", "--out", str(out),
-                    "--clusters", "300", "--seed", "3"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bionemo.data.sample",
+            "--out",
+            str(out),
+            "--clusters",
+            "300",
+            "--seed",
+            "3",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -58,19 +83,39 @@ def releaser(slurm_cluster):
 class Launcher:
     def __init__(self, slurm, releaser, data_dir: Path, runs_root: Path):
         self.slurm, self.releaser = slurm, releaser
-        self.data = [f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
-                     f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
-                     f"trainer.data.database={data_dir}/proteins.sqlite"]
+        self.data = [
+            f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
+            f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
+            f"trainer.data.database={data_dir}/proteins.sqlite",
+        ]
         self.runs_root = runs_root
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launchers", *args], cwd=REPO,
-                              env=self.slurm.env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "launchers", *args],
+            cwd=REPO,
+            env=self.slurm.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def submit(self, run: str, *overrides: str, experiment: str = "it") -> tuple[Path, str]:
-        out = self.cli("submit", "--model", "esm2_8m", "--cluster", "local", "--nodes", "2",
-                       f"cluster.runs_root={self.runs_root}", f"job.experiment={experiment}",
-                       f"job.run={run}", *SMALL, *self.data, *overrides)
+        out = self.cli(
+            "submit",
+            "--model",
+            "esm2_8m",
+            "--cluster",
+            "local",
+            "--nodes",
+            "2",
+            f"cluster.runs_root={self.runs_root}",
+            f"job.experiment={experiment}",
+            f"job.run={run}",
+            *SMALL,
+            *self.data,
+            *overrides,
+        )
         assert out.returncode == 0, out.stdout + out.stderr
         run_dir = self.runs_root / experiment / run
         job_id = record.job_ids(record.load(run_dir))[-1]
@@ -89,8 +134,9 @@ def launcher(slurm_cluster, releaser, data_dir, runs_root) -> Launcher:
 # ------------------------------------------------------------------------------------ rejected early
 
 
-def test_malformed_are_rejected_before_sbatch_and_the_queue_stays_empty(launcher, tmp_path,
-                                                                       monkeypatch, capsys):
+def test_malformed_are_rejected_before_sbatch_and_the_queue_stays_empty(
+    launcher, tmp_path, monkeypatch, capsys
+):
     import yaml
 
     cases = yaml.safe_load(MALFORMED_FILE.read_text())
@@ -101,9 +147,19 @@ def test_malformed_are_rejected_before_sbatch_and_the_queue_stays_empty(launcher
         for name, text in case.get("files", {}).items():
             (tmp_path / name).write_text(text)
         args = [a.replace("{tmp}", str(tmp_path)) for a in case["args"]]
-        rc = cli.main([case.get("command", "submit"), "--model", "esm2_8m", "--cluster", "local",
-                       f"cluster.runs_root={tmp_path}/runs", "job.experiment=malformed",
-                       *launcher.data, *args])
+        rc = cli.main(
+            [
+                case.get("command", "submit"),
+                "--model",
+                "esm2_8m",
+                "--cluster",
+                "local",
+                f"cluster.runs_root={tmp_path}/runs",
+                "job.experiment=malformed",
+                *launcher.data,
+                *args,
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2, (case["name"], err)
         assert case["key"] in err, (case["name"], err)
@@ -116,8 +172,9 @@ def test_malformed_are_rejected_before_sbatch_and_the_queue_stays_empty(launcher
 
 def test_shell_metacharacters_in_the_experiment_name_are_inert(launcher, tmp_path):
     nasty = "$(touch PWNED);`touch PWNED` 'q' \"dq\" & | < > * ? [x] ~ {a,b} !x #c $HOME"
-    run_dir, job_id = launcher.submit("meta", "max_steps=4", "trainer.checkpoint.every_steps=2",
-                                      experiment=nasty)
+    run_dir, job_id = launcher.submit(
+        "meta", "max_steps=4", "trainer.checkpoint.every_steps=2", experiment=nasty
+    )
     assert run_dir.is_dir() and run_dir.parent.name == nasty
     rec = launcher.wait_final(job_id, timeout=180)
     assert rec["JobState"] == "COMPLETED", logs(run_dir)
@@ -132,16 +189,28 @@ def test_shell_metacharacters_in_the_experiment_name_are_inert(launcher, tmp_pat
 
 def test_node_failure_requeues_and_resumes_on_healthy_nodes(launcher):
     slurm = launcher.slurm
-    run_dir, job_id = launcher.submit("node-failure", "max_steps=24",
-                                      "trainer.checkpoint.every_steps=4", "cluster.exclusive=true",
-                                      "cluster.env.BIONEMO_STEP_SLEEP=0.4")
+    run_dir, job_id = launcher.submit(
+        "node-failure",
+        "max_steps=24",
+        "trainer.checkpoint.every_steps=4",
+        "cluster.exclusive=true",
+        "cluster.env.BIONEMO_STEP_SLEEP=0.4",
+    )
     rec = slurm.wait_job(job_id, {"RUNNING"}, timeout=120)
     first = hostnames(slurm, rec["NodeList"])
     wait_for(lambda: rundir.latest_complete_step(run_dir), 120, "a first checkpoint", run_dir)
     victim = first[-1]  # not the batch host, so the batch script lives to record what happened
     try:
-        slurm.run(["scontrol", "update", f"nodename={victim}", "state=down",
-                   "reason=launcher-node-failure-test"], check=True)
+        slurm.run(
+            [
+                "scontrol",
+                "update",
+                f"nodename={victim}",
+                "state=down",
+                "reason=launcher-node-failure-test",
+            ],
+            check=True,
+        )
         rec = launcher.wait_final(job_id, timeout=300)
         assert rec["JobState"] == "COMPLETED", logs(run_dir)
         assert int(rec["Restarts"]) >= 1
@@ -156,6 +225,7 @@ def test_node_failure_requeues_and_resumes_on_healthy_nodes(launcher):
 
 # ------------------------------------------------------------------------------------ time limit (background)
 
+
 @pytest.fixture(scope="module")
 def time_limit_runs(launcher):
     """Submitted once, by the first test that asks; checked by test_time_limit_..."""
@@ -166,8 +236,9 @@ def time_limit_runs(launcher):
 
 def test_two_node_run_completes(launcher, time_limit_runs):
     slurm = launcher.slurm
-    run_dir, job_id = launcher.submit("two-node", "max_steps=20",
-                                      "trainer.checkpoint.every_steps=10")
+    run_dir, job_id = launcher.submit(
+        "two-node", "max_steps=20", "trainer.checkpoint.every_steps=10"
+    )
     rec = launcher.wait_final(job_id, timeout=240)
     assert rec["JobState"] == "COMPLETED", logs(run_dir)
     assert_finished(run_dir, 20)
@@ -186,8 +257,13 @@ def test_two_node_run_completes(launcher, time_limit_runs):
 
     # a finished run is never requeued: not by the requeue step, not by `resume`
     env = {**slurm.env, "SLURM_JOB_ID": job_id}
-    out = subprocess.run([sys.executable, "-m", "launchers.requeue", str(run_dir),
-                          "--exit-code", "75"], cwd=REPO, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers.requeue", str(run_dir), "--exit-code", "75"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and "never requeued" in out.stdout
     assert launcher.slurm.job(job_id)["JobState"] == "COMPLETED"
     out = launcher.cli("resume", str(run_dir))
@@ -198,9 +274,12 @@ def test_two_node_run_completes(launcher, time_limit_runs):
 
 def test_preemption_resumes_from_the_last_complete_checkpoint(launcher, time_limit_runs):
     slurm = launcher.slurm
-    run_dir, job_id = launcher.submit("preempted", "max_steps=24",
-                                      "trainer.checkpoint.every_steps=4",
-                                      "cluster.env.BIONEMO_STEP_SLEEP=0.4")
+    run_dir, job_id = launcher.submit(
+        "preempted",
+        "max_steps=24",
+        "trainer.checkpoint.every_steps=4",
+        "cluster.env.BIONEMO_STEP_SLEEP=0.4",
+    )
     slurm.wait_job(job_id, {"RUNNING"}, timeout=120)
     wait_for(lambda: rundir.latest_complete_step(run_dir), 120, "a first checkpoint", run_dir)
     slurm.run(["scontrol", "requeue", job_id], check=True)  # what preemption with requeue does
@@ -218,9 +297,12 @@ def test_preemption_resumes_from_the_last_complete_checkpoint(launcher, time_lim
 
 def test_crash_loop_stops_and_status_says_why(launcher, time_limit_runs, data_dir, tmp_path):
     broken = tmp_path / "broken.parquet"
-    broken.write_bytes(b"PAR1" + b"this is not parquet\n" + b"PAR1")  # present (passes validation), unreadable
-    run_dir, job_id = launcher.submit("crash-loop", "max_steps=20",
-                                      f"trainer.data.train_clusters={broken}")
+    broken.write_bytes(
+        b"PAR1" + b"this is not parquet\n" + b"PAR1"
+    )  # present (passes validation), unreadable
+    run_dir, job_id = launcher.submit(
+        "crash-loop", "max_steps=20", f"trainer.data.train_clusters={broken}"
+    )
     rec = launcher.wait_final(job_id, timeout=240)
     assert rec["JobState"] == "FAILED", logs(run_dir)
     assert int(rec["Restarts"]) == 1  # requeued once, then stopped
@@ -234,8 +316,9 @@ def test_crash_loop_stops_and_status_says_why(launcher, time_limit_runs, data_di
     assert not set(active) - {"FAILED", "COMPLETED"}
 
 
-def test_time_limit_requeues_itself_and_matches_an_uninterrupted_run(launcher, time_limit_runs,
-                                                                    tmp_path):
+def test_time_limit_requeues_itself_and_matches_an_uninterrupted_run(
+    launcher, time_limit_runs, tmp_path
+):
     ref_dir, _ = time_limit_runs["ref"]
     run_dir, _ = time_limit_runs["limited"]
     rec = wait_time_limit_pair(launcher, time_limit_runs["ref"], time_limit_runs["limited"])
@@ -245,5 +328,6 @@ def test_time_limit_requeues_itself_and_matches_an_uninterrupted_run(launcher, t
     assert "warning signal" in signalled[0]["reason"]
     assert int(rec["Restarts"]) == len(signalled)
     assert attempts[-1]["outcome"] == "finished"
-    assert_same_weights(rundir.step_dir(ref_dir, TL_STEPS), rundir.step_dir(run_dir, TL_STEPS),
-                        tmp_path)
+    assert_same_weights(
+        rundir.step_dir(ref_dir, TL_STEPS), rundir.step_dir(run_dir, TL_STEPS), tmp_path
+    )

@@ -27,31 +27,69 @@ from tests.test_sweep import TINY_MODEL, vm_peaks
 REPO = Path(__file__).resolve().parents[2]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 # The cheap case: a model of a few thousand parameters at 32 tokens, a second a trial.
-SMALL_MODEL = ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-               "model.ffn_hidden_size=64", "model.seq_length=32", "train.device=cpu"]
+SMALL_MODEL = [
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.ffn_hidden_size=64",
+    "model.seq_length=32",
+    "train.device=cpu",
+]
 CALIBRATION = (8, 16)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, "-m", "bionemo.data.sample", "--out", str(out),
-                    "--clusters", "200"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "bionemo.data.sample", "--out", str(out), "--clusters", "200"],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
 def sweep_args(tmp: Path, data: Path, backend: str, model: list[str], *extra: str) -> list[str]:
-    return ["sweep", "--model", "esm2_8m", "--cluster", "local", "--nodes", "2", "--backend",
-            backend, "--gpu-name", "cpu", "--recompute", "none", "--warmup-steps", "1",
-            "--steps", "1", "--out", str(tmp / "out"), f"cluster.runs_root={tmp / 'runs'}",
-            f"job.run={backend}", *extra, "--set", *model,
-            f"data.train_clusters={data / 'train_clusters.parquet'}", "data.valid_clusters=null",
-            f"data.database={data / 'proteins.sqlite'}"]
+    return [
+        "sweep",
+        "--model",
+        "esm2_8m",
+        "--cluster",
+        "local",
+        "--nodes",
+        "2",
+        "--backend",
+        backend,
+        "--gpu-name",
+        "cpu",
+        "--recompute",
+        "none",
+        "--warmup-steps",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp / "out"),
+        f"cluster.runs_root={tmp / 'runs'}",
+        f"job.run={backend}",
+        *extra,
+        "--set",
+        *model,
+        f"data.train_clusters={data / 'train_clusters.parquet'}",
+        "data.valid_clusters=null",
+        f"data.database={data / 'proteins.sqlite'}",
+    ]
 
 
 def launcher(*args: str, slurm) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "launchers", *args], cwd=REPO, env=slurm.env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", *args],
+        cwd=REPO,
+        env=slurm.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out
 
@@ -83,8 +121,13 @@ def check_one_allocation(result: dict, job_id: str, nodes: tuple[str, ...]) -> N
         seen = set()
         for rank in (0, 1):
             log = (run_dir / f"rank{rank}.log").read_text()
-            seen |= set(re.findall(rf"\[sweep\] rank {rank} of 2 on \S+ \(node (\S+), step "
-                                   rf"{job_id}\.(\d+)\)", log))
+            seen |= set(
+                re.findall(
+                    rf"\[sweep\] rank {rank} of 2 on \S+ \(node (\S+), step "
+                    rf"{job_id}\.(\d+)\)",
+                    log,
+                )
+            )
         (step,) = {s for _, s in seen}  # both ranks in the same step of this job
         steps.add(step)
         used = {node for node, _ in seen}
@@ -100,12 +143,28 @@ def test_sbatch_sweep_finds_the_real_limit_in_one_allocation(slurm_cluster, tmp_
     assert resolved["sweep"]["min"] == 8 and resolved["trainer"]["train"]["precision"] == "fp32"
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"trainer": resolved["trainer"]}))
-    calibrate = sweep.parse_args(["--model", "esm2_8m", "--base-config", str(base),
-                                  "--cpu-memory-limit-gib", "1", "--warmup-steps", "1",
-                                  "--steps", "1"])
+    calibrate = sweep.parse_args(
+        [
+            "--model",
+            "esm2_8m",
+            "--base-config",
+            str(base),
+            "--cpu-memory-limit-gib",
+            "1",
+            "--warmup-steps",
+            "1",
+            "--steps",
+            "1",
+        ]
+    )
     # the batch script's environment (the local profile's) and two ranks, as in the trials
-    peaks = vm_peaks(tmp_path, calibrate, CALIBRATION, world=2,
-                     env={"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+    peaks = vm_peaks(
+        tmp_path,
+        calibrate,
+        CALIBRATION,
+        world=2,
+        env={"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"},
+    )
     lo, hi = CALIBRATION
     assert (peaks[hi] - peaks[lo]) / (hi - lo) > 5 * 2**20, peaks  # activations dominate
     limit_gib = (peaks[lo] + peaks[hi]) / 2 / 2**30
@@ -125,8 +184,9 @@ def test_sbatch_sweep_finds_the_real_limit_in_one_allocation(slurm_cluster, tmp_
     assert max(m for m, t in trials.items() if t["fits"]) == best
     assert min(m for m, t in trials.items() if not t["fits"]) == best + 1  # monotone
     for m, t in trials.items():
-        log = (Path(t["run_dir"]) / "rank0.log").read_text() + \
-            (Path(t["run_dir"]) / "rank1.log").read_text()
+        log = (Path(t["run_dir"]) / "rank0.log").read_text() + (
+            Path(t["run_dir"]) / "rank1.log"
+        ).read_text()
         if not t["fits"]:  # a real allocation failure, reported as out of memory (exit 12)
             assert "can't allocate memory" in log and "out of memory" in log, log[-2000:]
             codes = [f.read_text().strip() for f in Path(t["run_dir"]).glob("rank*.rc")]

@@ -59,7 +59,9 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Rename an `EsmForMaskedLM` (or `EsmModel`) state dict to ours; tensors are not copied,
     except q/k/v, which are concatenated into the fused projection."""
     out, unknown = {}, []
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (layer, param) -> HF module -> tensor
+    qkv: dict[
+        tuple[str, str], dict[str, torch.Tensor]
+    ] = {}  # (layer, param) -> HF module -> tensor
     for key, value in hf_state_dict.items():
         if key == _TIED:
             continue  # checked against the embedding below
@@ -85,7 +87,9 @@ def hf_to_ours(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for (i, param), parts in qkv.items():
         missing = [m for m in _QKV_HF if m not in parts]
         if missing:
-            raise ValueError(f"layer {i} {param}: HF keys {missing} missing (need query, key, value)")
+            raise ValueError(
+                f"layer {i} {param}: HF keys {missing} missing (need query, key, value)"
+            )
         out[f"layers.{i}.{_QKV}.{param}"] = torch.cat([parts[m] for m in _QKV_HF])
     if unknown:
         # e.g. position_embeddings: an absolute-position ESM (ESM-1b), not ESM-2

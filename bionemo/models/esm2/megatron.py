@@ -70,12 +70,17 @@ def has_transformer_engine() -> bool:
     return True
 
 
-def transformer_config(cfg: ModelConfig, *, tp: int, pp: int, bf16: bool,
-                       cpu_init: bool) -> TransformerConfig:
+def transformer_config(
+    cfg: ModelConfig, *, tp: int, pp: int, bf16: bool, cpu_init: bool
+) -> TransformerConfig:
     """megatron-core's TransformerConfig for an ESM-2 preset."""
-    recompute = {"none": {}, "selective": dict(recompute_granularity="selective"),
-                 "full": dict(recompute_granularity="full", recompute_method="uniform",
-                              recompute_num_layers=1)}[cfg.activation_checkpointing]
+    recompute = {
+        "none": {},
+        "selective": dict(recompute_granularity="selective"),
+        "full": dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        ),
+    }[cfg.activation_checkpointing]
     init = lambda w: torch.nn.init.normal_(w, mean=0.0, std=INIT_STD)  # noqa: E731 (HF's init)
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -123,15 +128,30 @@ class SDPAttention(MegatronModule):
     Returns [S, B, heads/TP * head_dim].
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, **_ignored):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **_ignored,
+    ):
         super().__init__(config=config)
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> Tensor:
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAttention: packed sequences / attention bias")
         S, B, nh, hd = query.shape
@@ -140,8 +160,11 @@ class SDPAttention(MegatronModule):
             from torch.nn.attention.varlen import varlen_attn
 
             q, k, v = (t.transpose(0, 1).reshape(B * S, nh, hd) for t in (query, key, value))
-            real = (torch.ones(B, S, dtype=torch.bool, device=q.device) if attention_mask is None
-                    else ~attention_mask.view(B, S))
+            real = (
+                torch.ones(B, S, dtype=torch.bool, device=q.device)
+                if attention_mask is None
+                else ~attention_mask.view(B, S)
+            )
             cu_q, cu_k = padded_segments(real)
             out = varlen_attn(q, k, v, cu_q, cu_k, S, S, scale=self.scale)  # [B*S, nh, hd]
             return out.view(B, S, nh * hd).transpose(0, 1).contiguous()
@@ -158,7 +181,11 @@ def layer_spec(use_te: bool | None = None):
 
     if use_te is None:
         use_te = has_transformer_engine()
-    spec = specs.get_gpt_layer_with_transformer_engine_spec() if use_te else specs.get_gpt_layer_local_spec()
+    spec = (
+        specs.get_gpt_layer_with_transformer_engine_spec()
+        if use_te
+        else specs.get_gpt_layer_local_spec()
+    )
     attn = spec.submodules.self_attention
     attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.padding}
     if not use_te:
@@ -194,8 +221,15 @@ class MegatronESM2(LanguageModule):
     on earlier stages (the pipeline schedule passes them on).
     """
 
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, *, pre_process: bool = True,
-                 post_process: bool = True, use_te: bool | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        config: TransformerConfig,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        use_te: bool | None = None,
+    ):
         super().__init__(config=config)
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
@@ -205,16 +239,29 @@ class MegatronESM2(LanguageModule):
         self.vocab_size = padded_vocab_size(cfg.vocab_size, tp)
         if pre_process:
             self.embedding = LanguageModelEmbedding(
-                config=config, vocab_size=self.vocab_size, max_sequence_length=cfg.seq_length,
-                position_embedding_type="rope")
-        self.decoder = TransformerBlock(config=config, spec=layer_spec(use_te),
-                                        pre_process=pre_process, post_process=post_process)
+                config=config,
+                vocab_size=self.vocab_size,
+                max_sequence_length=cfg.seq_length,
+                position_embedding_type="rope",
+            )
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=layer_spec(use_te),
+            pre_process=pre_process,
+            post_process=post_process,
+        )
         if post_process:
             self.lm_head = LMHead(config)
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, self.vocab_size, config=config, init_method=config.init_method,
-                bias=True, skip_bias_add=False, gather_output=False,
-                skip_weight_param_allocation=pre_process)
+                config.hidden_size,
+                self.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=True,
+                skip_bias_add=False,
+                gather_output=False,
+                skip_weight_param_allocation=pre_process,
+            )
             with torch.no_grad():
                 self.output_layer.bias.zero_()
         if pre_process:
@@ -241,19 +288,28 @@ class MegatronESM2(LanguageModule):
             x = (x * ((1 - MASK_RATIO_TRAIN) / (1 - observed))[None, :, None]).to(x.dtype)
         return x.masked_fill(~real.unsqueeze(-1), 0.0)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None,
-                cu_seqlens=None, max_seqlen=None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> Tensor:
         if cu_seqlens is not None:
-            raise ValueError("the megatron engine does not train packed rows; set data.pad_to "
-                             "to 'longest' or 'max_length'")
+            raise ValueError(
+                "the megatron engine does not train packed rows; set data.pad_to "
+                "to 'longest' or 'max_length'"
+            )
         attention_mask = attention_mask.bool()
         B, S = input_ids.shape
         x = self._embed(input_ids, attention_mask) if self.pre_process else None
         # The torch model's angles in the [S, 1, 1, head_dim] form megatron's attention applies
         # (megatron's RotaryEmbedding would put its table on the current CUDA device).
         rotary = rotary_angles(S, self.config.kv_channels, input_ids.device)[:, None, None, :]
-        hidden = self.decoder(hidden_states=x, attention_mask=~attention_mask[:, None, None, :],
-                              rotary_pos_emb=rotary)
+        hidden = self.decoder(
+            hidden_states=x, attention_mask=~attention_mask[:, None, None, :], rotary_pos_emb=rotary
+        )
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight()
@@ -269,7 +325,8 @@ class MegatronESM2(LanguageModule):
         targets = labels.t()
         scored = targets != IGNORE_INDEX
         losses = tensor_parallel.vocab_parallel_cross_entropy(
-            logits, targets.masked_fill(~scored, 0))
+            logits, targets.masked_fill(~scored, 0)
+        )
         return (losses * scored).sum() / scored.sum().clamp(min=1)
 
 
@@ -323,15 +380,18 @@ def _qkv_from_megatron(t: Tensor, heads: int) -> Tensor:
     return t.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(t.shape)
 
 
-def torch_to_megatron(sd: dict[str, Tensor], cfg: ModelConfig, padded_vocab: int, *,
-                      te: bool = False) -> dict[str, Tensor]:
+def torch_to_megatron(
+    sd: dict[str, Tensor], cfg: ModelConfig, padded_vocab: int, *, te: bool = False
+) -> dict[str, Tensor]:
     """The torch engine's full state dict -> the megatron model's full (TP=1) state dict."""
     out = {}
     for key, value in sd.items():
         if key in _TOP:
             name = _TOP[key]
             if key in ("embed_tokens.weight", "lm_head.bias"):  # pad the vocab dimension
-                value = F.pad(value, (0, 0) * (value.dim() - 1) + (0, padded_vocab - value.shape[0]))
+                value = F.pad(
+                    value, (0, 0) * (value.dim() - 1) + (0, padded_vocab - value.shape[0])
+                )
             out[name] = value
             continue
         if not key.startswith("layers."):
@@ -344,13 +404,19 @@ def torch_to_megatron(sd: dict[str, Tensor], cfg: ModelConfig, padded_vocab: int
     return out
 
 
-def megatron_to_torch(sd: dict[str, Tensor], cfg: ModelConfig, *, te: bool = False) -> dict[str, Tensor]:
+def megatron_to_torch(
+    sd: dict[str, Tensor], cfg: ModelConfig, *, te: bool = False
+) -> dict[str, Tensor]:
     """A full (TP=1 layout) megatron state dict -> the torch engine's state dict."""
     top = {v: k for k, v in _TOP.items()}
     block = {_block_name(v, te): k for k, v in _BLOCK.items()}
     out = {}
     for key, value in sd.items():
-        if key.endswith("._extra_state") or key.startswith("rotary_pos_emb") or key == "output_layer.weight":
+        if (
+            key.endswith("._extra_state")
+            or key.startswith("rotary_pos_emb")
+            or key == "output_layer.weight"
+        ):
             continue
         if key in top:
             if top[key] in ("embed_tokens.weight", "lm_head.bias"):
@@ -396,7 +462,9 @@ def load_full_state(model: MegatronESM2, full: dict[str, Tensor]) -> None:
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             value = value.chunk(tp, dim=param.partition_dim)[rank]
         if value.shape != param.shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}")
+            raise ValueError(
+                f"{key}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}"
+            )
         param.copy_(value)
     if missing:
         raise KeyError(f"weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -410,5 +478,7 @@ def load_model_state(module: torch.nn.Module, state: dict) -> None:
     missing = [k for k in missing if not k.endswith("._extra_state")]
     unexpected = [k for k in unexpected if not k.endswith("._extra_state")]
     if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
+        raise KeyError(
+            f"checkpoint does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )

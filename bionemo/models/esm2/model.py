@@ -147,18 +147,24 @@ def _attention(q, k, v, layout: Layout, scale: float, dropout_p: float = 0.0) ->
     if layout.key_mask is not None:  # padded rows: [B, heads, S, head_dim] with a key mask
         B = layout.rows
         q, k, v = (t.unflatten(0, (B, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, scale=scale,
-                                             dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=layout.key_mask, scale=scale, dropout_p=dropout_p
+        )
         return out.transpose(1, 2).flatten(0, 1)
     # Packed rows without flash attention (CPU, fp32): one SDPA call per sequence. Slower.
     bounds = layout.cu_seqlens.tolist()
-    return torch.cat([
-        F.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), scale=scale,
-            dropout_p=dropout_p,
-        ).transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ])
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1),
+                k[a:b].transpose(0, 1),
+                v[a:b].transpose(0, 1),
+                scale=scale,
+                dropout_p=dropout_p,
+            ).transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+    )
 
 
 class MLP(nn.Module):
@@ -198,8 +204,12 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, layout: Layout):
         x = x + self.attn(self.attn_norm(x), cos, sin, layout)
-        if (self.recompute == "selective" and self.training and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if (
+            self.recompute == "selective"
+            and self.training
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
             return x + checkpoint(self._mlp, x, use_reentrant=False)
         return x + self._mlp(x)
 
@@ -280,7 +290,9 @@ class ESM2(nn.Module):
                 scale = ((1 - MASK_RATIO_TRAIN) / (1 - observed))[:, None, None]
             else:
                 seg, lengths = segments
-                masks = torch.zeros(len(lengths), device=x.device).index_add_(0, seg, is_mask[0].float())
+                masks = torch.zeros(len(lengths), device=x.device).index_add_(
+                    0, seg, is_mask[0].float()
+                )
                 scale = ((1 - MASK_RATIO_TRAIN) / (1 - masks / lengths))[seg][None, :, None]
             x = (x * scale).to(x.dtype)
         return x.masked_fill(~attention_mask.unsqueeze(-1), 0.0)  # padding embeddings are zero
@@ -291,13 +303,19 @@ class ESM2(nn.Module):
         paths run instead, which on CUDA use its fused kernels with dropout)."""
         if device.type != "cuda" or (self.training and self.cfg.attention_dropout > 0):
             return False
-        dtype = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
-                 else self.embed_tokens.weight.dtype)
+        dtype = (
+            torch.get_autocast_dtype("cuda")
+            if torch.is_autocast_enabled("cuda")
+            else self.embed_tokens.weight.dtype
+        )
         return dtype in (torch.bfloat16, torch.float16)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, S, H] after the final LayerNorm. attention_mask: True = real token.
 
@@ -353,8 +371,12 @@ class ESM2(nn.Module):
         return self.lm_head(hidden, self.embed_tokens.weight)
 
     def loss(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Mean cross-entropy over positions whose label is not IGNORE_INDEX (softmax in fp32).
 

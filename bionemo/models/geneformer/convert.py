@@ -37,8 +37,10 @@ _BLOCK = {
     "output.dense": "mlp.fc2",
     "output.LayerNorm": "mlp_norm",
 }
-_TIED = {"cls.predictions.decoder.weight": "embed_tokens.weight",
-         "cls.predictions.decoder.bias": "lm_head.bias"}
+_TIED = {
+    "cls.predictions.decoder.weight": "embed_tokens.weight",
+    "cls.predictions.decoder.bias": "lm_head.bias",
+}
 _LAYER = "bert.encoder.layer."
 
 

@@ -85,13 +85,17 @@ def _packed_attention_core(q, k, v, packing, dropout_p):
     # which varlen_attn does not implement (SDPA's flash kernel does). Inputs are made 4-D
     # [1, heads, L, head_dim]: with 3-D ones SDPA falls back to its unfused path on GPU.
     bounds = cu_seqlens.tolist()
-    return torch.cat([
-        F.scaled_dot_product_attention(
-            q[None, a:b].transpose(1, 2), k[None, a:b].transpose(1, 2),
-            v[None, a:b].transpose(1, 2), dropout_p=dropout_p,
-        )[0].transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ])
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[None, a:b].transpose(1, 2),
+                k[None, a:b].transpose(1, 2),
+                v[None, a:b].transpose(1, 2),
+                dropout_p=dropout_p,
+            )[0].transpose(0, 1)
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+    )
 
 
 class MLP(nn.Module):
@@ -186,8 +190,11 @@ class Geneformer(nn.Module):
         return self.embed_dropout(self.embed_norm(x))
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, S, H] of the last block. attention_mask: True = real token.
 
@@ -223,8 +230,12 @@ class Geneformer(nn.Module):
         return self.lm_head(hidden, self.embed_tokens.weight)
 
     def loss(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """Mean cross-entropy over positions whose label is not IGNORE_INDEX.
 
