@@ -21,7 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import sweep  # noqa: E402
+import yaml  # noqa: E402
+
+from launchers.sweeping import orchestrator, search, trials  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,11 +48,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device, is_gpu = sweep.detect_device()
-    gpu = sweep.gpu_table_name(device) if is_gpu else "cpu"
+    device, is_gpu = trials.detect_device()
+    gpu = trials.gpu_table_name(device) if is_gpu else "cpu"
+    # The trials' base: the model preset with the --set overrides (YAML values).
+    base = trials.load_preset(args.model)
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        trials.set_dotted(base, key, yaml.safe_load(value))
+    work = (args.work_dir / gpu / args.model).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    base_file = work / "base.yaml"
+    base_file.write_text(yaml.safe_dump({"trainer": base}))
     points = []
     for n in args.gpus:
-        sweep_args = sweep.parse_args(
+        sweep_args = orchestrator.parse_args(
             [
                 "--model",
                 args.model,
@@ -66,18 +77,19 @@ def run(args: argparse.Namespace) -> dict:
                 str(args.steps),
                 "--warmup-steps",
                 str(args.warmup_steps),
-                *(["--set", *args.overrides] if args.overrides else []),
+                "--base-config",
+                str(base_file),
             ]
         )
-        runner = sweep.Runner(
+        runner = trials.Runner(
             sweep_args,
-            sweep.load_base(sweep_args),
+            trials.load_base(sweep_args),
             (args.work_dir / gpu / args.model / f"gpus{n}").resolve(),
         )
         print(f"[scaling] {n} GPU(s): ", end="", flush=True)
         trial = runner("none", args.mbs)
         if not trial.fits:
-            raise sweep.SweepError(f"micro batch {args.mbs} does not fit at {n} GPU(s)")
+            raise search.SweepError(f"micro batch {args.mbs} does not fit at {n} GPU(s)")
         points.append(
             {
                 "gpus": n,
@@ -100,8 +112,8 @@ def run(args: argparse.Namespace) -> dict:
         "command": shlex.join(["python", "-m", "benchmarks.scaling", *args.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "torch": sweep.torch_version(),
-        "git_commit": sweep.git_commit(),
+        "torch": trials.torch_version(),
+        "git_commit": trials.git_commit(),
         "timed_steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "points": points,
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except sweep.SweepError as e:
+    except search.SweepError as e:
         print(f"[scaling] stopped: {e}", file=sys.stderr)
         return 1
     folder = args.out / result["gpu"]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import MutableMapping
 
-from bionemo.rundir import COMPILE_CACHE  # torch-free; kept with the run (docs/design.md)
+from bionemo.rundir import COMPILE_CACHE, CONFIG  # torch-free; kept with the run (docs/design.md)
 
 
 def use_compile_cache(run_dir: Path, environ: MutableMapping[str, str] = os.environ) -> None:
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     run_dir = Path(args[0])
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / CONFIG).is_file():
         print(
-            f"error: {run_dir}/config.yaml does not exist; create the run with "
+            f"error: {run_dir}/{CONFIG} does not exist; create the run with "
             f"`python -m launchers render|submit|debug`",
             file=sys.stderr,
         )
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Handlers first (before torch's multi-second import): a warning signal during start-up is
     # then a request to stop, not the default action of SIGUSR2 (terminate).
-    cfg = load_trainer_config(run_dir / "config.yaml")
+    cfg = load_trainer_config(run_dir / CONFIG)
     stop = StopFlag(cfg.train.stop_signal)
     if cfg.train.compile:
         use_compile_cache(run_dir)

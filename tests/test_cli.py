@@ -131,7 +131,7 @@ def test_render_never_imports_torch_nor_trainer_code():
         "from launchers.backends import local, sbatch\n"
         "assert 'torch' not in sys.modules\n"
         "trainer = {m for m in sys.modules if m.startswith('bionemo')}\n"
-        "assert trainer <= {'bionemo', 'bionemo.config', 'bionemo.rundir'}, trainer\n"
+        "assert trainer <= {'bionemo', 'bionemo.config', 'bionemo.config_data', 'bionemo.rundir'}, trainer\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -59,8 +59,15 @@ class ScdlCells:
     spawn-started workers, and a forked worker is better off with maps of its own).
     """
 
-    def __init__(self, path, vocab: GeneVocab, medians: dict[str, float], seq_length: int,
-                 normalize_total: float, key: str):
+    def __init__(
+        self,
+        path,
+        vocab: GeneVocab,
+        medians: dict[str, float],
+        seq_length: int,
+        normalize_total: float,
+        key: str,
+    ):
         self.path, self.key = Path(path), key
         self.vocab, self.medians = vocab, medians
         self.seq_length, self.normalize_total = seq_length, normalize_total
@@ -105,8 +112,13 @@ class ScdlCells:
         (values, columns), _, _ = self.store().get_row(cell)
         col_token, col_median = self._lookup(cell)
         return rank_value_encode(
-            values, columns, col_token, col_median, cls_id=self.vocab.cls_id,
-            seq_length=self.seq_length, normalize_total=self.normalize_total,
+            values,
+            columns,
+            col_token,
+            col_median,
+            cls_id=self.vocab.cls_id,
+            seq_length=self.seq_length,
+            normalize_total=self.normalize_total,
         )
 
 
@@ -139,7 +151,9 @@ class ParquetCells:
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("_file", "_read_group")} | {
-            "_file": None, "_pid": None}
+            "_file": None,
+            "_pid": None,
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -184,8 +198,9 @@ class CellMLMDataset(Dataset):
     shuffle=False (validation): cell g % N in epoch 0, so every evaluation sees the same masks.
     """
 
-    def __init__(self, cells, vocab: GeneVocab, data_cfg: CellDataConfig, seed: int,
-                 shuffle: bool = True):
+    def __init__(
+        self, cells, vocab: GeneVocab, data_cfg: CellDataConfig, seed: int, shuffle: bool = True
+    ):
         if len(cells) == 0:
             raise ValueError(f"{cells.key}: {cells.path} has no cells")
         if data_cfg.mask_token_prob + data_cfg.random_token_prob > 1:
@@ -208,16 +223,24 @@ class CellMLMDataset(Dataset):
         return {"input_ids": input_ids, "labels": labels}
 
 
-def collate_cells(batch: list[dict], pad_id: int, pad_to: Literal["longest", "max_length", "none"],
-                  seq_length: int) -> dict[str, torch.Tensor]:
+def collate_cells(
+    batch: list[dict],
+    pad_id: int,
+    pad_to: Literal["longest", "max_length", "none"],
+    seq_length: int,
+) -> dict[str, torch.Tensor]:
     """ESM-2's collate (lengths -> attention_mask, padding rule), with Geneformer's <pad> id."""
     out = collate(batch, pad_to=pad_to, seq_length=seq_length)
     out["input_ids"].masked_fill_(~out["attention_mask"], pad_id)
     return out
 
 
-def open_cells(data_cfg: CellDataConfig, seq_length: int, split: Literal["train", "valid"],
-               vocab: GeneVocab | None = None):
+def open_cells(
+    data_cfg: CellDataConfig,
+    seq_length: int,
+    split: Literal["train", "valid"],
+    vocab: GeneVocab | None = None,
+):
     """The source of one split: ScdlCells or ParquetCells."""
     if split not in ("train", "valid"):
         raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
@@ -256,9 +279,12 @@ def build_dataloader(
     check_vocab_size(vocab, vocab_size)
     cells = open_cells(data_cfg, seq_length, split, vocab)
     dataset = CellMLMDataset(cells, vocab, data_cfg, seed=data_cfg.seed, shuffle=split == "train")
-    sampler = GlobalBatchSampler(start_sample, micro_batch_size, dp_rank, dp_size,
-                                 grad_accumulation)
-    return rank_loader(dataset, sampler,
-                       functools.partial(collate_cells, pad_id=vocab.pad_id, pad_to=pad_to,
-                                         seq_length=seq_length),
-                       data_cfg.num_workers)
+    sampler = GlobalBatchSampler(
+        start_sample, micro_batch_size, dp_rank, dp_size, grad_accumulation
+    )
+    return rank_loader(
+        dataset,
+        sampler,
+        functools.partial(collate_cells, pad_id=vocab.pad_id, pad_to=pad_to, seq_length=seq_length),
+        data_cfg.num_workers,
+    )

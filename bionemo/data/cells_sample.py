@@ -46,7 +46,10 @@ def gene_ids(n: int) -> list[str]:
 
 
 def synthetic_counts(
-    rng: np.random.Generator, n_cells: int, propensity: np.ndarray, level: np.ndarray,
+    rng: np.random.Generator,
+    n_cells: int,
+    propensity: np.ndarray,
+    level: np.ndarray,
     median_genes: int,
 ):
     """A CSR matrix (scipy) of n_cells x len(propensity) raw counts, float32."""
@@ -96,7 +99,11 @@ def write_h5ad(path: Path, counts, genes: list[str], prefix: str) -> None:
 
 
 def build(
-    out, n_cells: int = 2000, n_valid: int = 200, n_genes: int = NUM_GENES, seed: int = 0,
+    out,
+    n_cells: int = 2000,
+    n_valid: int = 200,
+    n_genes: int = NUM_GENES,
+    seed: int = 0,
     median_genes: int = MEDIAN_GENES_PER_CELL,
 ) -> dict:
     """Write the sample set into `out` (replacing what is there); returns a summary."""
@@ -129,7 +136,9 @@ def build(
     )
     per_cell = np.diff(train.indptr)
     return {
-        "train_cells": n_cells, "valid_cells": n_valid, "vocab_size": len(vocab),
+        "train_cells": n_cells,
+        "valid_cells": n_valid,
+        "vocab_size": len(vocab),
         "median_genes_per_cell": int(np.median(per_cell)),
         "truncated_fraction": float((per_cell > 2047).mean()),  # 2047 genes fit after <cls>
     }
@@ -141,8 +150,12 @@ def main(argv=None) -> None:
     parser.add_argument("--cells", type=int, default=2000, help="training cells")
     parser.add_argument("--valid-cells", type=int, default=200)
     parser.add_argument("--genes", type=int, default=NUM_GENES, help="genes in the vocabulary")
-    parser.add_argument("--genes-per-cell", type=int, default=MEDIAN_GENES_PER_CELL,
-                        help="median number of expressed genes per cell")
+    parser.add_argument(
+        "--genes-per-cell",
+        type=int,
+        default=MEDIAN_GENES_PER_CELL,
+        help="median number of expressed genes per cell",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

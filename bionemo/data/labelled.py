@@ -45,8 +45,9 @@ def _read(path: Path, fmt: str, columns: list[str] | None, strings: list[str]):
         return pq.read_schema(path) if columns is None else pq.read_table(path, columns=columns)
     from pyarrow import csv
 
-    convert = csv.ConvertOptions(column_types={c: pa.string() for c in strings},
-                                 include_columns=columns)
+    convert = csv.ConvertOptions(
+        column_types={c: pa.string() for c in strings}, include_columns=columns
+    )
     if columns is None:  # the header and the first block only: names and inferred types
         with csv.open_csv(path, convert_options=convert) as reader:
             return reader.schema
@@ -65,10 +66,21 @@ def _label_type_problem(kind: str, t) -> str | None:
     if kind == "token_classification":
         is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
         inner = t.value_type if is_list else None
-        if not (text or (is_list and (pa.types.is_integer(inner) or pa.types.is_string(inner)
-                                      or pa.types.is_large_string(inner)))):
-            return (f"has type {t}; token_classification needs a string (one class character "
-                    f"per residue) or a list of class ids or names per residue")
+        if not (
+            text
+            or (
+                is_list
+                and (
+                    pa.types.is_integer(inner)
+                    or pa.types.is_string(inner)
+                    or pa.types.is_large_string(inner)
+                )
+            )
+        ):
+            return (
+                f"has type {t}; token_classification needs a string (one class character "
+                f"per residue) or a list of class ids or names per residue"
+            )
     return None
 
 
@@ -81,8 +93,13 @@ def table_problems(task, base: Path | None = None) -> list[tuple[str, str, str]]
     path = _path(task, base)
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        return [("data", f"{path} is not a .csv or .parquet file",
-                 "point trainer.task.data at a .csv or .parquet table")]
+        return [
+            (
+                "data",
+                f"{path} is not a .csv or .parquet file",
+                "point trainer.task.data at a .csv or .parquet table",
+            )
+        ]
     bad = input_problem(path, "parquet" if fmt == "parquet" else "file")
     if bad:
         return [("data", bad, "point trainer.task.data at your labelled table")]
@@ -90,33 +107,53 @@ def table_problems(task, base: Path | None = None) -> list[tuple[str, str, str]]
     try:
         schema = _read(path, fmt, None, [seq] + ([lab] if _text_labels(task) else []))
     except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for unreadable files
-        return [("data", f"{path} cannot be read as {fmt} ({str(e).splitlines()[0]})",
-                 "check the file")]
+        return [
+            ("data", f"{path} cannot be read as {fmt} ({str(e).splitlines()[0]})", "check the file")
+        ]
     problems = []
     for key, column in (("sequence_column", seq), ("label_column", lab)):
         if column not in schema.names:
-            problems.append((key, f"{path} has no column {column!r} (columns: "
-                             f"{', '.join(schema.names)})",
-                             f"set trainer.task.{key} to one of them"))
+            problems.append(
+                (
+                    key,
+                    f"{path} has no column {column!r} (columns: {', '.join(schema.names)})",
+                    f"set trainer.task.{key} to one of them",
+                )
+            )
     if problems:
         return problems
     import pyarrow as pa
 
     seq_type = schema.field(seq).type
     if not (pa.types.is_string(seq_type) or pa.types.is_large_string(seq_type)):
-        problems.append(("sequence_column", f"column {seq!r} of {path} has type {seq_type}, not "
-                         "text", "point trainer.task.sequence_column at the residues"))
+        problems.append(
+            (
+                "sequence_column",
+                f"column {seq!r} of {path} has type {seq_type}, not text",
+                "point trainer.task.sequence_column at the residues",
+            )
+        )
     bad = _label_type_problem(task.kind, schema.field(lab).type)
     if bad:
-        problems.append(("label_column", f"column {lab!r} of {path} {bad}", "point "
-                         "trainer.task.label_column at such a column, or set trainer.task.kind"))
+        problems.append(
+            (
+                "label_column",
+                f"column {lab!r} of {path} {bad}",
+                "point trainer.task.label_column at such a column, or set trainer.task.kind",
+            )
+        )
     if not problems and task.kind != "sequence_regression":
         text = [lab] if _text_labels(task) else []
         try:
             column = _read(path, fmt, [lab], text).column(lab)
         except Exception as e:  # noqa: BLE001 -- as above
-            return [("data", f"column {lab!r} of {path} cannot be read "
-                     f"({str(e).splitlines()[0]})", "check the file")]
+            return [
+                (
+                    "data",
+                    f"column {lab!r} of {path} cannot be read ({str(e).splitlines()[0]})",
+                    "check the file",
+                )
+            ]
         try:
             _classes(task, _labels(column))
         except ValueError as e:
@@ -133,8 +170,9 @@ def _text_labels(task) -> bool:
 
 def _labels(column) -> list:
     if column.null_count:
-        raise ValueError(f"task.label_column: {column.null_count} rows have no label; drop them "
-                         "or fill them in")
+        raise ValueError(
+            f"task.label_column: {column.null_count} rows have no label; drop them or fill them in"
+        )
     return column.to_pylist()
 
 
@@ -149,25 +187,30 @@ def _classes(task, labels: list) -> tuple[list, list[str] | None]:
         names = sorted(set(flat))
         if len(names) > task.num_classes:
             shown = ", ".join(map(repr, names[:12])) + (" ..." if len(names) > 12 else "")
-            raise ValueError(f"task.num_classes: the labels name {len(names)} classes ({shown}), "
-                             f"more than task.num_classes={task.num_classes}; set "
-                             f"task.num_classes={len(names)}")
+            raise ValueError(
+                f"task.num_classes: the labels name {len(names)} classes ({shown}), "
+                f"more than task.num_classes={task.num_classes}; set "
+                f"task.num_classes={len(names)}"
+            )
         index = {n: i for i, n in enumerate(names)}
         ids = [[index[x] for x in row] for row in labels] if token else [index[x] for x in labels]
         return ids, names
     lo, hi = min(flat), max(flat)
     if lo < 0 or hi >= task.num_classes:
-        raise ValueError(f"task.num_classes: class ids run from {lo} to {hi}, outside 0.."
-                         f"{task.num_classes - 1}; set task.num_classes={hi + 1} (ids must "
-                         f"start at 0)")
+        raise ValueError(
+            f"task.num_classes: class ids run from {lo} to {hi}, outside 0.."
+            f"{task.num_classes - 1}; set task.num_classes={hi + 1} (ids must "
+            f"start at 0)"
+        )
     return labels, None
 
 
 def split_mask(n: int, seed: int, valid_fraction: float) -> np.ndarray:
     """True for validation rows: splitmix64 of (seed, row) below valid_fraction * 2**64."""
     with np.errstate(over="ignore"):
-        z = (np.arange(n, dtype=np.uint64) + np.uint64(seed ^ _SPLIT_SALT)
-             * np.uint64(0x9E3779B97F4A7C15))
+        z = np.arange(n, dtype=np.uint64) + np.uint64(seed ^ _SPLIT_SALT) * np.uint64(
+            0x9E3779B97F4A7C15
+        )
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
@@ -187,8 +230,10 @@ class LabelledTable:
         seq, lab = task.sequence_column, task.label_column
         table = _read(path, fmt, [seq, lab], [seq] + ([lab] if _text_labels(task) else []))
         if table.column(seq).null_count:
-            raise ValueError(f"task.sequence_column: {table.column(seq).null_count} rows of "
-                             f"{path} have no sequence; drop them")
+            raise ValueError(
+                f"task.sequence_column: {table.column(seq).null_count} rows of "
+                f"{path} have no sequence; drop them"
+            )
         self.sequences: list[str] = table.column(seq).to_pylist()
         labels = _labels(table.column(lab))
         self.class_names = None
@@ -201,19 +246,26 @@ class LabelledTable:
             self.labels = labels
         for r, s in enumerate(self.sequences):
             if not s:
-                raise ValueError(f"task.sequence_column: row {r} of {path} is an empty sequence; "
-                                 "drop it")
+                raise ValueError(
+                    f"task.sequence_column: row {r} of {path} is an empty sequence; drop it"
+                )
             if task.kind == "token_classification" and len(self.labels[r]) != len(s):
-                raise ValueError(f"task.label_column: row {r} of {path} has {len(self.labels[r])} "
-                                 f"labels for {len(s)} residues; give one label per residue")
+                raise ValueError(
+                    f"task.label_column: row {r} of {path} has {len(self.labels[r])} "
+                    f"labels for {len(s)} residues; give one label per residue"
+                )
         valid = split_mask(len(self.sequences), seed, task.valid_fraction)
         self.rows = {"train": np.flatnonzero(~valid), "valid": np.flatnonzero(valid)}
         if not len(self.rows["train"]):
-            raise ValueError(f"task.valid_fraction: no training rows left of {len(valid)} in "
-                             f"{path}; lower task.valid_fraction")
+            raise ValueError(
+                f"task.valid_fraction: no training rows left of {len(valid)} in "
+                f"{path}; lower task.valid_fraction"
+            )
         if task.valid_fraction and not len(self.rows["valid"]):
-            raise ValueError(f"task.valid_fraction: {task.valid_fraction} of {len(valid)} rows "
-                             f"gave no validation row; raise it, or set it to 0")
+            raise ValueError(
+                f"task.valid_fraction: {task.valid_fraction} of {len(valid)} rows "
+                f"gave no validation row; raise it, or set it to 0"
+            )
         self.kind = task.kind
 
     def label_stats(self) -> tuple[float, float]:
@@ -260,8 +312,9 @@ class LabelledDataset:
             inner = np.asarray(label[: self.window], dtype=np.int64)
             item["labels"] = np.concatenate(([IGNORE_INDEX], inner, [IGNORE_INDEX]))
         else:
-            item["labels"] = np.asarray(label, dtype=np.float32 if self.table.kind ==
-                                        "sequence_regression" else np.int64)
+            item["labels"] = np.asarray(
+                label, dtype=np.float32 if self.table.kind == "sequence_regression" else np.int64
+            )
         return item
 
 
@@ -275,29 +328,48 @@ def collate(batch: list[dict], pad_to: str = "longest", seq_length: int = 1024) 
     input_ids = np.full((len(batch), length), PAD_ID, dtype=np.int64)
     attention_mask = np.zeros((len(batch), length), dtype=bool)
     per_token = batch[0]["labels"].ndim == 1
-    labels = (np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64) if per_token
-              else np.stack([s["labels"] for s in batch]))
+    labels = (
+        np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
+        if per_token
+        else np.stack([s["labels"] for s in batch])
+    )
     for i, s in enumerate(batch):
         n = len(s["input_ids"])
         input_ids[i, :n], attention_mask[i, :n] = s["input_ids"], True
         if per_token:
             labels[i, :n] = s["labels"]
-    return {"input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention_mask),
-            "labels": torch.from_numpy(labels)}
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "labels": torch.from_numpy(labels),
+    }
 
 
-def build_dataloader(data_cfg, seq_length: int, micro_batch_size: int, dp_rank: int,
-                     dp_size: int, grad_accumulation: int, start_sample: int,
-                     split: str = "train", pad_to: str = "longest", *, task):
+def build_dataloader(
+    data_cfg,
+    seq_length: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    grad_accumulation: int,
+    start_sample: int,
+    split: str = "train",
+    pad_to: str = "longest",
+    *,
+    task,
+):
     """This rank's infinite loader of micro-batches of the task's `split` (the signature of
     bionemo.data.dataset.build_dataloader, plus the task section)."""
     from bionemo.data.dataset import GlobalBatchSampler, rank_loader
 
     table = open_table(task, data_cfg.seed)
     dataset = LabelledDataset(table, split, seq_length, data_cfg.seed)
-    sampler = GlobalBatchSampler(start_sample, micro_batch_size, dp_rank, dp_size,
-                                 grad_accumulation)
-    return rank_loader(dataset, sampler,
-                       functools.partial(collate, pad_to=pad_to, seq_length=seq_length),
-                       data_cfg.num_workers)
+    sampler = GlobalBatchSampler(
+        start_sample, micro_batch_size, dp_rank, dp_size, grad_accumulation
+    )
+    return rank_loader(
+        dataset,
+        sampler,
+        functools.partial(collate, pad_to=pad_to, seq_length=seq_length),
+        data_cfg.num_workers,
+    )

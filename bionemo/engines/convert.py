@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint_engine(args.checkpoint) != "megatron":
         print(f"error: {args.checkpoint} is a torch-engine checkpoint already", file=sys.stderr)
         return 2
-    config = args.config or args.checkpoint.parents[1] / "config.yaml"
+    config = args.config or args.checkpoint.parents[1] / rundir.CONFIG
     cfg = load_trainer_config(config)
     state = json.loads((args.checkpoint / "trainer_state.json").read_text())
     write_torch_checkpoint(

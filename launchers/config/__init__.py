@@ -26,7 +26,8 @@ modules, lowest first (each imports only those above it):
 
     errors    ConfigError
     yaml_io   reading YAML (duplicate keys refused, times kept as text), writing config.yaml
-    schema    the job, cluster and sweep sections, LaunchConfig, benchmark tables
+    tables    Section (the base of every section), benchmark tables
+    schema    the job, cluster and sweep sections, LaunchConfig (re-exports tables' names)
     layers    config files and the command line as layers; merging them
     checks    checks across sections; pydantic errors as ConfigErrors
     resolve   resolution of a fresh submit and of a resume

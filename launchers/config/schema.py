@@ -1,5 +1,5 @@
-"""The launcher's schema: the `job`, `cluster` and `sweep` sections, the resolved LaunchConfig,
-benchmark tables, and the lookups of a dotted key in the schema (for overrides and messages)."""
+"""The launcher's schema: the `job`, `cluster` and `sweep` sections, the resolved LaunchConfig, and
+dotted-key lookups (overrides, messages). Section and benchmark tables: tables.py (re-exported)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from bionemo.config import TrainerConfig
 from launchers.config.errors import ConfigError, _did_you_mean
+from launchers.config.tables import FP8_GPU_TYPES as FP8_GPU_TYPES
+from launchers.config.tables import BenchmarkRow as BenchmarkRow
+from launchers.config.tables import BenchmarkTable as BenchmarkTable
+from launchers.config.tables import Section as Section
 
 SECTIONS = ("job", "cluster", "sweep", "trainer")
 
@@ -110,10 +114,6 @@ def _pattern_check(value: str | None, rx: re.Pattern, what: str, example: str) -
     if value is not None and not rx.match(value):
         raise ValueError(f"{value!r} is not {what}; write e.g. {example}")
     return value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,59 +509,6 @@ class LaunchConfig(Section):
     @property
     def time_limit_s(self) -> int:
         return parse_time_limit(self.job.time_limit or self.cluster.time_limit)
-
-
-# --------------------------------------------------------------------------------------------
-# Benchmark tables
-# --------------------------------------------------------------------------------------------
-
-
-class BenchmarkRow(Section):
-    micro_batch_size: int = Field(gt=0, description="-> trainer.train.micro_batch_size")
-    engine: Literal["torch", "megatron"] | None = Field(
-        None, description=("-> trainer.train.engine (TP/PP > 1: megatron)")
-    )
-    tensor_parallel: int = Field(1, gt=0, description="-> trainer.parallel.tensor")
-    pipeline_parallel: int = Field(1, gt=0, description="-> trainer.parallel.pipeline")
-    global_batch_size: int | None = Field(
-        None, gt=0, description=("-> trainer.train.global_batch_size")
-    )
-    gpus: int = Field(0, ge=0, description="the job size the row was measured at (reference only)")
-    max_micro_batch_size: int | None = Field(
-        None, gt=0, description=("larger micro batches draw a warning")
-    )
-    measured: bool | None = Field(None, description="default: the table's flag")
-    source: str | None = Field(None, description="default: the table's source")
-    date: str | None = Field(
-        None, description=("when the row was measured (written by `make sweep --write-table`)")
-    )
-    notes: str | None = None
-
-    def trainer_layer(self) -> dict:
-        train: dict[str, object] = {
-            "micro_batch_size": self.micro_batch_size,
-            "global_batch_size": self.global_batch_size,
-        }
-        if self.engine is not None:
-            train["engine"] = self.engine
-        return {
-            "train": train,
-            "parallel": {"tensor": self.tensor_parallel, "pipeline": self.pipeline_parallel},
-        }
-
-
-# GPU types (cluster.gpu_type prefixes) with FP8 tensor cores: Hopper and Blackwell.
-FP8_GPU_TYPES = ("h100", "h200", "h800", "gh200", "b100", "b200", "gb200")
-
-
-class BenchmarkTable(Section):
-    gpu_type: str
-    kind: Literal["gpu", "cpu"] = Field(
-        description=("cpu: the profile must have gpus_per_node 0; gpu: > 0")
-    )
-    measured: bool
-    source: str
-    rows: dict[str, BenchmarkRow]
 
 
 Key = tuple[str, ...]

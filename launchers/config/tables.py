@@ -1,0 +1,65 @@
+"""Benchmark tables (configs/benchmarks/<gpu_type>.yaml) and Section, the base of every schema
+section. Moved out of launchers/config/schema.py, which re-exports these names."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark tables
+# --------------------------------------------------------------------------------------------
+
+
+class BenchmarkRow(Section):
+    micro_batch_size: int = Field(gt=0, description="-> trainer.train.micro_batch_size")
+    engine: Literal["torch", "megatron"] | None = Field(
+        None, description=("-> trainer.train.engine (TP/PP > 1: megatron)")
+    )
+    tensor_parallel: int = Field(1, gt=0, description="-> trainer.parallel.tensor")
+    pipeline_parallel: int = Field(1, gt=0, description="-> trainer.parallel.pipeline")
+    global_batch_size: int | None = Field(
+        None, gt=0, description=("-> trainer.train.global_batch_size")
+    )
+    gpus: int = Field(0, ge=0, description="the job size the row was measured at (reference only)")
+    max_micro_batch_size: int | None = Field(
+        None, gt=0, description=("larger micro batches draw a warning")
+    )
+    measured: bool | None = Field(None, description="default: the table's flag")
+    source: str | None = Field(None, description="default: the table's source")
+    date: str | None = Field(
+        None, description=("when the row was measured (written by `make sweep --write-table`)")
+    )
+    notes: str | None = None
+
+    def trainer_layer(self) -> dict:
+        train: dict[str, object] = {
+            "micro_batch_size": self.micro_batch_size,
+            "global_batch_size": self.global_batch_size,
+        }
+        if self.engine is not None:
+            train["engine"] = self.engine
+        return {
+            "train": train,
+            "parallel": {"tensor": self.tensor_parallel, "pipeline": self.pipeline_parallel},
+        }
+
+
+# GPU types (cluster.gpu_type prefixes) with FP8 tensor cores: Hopper and Blackwell.
+FP8_GPU_TYPES = ("h100", "h200", "h800", "gh200", "b100", "b200", "gb200")
+
+
+class BenchmarkTable(Section):
+    gpu_type: str
+    kind: Literal["gpu", "cpu"] = Field(
+        description=("cpu: the profile must have gpus_per_node 0; gpu: > 0")
+    )
+    measured: bool
+    source: str
+    rows: dict[str, BenchmarkRow]
