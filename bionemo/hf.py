@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -217,21 +218,30 @@ def export_state(
         from bionemo.models.geneformer.convert import _TIED, hf_config_dict, ours_to_hf
 
         tensors = {k: v for k, v in ours_to_hf(sd).items() if k not in _TIED}
+    with folder_written(out) as tmp:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp / WEIGHTS),
+            metadata={"format": "pt"},
+        )
+        (tmp / CONFIG).write_text(json.dumps(hf_config_dict(model_cfg), indent=2) + "\n")
+        _write_tokenizer(model_cfg, tmp, vocab_file)
+        for name, data in (extra or {}).items():
+            (tmp / name).write_bytes(data)
+    return out
+
+
+@contextmanager
+def folder_written(out: Path):
+    """Yield `out.partial` to write into; on success it replaces `out` (complete or absent, like
+    a checkpoint), on an error it stays behind and `out` is untouched."""
+    out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     _remove(tmp)
     tmp.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(tmp / WEIGHTS),
-        metadata={"format": "pt"},
-    )
-    (tmp / CONFIG).write_text(json.dumps(hf_config_dict(model_cfg), indent=2) + "\n")
-    _write_tokenizer(model_cfg, tmp, vocab_file)
-    for name, data in (extra or {}).items():
-        (tmp / name).write_bytes(data)
+    yield tmp
     _remove(out)
     tmp.rename(out)
-    return out
 
 
 def _write_tokenizer(cfg, out: Path, vocab_file) -> None:

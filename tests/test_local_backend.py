@@ -17,6 +17,7 @@ import pytest
 from bionemo import rundir
 from launchers import record
 from launchers.backends import local
+from tests.test_resume import data_dir  # noqa: F401 -- the module's sample-data fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,28 +66,7 @@ def test_exit_code_is_the_ranks_agreement_else_the_first_failure():
     assert local.exit_code([-signal.SIGKILL, 1]) == 128 + signal.SIGKILL
 
 
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bionemo.data.sample",
-            "--out",
-            str(out),
-            "--clusters",
-            "300",
-            "--seed",
-            "3",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-def test_two_rank_run_saved_on_a_signal_exits_75(tmp_path, sample):
+def test_two_rank_run_saved_on_a_signal_exits_75(tmp_path, data_dir):
     """`debug --nproc 2`; SIGUSR2 to one rank only: the ranks agree, both save and exit 75, and
     so does the launcher (torchrun made it 1)."""
     launcher = subprocess.Popen(
@@ -101,9 +81,9 @@ def test_two_rank_run_saved_on_a_signal_exits_75(tmp_path, sample):
             "2",
             f"cluster.runs_root={tmp_path}/runs",
             "job.run=sig",
-            f"trainer.data.train_clusters={sample}/train_clusters.parquet",
-            f"trainer.data.valid_clusters={sample}/valid_clusters.parquet",
-            f"trainer.data.database={sample}/proteins.sqlite",
+            f"trainer.data.train_clusters={data_dir}/train_clusters.parquet",
+            f"trainer.data.valid_clusters={data_dir}/valid_clusters.parquet",
+            f"trainer.data.database={data_dir}/proteins.sqlite",
             "trainer.model.num_layers=2",
             "trainer.model.seq_length=128",
             "trainer.train.micro_batch_size=4",

@@ -95,24 +95,19 @@ def build_plugin(cfg: ModelConfig) -> nn.Module:
 def export_model(model: nn.Module, cfg: ModelConfig, out, *, vocab_file=None) -> Path:
     """Write the trained `model` to the folder `out`: a family's as a Hugging Face folder
     (bionemo/hf.py), a plugin's through its export() (or its state dict), atomically."""
+    from bionemo import hf
+
     if not cfg.plugin:
-        from bionemo import hf
-
         return hf.export_state(model.state_dict(), cfg, out, vocab_file=vocab_file)
-    import shutil
+    with hf.folder_written(out) as tmp:
+        if callable(getattr(model, "export", None)):
+            model.export(tmp)
+        else:
+            from safetensors.torch import save_file
 
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if callable(getattr(model, "export", None)):
-        model.export(tmp)
-    else:
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+            state = {
+                k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
+            }
+            save_file(state, str(tmp / hf.WEIGHTS), metadata={"format": "pt"})
+            (tmp / hf.CONFIG).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    return Path(out)

@@ -23,7 +23,6 @@ import os
 import select
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from bionemo.rundir import LOGS, REQUEUE_EXIT_CODE
 from launchers import sweep
 from launchers.backends.base import Backend, BackendError, Submission
+from launchers.sweeping.trials import free_port
 from launchers.spec import JobSpec
 
 GRACE_S = 30.0  # after a rank failed, the others get this long to end before SIGKILL (torchrun's)
@@ -68,12 +68,6 @@ def rank_environment(env: dict[str, str], rank: int, nproc: int, port: int) -> d
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def exit_code(codes: list[int]) -> int:
     """The run's exit code from its ranks' (in the order they exited): the first failure's, else
     75 when a rank stopped for a requeue, else 0. A signal N is reported as 128+N."""
@@ -93,7 +87,7 @@ class _Ranks:
     """The running ranks: start, pass signals on, collect exit codes, stop the rest on failure."""
 
     def __init__(self, argv: list[str], cwd: str, env: dict[str, str], nproc: int):
-        port = free_port() if nproc > 1 else 0
+        port = free_port("127.0.0.1") if nproc > 1 else 0
         read_fd, write_fd = os.pipe()  # one pipe for all ranks: lines arrive whole (< PIPE_BUF)
         self.procs: list[subprocess.Popen] = []
         try:

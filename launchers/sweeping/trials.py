@@ -155,9 +155,10 @@ def torch_version() -> str | None:
         return None
 
 
-def free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A port free now on `host` ("": every address; the local backend asks for loopback)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
