@@ -126,7 +126,7 @@ def test_explain_exit():
 def small_filesystem(kib: int):
     """A tmpfs of `kib` KiB, unmounted at the end whatever happens."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (as the bundled cluster does)")
+        pytest.fail("mounting a tmpfs needs root (as the bundled cluster does)", pytrace=False)
     mnt = Path(tempfile.mkdtemp(prefix="bionemo-full-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], check=True)
     try:
