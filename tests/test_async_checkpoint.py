@@ -66,3 +66,24 @@ def test_kill_during_background_write_resumes_from_the_previous(tmp_path, data_d
     assert "resumed from" in (run / "rank0.log").read_text()
     assert train_losses(run) == train_losses(ref)
     assert_bitwise_equal(final_state(run, tmp_path), final_state(ref, tmp_path))
+
+
+def test_disk_full_during_a_background_write_stops_with_28(tmp_path, data_dir):  # noqa: F811
+    from bionemo.rundir import DISK_FULL_EXIT_CODE, read_events
+    from tests.test_requeue import small_filesystem
+
+    # one checkpoint's size, measured: a synchronous run of 10 steps saves exactly one
+    sized = make_run(tmp_path / "sized", data_dir, max_steps=10)
+    assert wait_all(launch(sized, world=1)) == [0]
+    one = sum(f.stat().st_size for f in rundir.step_dir(sized, 10).rglob("*") if f.is_file())
+    run = make_async(tmp_path / "full", data_dir)
+    # room for the step-10 checkpoint (kept: keep_last 2) but not for step 20's beside it
+    with small_filesystem(int(one * 1.5) // 1024 + 64) as mnt:
+        (run / rundir.CHECKPOINTS).symlink_to(mnt, target_is_directory=True)
+        assert wait_all(launch(run, world=1)) == [DISK_FULL_EXIT_CODE]
+        steps, _ = rundir.checkpoint_steps(run)
+        assert steps == [10]  # the older checkpoint stays, intact and committed
+        assert not (mnt / "step-00000020.partial").exists()  # the failed one is removed
+    log = (run / "rank0.log").read_text()
+    assert "no space left on device" in log, log[-3000:]
+    assert any(e["event"] == "disk_full" and e["step"] == 20 for e in read_events(run))

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from launchers.cli import main as launcher_main
+from bionemo import rundir
 from launchers.sweeping import orchestrator, results, trials
 from launchers.sweeping.search import search
 
@@ -333,6 +334,9 @@ def test_cpu_search_finds_the_real_limit(tmp_path, data_dir, monkeypatch, capsys
             assert t["tokens_per_s_per_gpu"] > 0 and t["peak_memory_gib"] < limit_gib
         else:  # a real allocation failure, reported by the trainer as out of memory (exit 12)
             assert "can't allocate memory" in log and "out of memory" in log, log[-2000:]
+            # ... and recorded for the requeue decision, which may only see srun's 143
+            events = rundir.read_events(Path(t["run_dir"]))
+            assert any(e["event"] == "oom" for e in events), events
     for ext in ("json", "csv", "md"):
         assert (out / "cpu" / f"esm2_8m.{ext}").stat().st_size > 0
     for plot in ("throughput", "memory"):
