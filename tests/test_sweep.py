@@ -238,6 +238,7 @@ def vm_peaks(tmp: Path, args, sizes, world: int = 1, env: dict | None = None) ->
     """Peak address space in bytes of a trial of each size (the largest over its `world`
     ranks), all measured concurrently. `env` is added to the trials' environment."""
     preset = trials.load_base(args)
+    trials.prepare_data(trials.trial_config(preset, args, "none", sizes[0]))  # as the sweep does
     env, procs = {**trials.trial_environment(args), **(env or {})}, {}
     for m in sizes:
         run_dir = tmp / f"calibrate-{m}"

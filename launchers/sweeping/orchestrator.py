@@ -44,6 +44,7 @@ from launchers.sweeping.trials import (
     git_commit,
     gpu_table_name,
     load_base,
+    prepare_data,
     torch_version,
     trial_config,
 )
@@ -177,6 +178,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     world = args.gpus_per_trial * args.nodes
     first = trial_config(preset, args, args.recompute[0], args.min)  # fail early on a bad config
     TrainerConfig.model_validate(first).data.check_files()
+    prepare_data(first)
     device, is_gpu = detect_device()
     is_gpu = is_gpu and first["train"]["device"] != "cpu"  # train.device=cpu: CPU trials anyway
     gpu = args.gpu_name or (gpu_table_name(device) if is_gpu else "cpu")

@@ -106,6 +106,23 @@ def trial_config(preset: dict, args: argparse.Namespace, policy: str, micro_batc
     return dump_trainer_config(validated)
 
 
+def prepare_data(trainer: dict) -> None:
+    """Build the clusters' shared index (bionemo/data/cluster_index.py) here, once, before any
+    trial: the trial that built it would count the build's worker threads and buffers in its
+    measured peak memory, and under an address-space limit could fail for them."""
+    cfg = TrainerConfig.model_validate(trainer)
+    if cfg.model.family != "esm2" or cfg.task.fine_tuning or cfg.model.plugin:
+        return
+    from bionemo.data.cluster_index import ClusterIndex  # numpy and pyarrow, no torch
+
+    for key, path, column in (
+        ("data.train_clusters", cfg.data.train_clusters, "ur90_id"),
+        ("data.valid_clusters", cfg.data.valid_clusters, "ur50_id"),
+    ):
+        if path is not None:
+            ClusterIndex(Path(path), column, key).open()
+
+
 # ------------------------------------------------------------------------------------ environment
 
 
