@@ -28,7 +28,7 @@ JOB_ARGS = $(if $(call _default,MODEL),,--model $(MODEL)) \
 	$(if $(ENGINE),trainer.train.engine=$(ENGINE)) $(ARGS)
 
 .PHONY: install lint test test-fast test-unit test-gpu test-cluster data debug submit render finetune recipe status logs cancel resume \
-	sweep cluster-up cluster-down bench-submit clean
+	sweep cluster-up cluster-down bench-submit stamp clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements/nemo-run.txt
@@ -150,6 +150,12 @@ IMAGE ?= bionemo-hpc:latest
 .PHONY: docker
 docker:
 	docker build -t $(IMAGE) $(if $(filter 1,$(MEGATRON)),--build-arg MEGATRON=1) .
+
+# Before copying the project without its git history (an image, a GPU machine): results written
+# from the copy then record this commit (launchers/paths.py: project_commit).
+stamp:
+	@{ git rev-parse HEAD && git status --porcelain --untracked-files=no | grep -q . && echo dirty; } \
+		| paste -sd- - > COMMIT_STAMP; echo "COMMIT_STAMP: $$(cat COMMIT_STAMP)"
 
 clean:
 	rm -rf runs

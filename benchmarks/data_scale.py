@@ -47,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from launchers.paths import project_commit
+
 TRAIN_FILE = "train_clusters.parquet"
 COLUMN = "ur90_id"
 ID_DIGITS = 10
@@ -460,7 +462,7 @@ def measure(args) -> dict:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.data_scale", *sys.argv[1:]]),
-        "commit": args.commit or _git_commit(),
+        "commit": args.commit or project_commit() or "unknown",
         "machine": machine(),
         "data": info,
         "runs": [],
@@ -537,15 +539,6 @@ def table(report: dict) -> str:
             f"{s['dataset_anon_gib_max']:.2f} | {touched} |"
         )
     return "\n".join(rows)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> None:

@@ -41,11 +41,11 @@ sys.path.insert(0, str(REPO))
 from benchmarks.sweep import (  # noqa: E402
     absolute_data_paths,
     free_port,
-    git_commit,
     load_preset,
     set_dotted,
 )
 from bionemo import rundir  # noqa: E402
+from launchers.paths import project_commit  # noqa: E402
 from bionemo.config import REQUEUE_EXIT_CODE, TrainerConfig, dump_trainer_config  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "megatron"
@@ -193,7 +193,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0),
         "gpus": torch.cuda.device_count(),
-        "commit": git_commit(),
+        "commit": project_commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
     }
     try:

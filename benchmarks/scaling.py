@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
+from launchers.paths import project_commit  # noqa: E402
 from launchers.sweeping import orchestrator, search, trials  # noqa: E402
 
 
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "torch": trials.torch_version(),
-        "git_commit": trials.git_commit(),
+        "git_commit": project_commit(),
         "timed_steps": args.steps,
         "warmup_steps": args.warmup_steps,
         "points": points,

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from launchers import cluster, record  # noqa: E402  (the checkout's, whatever the working directory)
+from launchers.paths import project_commit  # noqa: E402
 
 GOAL_S = 0.5  # sbatch's median wall time
 GOAL_RATIO = 5.0  # sbatch <= NeMo-Run / 5
@@ -79,12 +80,7 @@ def submit_once(python: str, backend: str, run: str, root: str, args, env: dict)
 
 
 def commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout
-
-    head = git("rev-parse", "HEAD").strip() or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
-    return head + (" (with uncommitted changes)" if dirty else "")
+    return project_commit() or "unknown"
 
 
 def main() -> int:

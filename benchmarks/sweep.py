@@ -23,7 +23,6 @@ import sys
 from launchers.sweeping.trials import (  # noqa: F401
     absolute_data_paths,
     free_port,
-    git_commit,
     load_preset,
     set_dotted,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,12 @@ from bionemo.config_data import (  # noqa: F401
 # A sanity bound on model.seq_length (2**16): above the longest protein (titin, 34,350 residues)
 # and any cell's gene list (Geneformer's vocabulary has ~25k genes, each ranked at most once).
 MAX_SEQ_LENGTH = 65_536
+# The torch engine's data-parallel strategies and torchao's FP8 recipes: the trainer's keys, the
+# benchmark tables' columns and the sweep's search use these names.
+Strategy = Literal["ddp", "fsdp", "hsdp"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+FP8Recipe = Literal["none", "tensorwise", "rowwise"]
+FP8_RECIPES: tuple[str, ...] = get_args(FP8Recipe)
 PLUGIN_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # module:factory
 
 
@@ -235,7 +241,7 @@ class TrainConfig(Section):
             "checkpoints (bionemo/engines/megatron_engine.py; docs/engines.md)."
         ),
     )
-    fp8: Literal["none", "tensorwise", "rowwise"] = Field(
+    fp8: FP8Recipe = Field(
         "none",
         description=(
             "FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or "
@@ -297,7 +303,7 @@ class ParallelConfig(Section):
             "data_parallel."
         ),
     )
-    data_parallel: Literal["ddp", "fsdp", "hsdp"] = Field(
+    data_parallel: Strategy = Field(
         "ddp",
         description=(
             'torch engine\'s data parallelism: "ddp" replicates weights, gradients and Adam state on '

@@ -23,3 +23,36 @@ TEMPLATES = PACKAGE / "templates"
 _CHECKOUT = PACKAGE.parent
 INSTALLED = not (_CHECKOUT / "pyproject.toml").is_file()
 REPO_ROOT = Path.cwd() if INSTALLED else _CHECKOUT
+
+# A copy of the project without its own git history (a container image, a tree copied to a GPU
+# machine, a checkout vendored into another repository) records the commit it came from here:
+# `make stamp` writes it.
+COMMIT_STAMP = "COMMIT_STAMP"
+
+
+def project_commit() -> str | None:
+    """The project's own commit, "-dirty" with uncommitted changes to tracked files. git is asked
+    only where this checkout is the top level of its repository (inside another repository git
+    would answer with that one's HEAD); otherwise the COMMIT_STAMP file; otherwise None."""
+    import subprocess  # only here: this module is imported by every launcher command
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(_CHECKOUT), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = None if INSTALLED else git("rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == _CHECKOUT.resolve():
+        head = git("rev-parse", "HEAD")
+        if head:
+            dirty = git("status", "--porcelain", "--untracked-files=no")
+            return head + ("-dirty" if dirty else "")
+    stamp = _CHECKOUT / COMMIT_STAMP
+    if not INSTALLED and stamp.is_file():
+        text = stamp.read_text(errors="replace").split()
+        return text[0] if text else None
+    return None

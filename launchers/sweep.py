@@ -110,6 +110,10 @@ def command(spec, in_step: bool = False) -> list[str]:
         "--python",
         spec.cluster.python,
     ]
+    if sw.strategies:
+        words += ["--strategy", ",".join(sw.strategies)]
+    if sw.fp8:
+        words += ["--fp8", ",".join(sw.fp8)]
     if tr.train.memory_cap_gib is not None:
         words += ["--memory-cap-gib", _num(tr.train.memory_cap_gib)]
     if sw.gpu_name:

@@ -399,6 +399,12 @@ SWEEP_OPTIONS = (
     ("--warmup-steps", "sweep.warmup_steps", "steps dropped before timing (default 3)"),
     ("--steps", "sweep.steps", "timed steps per trial (default 10)"),
     ("--recompute", "sweep.recompute", "policies to sweep, e.g. none,selective (default all)"),
+    (
+        "--strategy",
+        "sweep.strategies",
+        "data-parallel strategies to search, e.g. ddp,fsdp (default: the config's)",
+    ),
+    ("--fp8", "sweep.fp8", "FP8 recipes to search, e.g. none,tensorwise (default: the config's)"),
     ("--gpu-name", "sweep.gpu_name", "results and table name, e.g. h100_80gb (default detected)"),
     (
         "--cpu-memory-limit-gib",

@@ -6,6 +6,7 @@ import re
 
 from pydantic import ValidationError
 
+from bionemo.config import TrainerConfig
 from launchers.config.errors import ConfigError, _did_you_mean
 from launchers.config.layers import _src
 from launchers.config.schema import (
@@ -220,6 +221,7 @@ def _check_sweep(cfg: LaunchConfig, err) -> None:
             "tables describe the recompute policy 'none', which this sweep leaves out",
             "add none to --recompute, or drop --write-table",
         )
+    _check_sweep_variants(cfg, err)
     world = sw.gpus_per_trial * cfg.job.nodes
     tp, pp = tr.parallel.tensor, tr.parallel.pipeline
     if world % (tp * pp) or tr.model.num_attention_heads % tp:
@@ -229,6 +231,40 @@ def _check_sweep(cfg: LaunchConfig, err) -> None:
             f"({cfg.job.nodes} nodes x {sw.gpus_per_trial} ranks) and tensor the head count "
             f"{tr.model.num_attention_heads}",
             "choose --tp (and --gpus-per-trial) to fit",
+        )
+
+
+def _check_sweep_variants(cfg: LaunchConfig, err) -> None:
+    """Each strategy and FP8 recipe the sweep searches, as the trainer and the hardware would
+    judge it in a trial (the trials set them; the resolved config holds only one)."""
+    sw, cl, tr = cfg.sweep, cfg.cluster, cfg.trainer
+    assert sw is not None
+    refused = set()
+    for key, section, name, values in (
+        ("sweep.strategies", "parallel", "data_parallel", sw.strategies),
+        ("sweep.fp8", "train", "fp8", sw.fp8),
+    ):
+        for value in values or ():
+            data = tr.model_dump(mode="json")
+            data[section][name] = value
+            try:
+                TrainerConfig.model_validate(data)
+            except ValidationError as e:
+                problem = e.errors()[0]["msg"].removeprefix("Value error, ")
+                err(key, f"{value}: {problem}", f"leave {value} out of --{key.split('.')[1]}")
+                refused.add(value)
+    fp8 = [x for x in sw.fp8 or () if x != "none" and x not in refused]
+    if fp8 and not cl.gpu_type.lower().startswith(FP8_GPU_TYPES):
+        err(
+            "sweep.fp8",
+            f"{','.join(fp8)} needs FP8 tensor cores, which gpu_type {cl.gpu_type} lacks",
+            "search --fp8 none only, or use an H100/H200-class cluster profile",
+        )
+    if "hsdp" in (sw.strategies or ()) and cfg.job.nodes < 2:
+        err(
+            "sweep.strategies",
+            "hsdp replicates across nodes and each trial has one node",
+            "search ddp,fsdp, or --nodes 2 or more",
         )
 
 

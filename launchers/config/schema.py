@@ -9,7 +9,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, field_validator
 
-from bionemo.config import TrainerConfig
+from bionemo.config import FP8_RECIPES, STRATEGIES, FP8Recipe, Strategy, TrainerConfig
 from launchers.config.errors import ConfigError, _did_you_mean
 from launchers.config.tables import FP8_GPU_TYPES as FP8_GPU_TYPES
 from launchers.config.tables import BenchmarkRow as BenchmarkRow
@@ -423,9 +423,9 @@ class SweepConfig(Section):
             "ended)"
         ),
     )
-    gpu_name: str | None = Field(
-        None, description=("results and table name, e.g. h100_80gb; default: detected")
-    )
+    strategies: list[Strategy] | None = Field(None, description="data_parallel strategies searched")
+    fp8: list[FP8Recipe] | None = Field(None, description="train.fp8 recipes searched")
+    gpu_name: str | None = Field(None, description="table name (h100_80gb); default: detected")
     write_table: bool = Field(False, description="update the model's row in <tables>/<gpu>.yaml")
     cpu_memory_limit_gib: float | None = Field(
         None,
@@ -442,20 +442,20 @@ class SweepConfig(Section):
             "cluster.workdir."
         ),
     )
-    tables: str = Field(
-        "configs/benchmarks", description=("benchmark tables for write_table, relative to workdir")
-    )
+    tables: str = Field("configs/benchmarks", description="write_table's folder (workdir-relative)")
 
-    @field_validator("recompute", mode="before")
+    @field_validator("recompute", "strategies", "fp8", mode="before")
     @classmethod
-    def _policies(cls, v):
+    def _lists(cls, v, info):
         if isinstance(v, str):  # --recompute none,selective
             v = [x.strip() for x in v.split(",") if x.strip()]
         if isinstance(v, list):
+            names = {"recompute": POLICIES, "strategies": STRATEGIES, "fp8": FP8_RECIPES}
+            choices = ", ".join(names[info.field_name])
             if not v:
-                raise ValueError("no policy given; list some of none, selective, full")
+                raise ValueError(f"nothing given; list some of {choices}")
             if len(set(v)) != len(v):
-                raise ValueError(f"{v} repeats a policy; list each of none, selective, full once")
+                raise ValueError(f"{v} repeats a name; list each of {choices} once")
         return v
 
     @field_validator("recompute")

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bionemo.config import FP8Recipe, Strategy
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -22,6 +24,10 @@ class BenchmarkRow(Section):
     engine: Literal["torch", "megatron"] | None = Field(
         None, description=("-> trainer.train.engine (TP/PP > 1: megatron)")
     )
+    data_parallel: Strategy | None = Field(
+        None, description="-> trainer.parallel.data_parallel (torch engine: ddp, fsdp, hsdp)"
+    )
+    fp8: FP8Recipe | None = Field(None, description="-> trainer.train.fp8 (FP8 GPUs only)")
     tensor_parallel: int = Field(1, gt=0, description="-> trainer.parallel.tensor")
     pipeline_parallel: int = Field(1, gt=0, description="-> trainer.parallel.pipeline")
     global_batch_size: int | None = Field(
@@ -45,10 +51,15 @@ class BenchmarkRow(Section):
         }
         if self.engine is not None:
             train["engine"] = self.engine
-        return {
-            "train": train,
-            "parallel": {"tensor": self.tensor_parallel, "pipeline": self.pipeline_parallel},
+        if self.fp8 is not None:
+            train["fp8"] = self.fp8
+        parallel: dict[str, object] = {
+            "tensor": self.tensor_parallel,
+            "pipeline": self.pipeline_parallel,
         }
+        if self.data_parallel is not None:
+            parallel["data_parallel"] = self.data_parallel
+        return {"train": train, "parallel": parallel}
 
 
 # GPU types (cluster.gpu_type prefixes) with FP8 tensor cores: Hopper and Blackwell.

@@ -34,14 +34,14 @@ from pathlib import Path
 
 import yaml
 
-from bionemo.config import TrainerConfig
+from bionemo.config import FP8_RECIPES, STRATEGIES, TrainerConfig
 from launchers.sweeping import MODULE
 from launchers.sweeping.results import table_row, update_table, write_results
-from launchers.sweeping.search import POLICIES, SweepError, search, summarize
+from launchers.paths import project_commit
+from launchers.sweeping.search import POLICIES, SweepError, search, summarize, variant_label
 from launchers.sweeping.trials import (
     Runner,
     detect_device,
-    git_commit,
     gpu_table_name,
     load_base,
     prepare_data,
@@ -81,6 +81,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recompute",
         default=",".join(POLICIES),
         help="comma-separated activation_checkpointing policies to sweep",
+    )
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="comma-separated parallel.data_parallel strategies to search, e.g. ddp,fsdp "
+        "(default: the base config's)",
+    )
+    p.add_argument(
+        "--fp8",
+        default=None,
+        help="comma-separated train.fp8 recipes to search, e.g. none,tensorwise "
+        "(default: the base config's)",
     )
     p.add_argument(
         "--compile",
@@ -164,6 +176,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--recompute takes a comma-separated subset of {', '.join(POLICIES)}; got {unknown}"
         )
     args.recompute = [x for x in POLICIES if x in args.recompute]  # most memory first (see search)
+    for flag, choices in (("strategy", STRATEGIES), ("fp8", FP8_RECIPES)):
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        items = [x.strip() for x in value.split(",") if x.strip()]
+        if not items or set(items) - set(choices) or len(set(items)) != len(items):
+            p.error(
+                f"--{flag} takes a comma-separated subset of {', '.join(choices)}; got {value!r}"
+            )
+        setattr(args, flag, items)
     if not 1 <= args.min <= args.max:
         p.error(f"need 1 <= --min <= --max, got {args.min} and {args.max}")
     if args.gpus_per_trial < 1 or args.nodes < 1 or args.steps < 1 or args.warmup_steps < 0:
@@ -199,18 +221,50 @@ def run_sweep(args: argparse.Namespace) -> dict:
         flush=True,
     )
 
-    runner = Runner(args, preset, work_dir)
-    start = args.min
-    for policy in args.recompute:
-        best = search(lambda m: runner(policy, m).fits, args.min, args.max, start)
-        print(f"[sweep] {policy}: largest micro batch that fits: {best}", flush=True)
-        start = best or args.min  # recompute only lowers memory: the next policy starts here
+    # Strategy x FP8 variants: each gets the whole recompute search. Default: the base config's.
+    strategies = args.strategy or [first["parallel"]["data_parallel"]]
+    recipes = args.fp8 or [first["train"]["fp8"]]
+    variants = [(dp, fp8) for dp in strategies for fp8 in recipes]
+    for variant in variants:  # validated before any trial (FSDP vs engine, FP8 vs device)
+        trial_config(preset, args, args.recompute[0], args.min, variant)
 
-    policies = {p: summarize(runner.trials, p, args.max) for p in args.recompute}
+    runner = Runner(args, preset, work_dir)
+    for variant in variants:
+        start = args.min
+        for policy in args.recompute:
+            best = search(lambda m: runner(policy, m, variant).fits, args.min, args.max, start)
+            print(
+                f"[sweep] {variant_label(*variant)} {policy}: largest micro batch that fits: "
+                f"{best}",
+                flush=True,
+            )
+            start = best or args.min  # recompute only lowers memory: the next policy starts here
+
+    found = [
+        {
+            "data_parallel": dp,
+            "fp8": fp8,
+            "label": variant_label(dp, fp8),
+            "policies": {
+                p: summarize(runner.trials, p, args.max, (dp, fp8)) for p in args.recompute
+            },
+        }
+        for dp, fp8 in variants
+    ]
+    # The result's (and the table's) variant: the fastest with the first policy (recompute none,
+    # which tables describe); ties and no fit: the first listed.
     ref = args.recompute[0]
+    chosen = max(
+        found,
+        key=lambda v: v["policies"][ref].get("tokens_per_s_per_gpu") or -1.0,
+    )
+    policies = chosen["policies"]
+    best_variant = (chosen["data_parallel"], chosen["fp8"])
     best_config = None
     if policies[ref]["micro_batch_size"] is not None:
-        best_config = trial_config(preset, args, ref, policies[ref]["micro_batch_size"])
+        best_config = trial_config(
+            preset, args, ref, policies[ref]["micro_batch_size"], best_variant
+        )
     return {
         "model": args.model,
         "gpu": gpu,
@@ -219,7 +273,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "host": socket.gethostname(),
         "device": device,
         "torch": torch_version(),
-        "git_commit": git_commit(),
+        "git_commit": project_commit(),
         "world_size": world,
         "gpus_per_trial": args.gpus_per_trial,
         "nodes": args.nodes,
@@ -233,8 +287,11 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "inside_allocation": args.inside_allocation,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID") if args.inside_allocation else None,
         "search": {"min": args.min, "max": args.max},
-        "policies": policies,
+        "variants": found,
+        "policies": policies,  # the chosen variant's
         "best": {
+            "data_parallel": best_variant[0],
+            "fp8": best_variant[1],
             "recompute": ref,
             "micro_batch_size": policies[ref]["micro_batch_size"],
             "config": best_config,

@@ -15,6 +15,8 @@ matplotlib.use("Agg")  # files only; no display on cluster nodes or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
+from launchers.sweeping.search import variant_label  # noqa: E402
+
 COLORS = {"none": "tab:blue", "selective": "tab:orange", "full": "tab:green"}
 
 
@@ -28,20 +30,27 @@ def _plot(
     hline_label: str = "",
 ) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for policy in dict.fromkeys(t["recompute"] for t in trials):
-        color = COLORS.get(policy)
-        fit = sorted(
-            (t for t in trials if t["recompute"] == policy and t["fits"]),
-            key=lambda t: t["micro_batch_size"],
-        )
+
+    def curve(t: dict) -> str:  # one line per strategy (when several) and recompute policy
+        label = variant_label(t.get("data_parallel", "ddp"), t.get("fp8", "none"))
+        return f"{label}, recompute {t['recompute']}" if several else f"recompute {t['recompute']}"
+
+    several = len({(t.get("data_parallel"), t.get("fp8")) for t in trials}) > 1
+    styles = ["o-", "s--", "^-.", "d:"]
+    variants = list(dict.fromkeys((t.get("data_parallel"), t.get("fp8")) for t in trials))
+    for name in dict.fromkeys(curve(t) for t in trials):
+        mine = [t for t in trials if curve(t) == name]
+        color = COLORS.get(mine[0]["recompute"])
+        style = styles[variants.index((mine[0].get("data_parallel"), mine[0].get("fp8"))) % 4]
+        fit = sorted((t for t in mine if t["fits"]), key=lambda t: t["micro_batch_size"])
         ax.plot(
             [t["micro_batch_size"] for t in fit],
             [t[key] for t in fit],
-            "o-",
+            style,
             color=color,
-            label=f"recompute {policy}",
+            label=name,
         )
-        oom = [t["micro_batch_size"] for t in trials if t["recompute"] == policy and not t["fits"]]
+        oom = [t["micro_batch_size"] for t in mine if not t["fits"]]
         if oom:  # on the x axis: out-of-memory trials have no value to plot
             ax.plot(
                 oom,
@@ -50,7 +59,7 @@ def _plot(
                 color=color,
                 markersize=9,
                 clip_on=False,
-                label=f"{policy}: out of memory",
+                label=f"{name}: out of memory",
             )
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle="--", label=hline_label)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from launchers.sweeping.search import Trial
+from launchers.sweeping.search import Trial, variant_label
 
 
 def _fmt(v, spec: str = ",.0f") -> str:
@@ -37,32 +37,42 @@ def markdown(result: dict) -> str:
         f"{_gib(r['cpu_memory_limit_gib'])}; compile: {r['compile']}",
         f"- {r['warmup_steps']} warm-up steps dropped, median over {r['timed_steps']} timed steps",
         "",
-        "## Per recompute policy",
+        "## Per strategy and recompute policy",
         "",
-        "| recompute | max micro batch | fastest micro batch | tokens/s/GPU | TFLOP/s/GPU | MFU |"
-        " tokens/s/GPU at max |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"Chosen (fastest with recompute {r['best']['recompute']}): "
+        f"**{variant_label(r['best'].get('data_parallel', 'ddp'), r['best'].get('fp8', 'none'))}**,"
+        f" micro batch {r['best']['micro_batch_size']}.",
+        "",
+        "| strategy | recompute | max micro batch | fastest micro batch | tokens/s/GPU |"
+        " TFLOP/s/GPU | MFU | tokens/s/GPU at max |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for policy, s in r["policies"].items():
-        largest = _fmt(s["max_micro_batch_size"], "d")
-        if s.get("max_is_search_limit"):
-            largest = f">= {largest} (--max)"
-        lines.append(
-            f"| {policy} | {largest} | {_fmt(s['micro_batch_size'], 'd')}"
-            f" | {_fmt(s.get('tokens_per_s_per_gpu'))} | {_fmt(s.get('tflops_per_gpu'), '.3g')}"
-            f" | {_fmt(s.get('mfu'), '.1%')} | {_fmt(s.get('tokens_per_s_per_gpu_at_max'))} |"
-        )
+    # Results written before the strategy search have one unnamed variant: "policies".
+    variants = r.get("variants") or [{"label": "ddp", "policies": r["policies"]}]
+    for v in variants:
+        for policy, s in v["policies"].items():
+            largest = _fmt(s["max_micro_batch_size"], "d")
+            if s.get("max_is_search_limit"):
+                largest = f">= {largest} (--max)"
+            lines.append(
+                f"| {v['label']} | {policy} | {largest} | {_fmt(s['micro_batch_size'], 'd')}"
+                f" | {_fmt(s.get('tokens_per_s_per_gpu'))}"
+                f" | {_fmt(s.get('tflops_per_gpu'), '.3g')}"
+                f" | {_fmt(s.get('mfu'), '.1%')} | {_fmt(s.get('tokens_per_s_per_gpu_at_max'))} |"
+            )
     lines += [
         "",
         "## Trials (in the order run)",
         "",
-        "| recompute | micro batch | fits | tokens/s/GPU | useful tokens/s/GPU | TFLOP/s/GPU |"
-        " MFU | peak GiB | seconds |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| strategy | recompute | micro batch | fits | tokens/s/GPU | useful tokens/s/GPU |"
+        " TFLOP/s/GPU | MFU | peak GiB | seconds |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for t in r["trials"]:
+        label = variant_label(t.get("data_parallel", "ddp"), t.get("fp8", "none"))
         lines.append(
-            f"| {t['recompute']} | {t['micro_batch_size']} | {'yes' if t['fits'] else 'OOM'}"
+            f"| {label} | {t['recompute']} | {t['micro_batch_size']}"
+            f" | {'yes' if t['fits'] else 'OOM'}"
             f" | {_fmt(t['tokens_per_s_per_gpu'])} | {_fmt(t['useful_tokens_per_s_per_gpu'])}"
             f" | {_fmt(t['tflops_per_gpu'], '.3g')} | {_fmt(t['mfu'], '.1%')}"
             f" | {_fmt(t['peak_memory_gib'], '.2f')} | {t['seconds']:.0f} |"
@@ -105,6 +115,9 @@ def table_row(result: dict, old_row: dict, source: str) -> dict:
         tensor_parallel=result["tensor_parallel"],
         max_micro_batch_size=s["max_micro_batch_size"],
     )
+    best = result.get("best", {})
+    if "data_parallel" in best:  # the strategy and FP8 recipe the figures were measured with
+        row.update(data_parallel=best["data_parallel"], fp8=best["fp8"])
     if result["gpu"] != "cpu":  # CPU tables say gpus: 0
         row["gpus"] = result["world_size"]
     gbs = row.get("global_batch_size")

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 from launchers.config.schema import POLICIES  # activation_checkpointing policies, most memory first
 
-__all__ = ["POLICIES", "SweepError", "Trial", "describe", "search", "summarize"]
+__all__ = [
+    "POLICIES",
+    "SweepError",
+    "Trial",
+    "describe",
+    "search",
+    "summarize",
+    "variant_label",
+]
 
 
 class SweepError(RuntimeError):
@@ -25,6 +33,13 @@ class Trial:
     peak_memory_gib: float | None = None  # GPU: max allocated; CPU: peak resident set
     seconds: float = 0.0  # wall time of the whole trial, start-up included
     run_dir: str = ""
+    data_parallel: str = "ddp"  # trainer.parallel.data_parallel of the trial
+    fp8: str = "none"  # trainer.train.fp8 of the trial
+
+
+def variant_label(data_parallel: str, fp8: str) -> str:
+    """A strategy and FP8 recipe in one word ("ddp", "fsdp+fp8:tensorwise"): results and plots."""
+    return data_parallel if fp8 == "none" else f"{data_parallel}+fp8:{fp8}"
 
 
 def describe(t: Trial) -> str:
@@ -67,8 +82,17 @@ def search(fits, lo: int, hi: int, start: int | None = None) -> int | None:
     return last_fit
 
 
-def summarize(trials: list[Trial], policy: str, search_max: int) -> dict:
-    fit = [t for t in trials if t.recompute == policy and t.fits]
+def summarize(
+    trials: list[Trial], policy: str, search_max: int, variant: tuple[str, str] | None = None
+) -> dict:
+    """One policy's result (of one strategy and FP8 variant, when given)."""
+    fit = [
+        t
+        for t in trials
+        if t.recompute == policy
+        and t.fits
+        and (variant is None or (t.data_parallel, t.fp8) == variant)
+    ]
     if not fit:
         return {"max_micro_batch_size": None, "micro_batch_size": None}
     largest = max(fit, key=lambda t: t.micro_batch_size)

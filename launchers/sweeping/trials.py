@@ -28,7 +28,7 @@ import yaml
 from bionemo import rundir
 from bionemo.config import OOM_EXIT_CODE, TrainerConfig, dump_trainer_config
 from launchers.paths import CONFIGS, REPO_ROOT
-from launchers.sweeping.search import SweepError, Trial, describe
+from launchers.sweeping.search import SweepError, Trial, describe, variant_label
 
 # Substring of the device name (upper case) -> benchmark table name (configs/benchmarks/<name>.yaml).
 GPU_TABLES = {"H200": "h200_141gb", "H100": "h100_80gb", "A100": "a100_80gb"}
@@ -80,9 +80,16 @@ def absolute_data_paths(cfg: TrainerConfig) -> TrainerConfig:
     return cfg
 
 
-def trial_config(preset: dict, args: argparse.Namespace, policy: str, micro_batch: int) -> dict:
+def trial_config(
+    preset: dict,
+    args: argparse.Namespace,
+    policy: str,
+    micro_batch: int,
+    variant: tuple[str, str] | None = None,
+) -> dict:
     """The validated trainer section of one trial: the base config (the run's resolved trainer
-    section, user overrides included) < the sweep's own settings."""
+    section, user overrides included) < the sweep's own settings. variant: (data-parallel
+    strategy, FP8 recipe) searched by the sweep; None keeps the base config's."""
     cfg = json.loads(json.dumps(preset))  # deep copy
     own = {
         "train.micro_batch_size": micro_batch,
@@ -99,6 +106,8 @@ def trial_config(preset: dict, args: argparse.Namespace, policy: str, micro_batc
     }
     if args.compile is not None:  # else the preset's (or base config's) choice stands
         own["train.compile"] = args.compile
+    if variant is not None:
+        own["parallel.data_parallel"], own["train.fp8"] = variant
     for key, value in own.items():
         set_dotted(cfg, key, value)
     validated = absolute_data_paths(TrainerConfig.model_validate(cfg))
@@ -149,20 +158,6 @@ def detect_device() -> tuple[str, bool]:
     except (OSError, AttributeError):
         pass
     return cpu, False
-
-
-def git_commit() -> str | None:
-    out = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-    )
-    if out.returncode:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def torch_version() -> str | None:
@@ -382,20 +377,36 @@ class Runner:
         self.limit_bytes = int(gib * 2**30) if gib else None
         self.trials: list[Trial] = []
 
-    def __call__(self, policy: str, micro_batch: int) -> Trial:
+    def __call__(
+        self, policy: str, micro_batch: int, variant: tuple[str, str] | None = None
+    ) -> Trial:
+        """variant: (parallel.data_parallel, train.fp8) of the trial; None: the base config's."""
+        if variant is None:
+            base = trial_config(self.preset, self.args, policy, micro_batch)
+            variant = (base["parallel"]["data_parallel"], base["train"]["fp8"])
         done = next(
-            (t for t in self.trials if t.recompute == policy and t.micro_batch_size == micro_batch),
+            (
+                t
+                for t in self.trials
+                if (t.recompute, t.micro_batch_size, (t.data_parallel, t.fp8))
+                == (policy, micro_batch, variant)
+            ),
             None,
         )
         if done is not None:
             return done
         a = self.args
-        run_dir = self.work_dir / f"{policy}-mbs{micro_batch:05d}"
+        label = variant_label(*variant)
+        # e.g. ddp-none-mbs00016, fsdp-fp8_tensorwise-selective-mbs00024: a name for any filesystem
+        run_dir = (
+            self.work_dir
+            / f"{label.replace('+', '-').replace(':', '_')}-{policy}-mbs{micro_batch:05d}"
+        )
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        cfg = trial_config(self.preset, a, policy, micro_batch)
+        cfg = trial_config(self.preset, a, policy, micro_batch, variant)
         (run_dir / rundir.CONFIG).write_text(yaml.safe_dump({"trainer": cfg}, sort_keys=False))
-        print(f"[sweep] {policy:9s} micro batch {micro_batch:4d}: ", end="", flush=True)
+        print(f"[sweep] {label} {policy:9s} micro batch {micro_batch:4d}: ", end="", flush=True)
         t0 = time.monotonic()
         if a.inside_allocation:
             codes, timed_out = launch_srun(
@@ -414,7 +425,13 @@ class Runner:
             )
         seconds = time.monotonic() - t0
         trial = Trial(
-            policy, micro_batch, fits=False, seconds=round(seconds, 2), run_dir=str(run_dir)
+            policy,
+            micro_batch,
+            fits=False,
+            seconds=round(seconds, 2),
+            run_dir=str(run_dir),
+            data_parallel=variant[0],
+            fp8=variant[1],
         )
         if OOM_EXIT_CODE in codes:  # one rank out of memory is enough; the others may have crashed
             print(f"out of memory ({seconds:.0f} s)", flush=True)
@@ -432,7 +449,7 @@ class Runner:
             )
             logs = sorted(run_dir.glob("rank*.log")) + sorted(run_dir.glob("srun.log"))
             raise SweepError(
-                f"trial {policy} micro batch {micro_batch} {why}; the sweep stops "
+                f"trial {label} {policy} micro batch {micro_batch} {why}; the sweep stops "
                 f"here.\n" + "\n".join(_tail(p) for p in logs)
             )
         self.trials.append(trial)
