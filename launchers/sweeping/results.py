@@ -148,6 +148,7 @@ def update_table(path: Path, gpu: str, model: str, row: dict) -> None:
     """Replace (or add) the row `model` under `rows:` in a benchmark table, keeping the text,
     comments included, of everything else; a new table gets a short header."""
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
             f"# Benchmark table: {gpu}, measured by `make sweep` (docs/sweep.md).\n"
             f"gpu_type: {gpu}\nkind: {'cpu' if gpu == 'cpu' else 'gpu'}\n"
