@@ -87,3 +87,56 @@ def test_disk_full_during_a_background_write_stops_with_28(tmp_path, data_dir): 
     log = (run / "rank0.log").read_text()
     assert "no space left on device" in log, log[-3000:]
     assert any(e["event"] == "disk_full" and e["step"] == 20 for e in read_events(run))
+
+
+def test_the_kept_stager_survives_being_closed_between_saves(tmp_path):
+    """torch 2.11's async_save closes the stager it is handed after a write; the second async
+    save on an H200 then failed with KeyError: <class 'type'>. Close it the ways a torch may
+    (outer close, inner close, tables emptied) between two real dcp.async_save calls."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from bionemo.engines.torch_engine import _kept_stager
+
+    stager = _kept_stager(torch.device("cpu"))
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+
+    def close_it(k: int) -> None:
+        if k == 0:
+            stager.close()
+            stager._state_dict_stager.close()
+        else:  # emptied some other way: the next save renews the inner stager
+            stager._state_dict_stager._deepcopy_dispatch.clear()
+
+    for k in range(3):
+        dcp.async_save(state, checkpoint_id=tmp_path / f"s{k}", async_stager=stager).result()
+        loaded = {"model": model.state_dict()}
+        dcp.load(loaded, checkpoint_id=tmp_path / f"s{k}")
+        assert all(torch.equal(loaded["model"][n], v) for n, v in model.state_dict().items())
+        close_it(k)
+
+
+def test_a_stager_emptied_unnoticed_is_replaced_for_that_save(tmp_path, caplog):
+    """The last line of defence: staging fails with the emptied stager's KeyError although the
+    tables are not empty (a torch that closes differently); the save is staged again."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from bionemo.engines.torch_engine import AsyncSaver
+
+    saver = AsyncSaver(torch.device("cpu"))
+    model = torch.nn.Linear(4, 3)
+    state = {"model": model.state_dict(), "step": {"n": 7}}
+    saver.save(state, tmp_path / "a").result()
+    first = saver.stager
+    first._state_dict_stager._deepcopy_dispatch.pop(type)  # what close() leaves, in part
+    first._state_dict_stager._deepcopy_dispatch.pop(dict)  # dicts now copied by reduction
+    saver.save(state, tmp_path / "b").result()
+    assert saver.stager is not first and "staging again with a new stager" in caplog.text
+    loaded = {"model": model.state_dict(), "step": {"n": 0}}
+    dcp.load(loaded, checkpoint_id=tmp_path / "b")
+    assert loaded["step"]["n"] == 7

@@ -103,24 +103,79 @@ def sharding_mesh(cfg: TrainerConfig, env: DistEnv, device: torch.device):
 
 def _kept_stager(device: torch.device):
     """DCP's staging to host memory (pinned on GPU), kept for the whole run so that its pinned
-    buffers are allocated once. torch 2.11's async_save closes the stager it is handed after each
-    write, which empties the stager's tables: the next save failed with KeyError (seen on an
-    H200). So close() is a no-op here; the buffers go with the process."""
+    buffers are allocated once (the first save of a 650M pins ~7.8 GB: 11 s on an H200).
+
+    torch 2.11's async_save closes the stager it is handed once a write is done, and closing
+    empties the inner StateDictStager's copy tables: the next save failed with "KeyError: <class
+    'type'>" on an H200, also with close() overridden on the outer stager alone. So neither close
+    does anything here (the buffers go with the process), and a stager whose tables were emptied
+    anyway (by a torch that closes it some other way) is replaced before it stages: that save
+    pins its buffers again, but it succeeds."""
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    class KeptStager(DefaultStager):
+    cuda = device.type == "cuda"
+
+    class KeptStateDictStager(StateDictStager):
         def close(self) -> None:
             pass
 
-    cuda = device.type == "cuda"
-    return KeptStager(
-        StagingOptions(
-            use_pinned_memory=cuda,
-            use_shared_memory=False,
-            use_async_staging=False,
-            use_non_blocking_copy=cuda,
-        )
-    )
+    class KeptStager(DefaultStager):
+        def __init__(self) -> None:
+            super().__init__(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=False,
+                    use_non_blocking_copy=cuda,
+                )
+            )
+            self._renew()
+
+        def _renew(self) -> None:
+            self._state_dict_stager = KeptStateDictStager(pin_memory=cuda, share_memory=False)
+
+        def stage(self, state_dict, **kwargs):
+            if not getattr(self._state_dict_stager, "_deepcopy_dispatch", True):
+                self._renew()
+            return super().stage(state_dict, **kwargs)
+
+        def close(self) -> None:
+            pass
+
+    return KeptStager()
+
+
+class AsyncSaver:
+    """dcp.async_save with one kept stager (_kept_stager). Should staging still fail with the
+    KeyError of a stager torch emptied, the save is staged once more with a new stager (its
+    buffers pinned again) rather than failing the run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stager = _kept_stager(device)
+
+    def save(self, state, path, group=None):
+        for attempt in (1, 2):
+            try:
+                future = dcp.async_save(
+                    state, checkpoint_id=path, process_group=group, async_stager=self.stager
+                )
+            except KeyError as e:
+                error: BaseException | None = e
+            else:  # staging runs before async_save returns: its failure is already in the future
+                error = future.exception() if future.done() else None
+                if not isinstance(error, KeyError):
+                    return future
+            log.warning(
+                "asynchronous save of %s: staging failed (KeyError: %s)%s",
+                path,
+                error,
+                "; staging again with a new stager" if attempt == 1 else "",
+            )
+            self.stager = _kept_stager(self.device)
+        assert error is not None
+        raise error
 
 
 class TorchEngine:
@@ -221,11 +276,9 @@ class TorchEngine:
         if not asynchronous:
             dcp.save(state, checkpoint_id=path, process_group=group)
             return None
-        if self._stager is None:  # kept: its pinned buffers are reused by every later save
-            self._stager = _kept_stager(self.device)
-        return dcp.async_save(
-            state, checkpoint_id=path, process_group=group, async_stager=self._stager
-        )
+        if self._saver is None:  # kept: its pinned buffers are reused by every later save
+            self._saver = AsyncSaver(self.device)
+        return self._saver.save(state, path, group)
 
     def load(self, path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -235,7 +288,7 @@ class TorchEngine:
         )
 
     supports_async_save = True
-    _stager = None
+    _saver: AsyncSaver | None = None
 
     def rng_state(self) -> dict:
         return {}
