@@ -24,16 +24,19 @@ _CHECKOUT = PACKAGE.parent
 INSTALLED = not (_CHECKOUT / "pyproject.toml").is_file()
 REPO_ROOT = Path.cwd() if INSTALLED else _CHECKOUT
 
-# A copy of the project without its own git history (a container image, a tree copied to a GPU
-# machine, a checkout vendored into another repository) records the commit it came from here:
-# `make stamp` writes it.
+# A copy of the project without its own git history, or with a stale one (a container image, a
+# tree copied to a GPU machine, whose .git can be an old snapshot; a checkout vendored into another
+# repository) records the commit it came from here: `make stamp` writes it before the copy.
 COMMIT_STAMP = "COMMIT_STAMP"
 
 
 def project_commit() -> str | None:
-    """The project's own commit, "-dirty" with uncommitted changes to tracked files. git is asked
-    only where this checkout is the top level of its repository (inside another repository git
-    would answer with that one's HEAD); otherwise the COMMIT_STAMP file; otherwise None."""
+    """The project's own commit, "-dirty" with uncommitted changes to tracked files.
+
+    git answers only where this checkout is the top level of its repository (inside another
+    repository it would answer with that one's HEAD), and only if no COMMIT_STAMP was written
+    after its HEAD commit: a copy's .git may be a snapshot older than the code it holds (seen on
+    the GPU machines). Otherwise the stamp; otherwise None."""
     import subprocess  # only here: this module is imported by every launcher command
 
     def git(*args: str) -> str | None:
@@ -45,14 +48,15 @@ def project_commit() -> str | None:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
+    path = _CHECKOUT / COMMIT_STAMP
+    stamp = None
+    if not INSTALLED and path.is_file():
+        words = path.read_text(errors="replace").split()
+        stamp = words[0] if words else None
     top = None if INSTALLED else git("rev-parse", "--show-toplevel")
     if top and Path(top).resolve() == _CHECKOUT.resolve():
-        head = git("rev-parse", "HEAD")
-        if head:
+        head, when = git("rev-parse", "HEAD"), git("log", "-1", "--format=%ct")
+        if head and not (stamp and when and path.stat().st_mtime >= int(when)):
             dirty = git("status", "--porcelain", "--untracked-files=no")
             return head + ("-dirty" if dirty else "")
-    stamp = _CHECKOUT / COMMIT_STAMP
-    if not INSTALLED and stamp.is_file():
-        text = stamp.read_text(errors="replace").split()
-        return text[0] if text else None
-    return None
+    return stamp

@@ -4,6 +4,7 @@ the one it chose (issue 16). Real trainer processes: DDP and FSDP2 on 2 gloo ran
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,18 @@ def test_results_record_the_projects_commit_not_an_enclosing_repositorys(tmp_pat
     assert recorded(copy) == "None"  # not the outer HEAD
     (copy / "COMMIT_STAMP").write_text("0123abcd-dirty\n")  # what `make stamp` writes
     assert recorded(copy) == "0123abcd-dirty" != outer_head
-    # the checkout itself: its own HEAD
-    head = git("rev-parse", "HEAD", cwd=REPO_ROOT)
-    assert recorded(REPO_ROOT).removesuffix("-dirty") == head
+
+    # A copy whose own .git is an older snapshot (the GPU machines'): a stamp written after its
+    # HEAD commit wins; once a newer commit is made there, git does.
+    git("init", "-q", cwd=copy)
+    git("add", "-A", cwd=copy)
+    env = {**os.environ, "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z"}
+    subprocess.run(
+        ["git", *ident, "commit", "-q", "-m", "old snapshot"], cwd=copy, env=env, check=True
+    )
+    assert recorded(copy) == "0123abcd-dirty"
+    (copy / "new_file").write_text("x")
+    git("add", "new_file", cwd=copy)
+    os.utime(copy / "COMMIT_STAMP", (1_000_000_000, 1_000_000_000))  # stamp from 2001
+    git(*ident, "commit", "-q", "-m", "newer", cwd=copy)
+    assert recorded(copy) == git("rev-parse", "HEAD", cwd=copy)

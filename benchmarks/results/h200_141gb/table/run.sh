@@ -39,11 +39,11 @@ if [ "$PART" = big ]; then
     sweep 3b-cap80-fsdp --model esm2_3b --memory-cap-gib 80 --strategy fsdp --min 16 --max 17 \
         --out $R/cap80
     sweep 3b-cap80-fsdp-fp8 --model esm2_3b --memory-cap-gib 80 --strategy fsdp \
-        --fp8 tensorwise --min 24 --max 28 --out $R/cap80-fp8
+        --fp8 tensorwise --min 24 --max 27 --out $R/cap80-fp8
     # the table: Geneformer 4B under FSDP at the recipe's micro batch, the 3B under DDP
     sweep gf4b --model geneformer_4b --strategy fsdp --min 10 --max 10 --write-table \
         --out $R
-    sweep 3b --model esm2_3b --strategy ddp --min 32 --max 36 --write-table --out $R
+    sweep 3b --model esm2_3b --strategy ddp --min 34 --max 36 --write-table --out $R
 else
     sweep 650m --model esm2_650m --strategy ddp --min 96 --max 104 --write-table --out $R
     sweep 8m --model esm2_8m --min 512 --max 1024 --write-table --out $R
