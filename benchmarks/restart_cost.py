@@ -334,6 +334,9 @@ def main() -> int:
         "background write (650M: ~7.8 GB at ~0.4 GB/s, ~20 s), as saves minutes apart do",
     )
     p.add_argument("--sync-run", action="store_true", help="also the all-synchronous --model run")
+    p.add_argument(
+        "--no-restarts", action="store_true", help="only the --model run's saves (no restarts)"
+    )
     p.add_argument("--blocking-model", help="e.g. esm2_3b: its sync vs async save (off if unset)")
     p.add_argument("--blocking-mbs", type=int, default=8)
     p.add_argument("--blocking-every", type=int, default=5, help="its one periodic save's step")
@@ -440,9 +443,10 @@ def main() -> int:
         write()
 
     # 3-4: the first run, a few steps longer, resumed from its last checkpoint.
-    if rundir.latest_complete_step(a) is None:
+    if args.no_restarts or rundir.latest_complete_step(a) is None:
+        why = "--no-restarts" if args.no_restarts else "no checkpoint of the async run"
         for name in RESTART_S:
-            summary["phases"][name] = "skipped: no checkpoint of the async run"
+            summary["phases"][name] = f"skipped: {why}"
         write()
     else:
         cfg = yaml.safe_load((a / rundir.CONFIG).read_text())

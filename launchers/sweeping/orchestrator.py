@@ -37,7 +37,7 @@ import yaml
 from bionemo.config import FP8_RECIPES, STRATEGIES, TrainerConfig
 from launchers.sweeping import MODULE
 from launchers.sweeping.results import table_row, update_table, write_results
-from launchers.paths import project_commit
+from launchers.paths import REPO_ROOT, project_commit
 from launchers.sweeping.search import POLICIES, SweepError, search, summarize, variant_label
 from launchers.sweeping.trials import (
     Runner,
@@ -335,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             if table.exists()
             else {}
         )
-        source = str(folder / f"{args.model}.json")
-        update_table(table, result["gpu"], args.model, table_row(result, old or {}, source))
+        source = folder / f"{args.model}.json"
+        if source.resolve().is_relative_to(REPO_ROOT.resolve()):  # a path the repository knows
+            source = source.resolve().relative_to(REPO_ROOT.resolve())
+        update_table(table, result["gpu"], args.model, table_row(result, old or {}, str(source)))
         print(f"[sweep] updated row {args.model} of {table}")
     return 0

@@ -45,14 +45,34 @@ if [ "$PART" = big ]; then
         --out $R
     sweep 3b --model esm2_3b --strategy ddp --min 34 --max 36 --write-table --out $R
 else
+    # Geneformer 4B under FSDP at the recipe's micro batch (the table's row)
+    sweep gf4b --model geneformer_4b --strategy fsdp --min 10 --max 10 --write-table --out $R
+    # issue 15: the 650M's periodic async saves after the stager fix (the restarts were measured)
+    left=$((DEADLINE - $(date +%s)))
+    echo "=== async650m: restart_cost.py --no-restarts" >>"$LOG"
+    timeout "$left" python3 benchmarks/restart_cost.py --out "$OUT/async" --no-restarts \
+        --budget 170 >>"$LOG" 2>&1
+    echo "=== async650m: rc=$? at $(($(date +%s) - T0)) s" >>"$LOG"
     sweep 650m --model esm2_650m --strategy ddp --min 96 --max 104 --write-table --out $R
+    # no regression: the 650M at micro batch 48 with this commit and with 00235dd (before issues
+    # 13 and 16; a git archive of it in .ab/old), same settings, one after the other
+    sweep 650m-48 --model esm2_650m --strategy ddp --min 48 --max 48 --out $R/ab-new
+    if [ -d .ab/old ] && [ $((DEADLINE - $(date +%s))) -gt 60 ]; then
+        ln -sfn "$PWD/data" .ab/old/data
+        echo "=== 650m-48-old: 00235dd benchmarks.sweep" >>"$LOG"
+        (cd .ab/old && PYTHONPATH=$SITE timeout $((DEADLINE - $(date +%s))) python3 -m benchmarks.sweep \
+            --model esm2_650m --min 48 --max 48 --recompute none --compile --warmup-steps 2 \
+            --steps 4 --gpu-name h200_141gb --out "$PWD/../../$R/ab-old" --work-dir /tmp/ab-old) \
+            >>"$LOG" 2>&1
+        echo "=== 650m-48-old: rc=$? at $(($(date +%s) - T0)) s" >>"$LOG"
+    fi
+    sweep gf106m --model geneformer_106m --min 32 --max 64 --write-table --out $R
+    sweep gf10m --model geneformer_10m --min 128 --max 256 --write-table --out $R
     sweep 8m --model esm2_8m --min 512 --max 1024 --write-table --out $R
-    sweep gf106m --model geneformer_106m --min 32 --max 128 --write-table --out $R
-    sweep gf10m --model geneformer_10m --min 64 --max 256 --write-table --out $R
 fi
 
 cp configs/benchmarks/h200_141gb.yaml "$OUT/h200_141gb.yaml"
-grep -h "memory cap\|FSDP2\|float8\|Error\|error" /tmp/runs/*/*/trials/*/*/*/rank0.log 2>/dev/null \
+grep -h "memory cap\|FSDP2\|float8\|Error\|error" /tmp/runs/*/*/trials/*/*/*/rank0.log /tmp/ab-old/*/*/*/rank0.log 2>/dev/null \
     | sort | uniq -c | head -30 >>"$LOG"
 tar czf "$OUT/results.tar.gz" $(find $R -newer /tmp/t0 -type f) 2>>"$LOG"
 tar czf "$OUT/trials.tar.gz" -C /tmp $(cd /tmp && ls runs/*/*/trials/*/*/*/{config.yaml,rank0.log} 2>/dev/null) 2>>"$LOG"
