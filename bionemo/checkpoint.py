@@ -30,7 +30,7 @@ import shutil
 import signal
 import warnings
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -201,6 +201,24 @@ def _checksums(folder: Path, names: list[str]) -> dict[str, dict]:
         return dict(zip(names, pool.map(lambda n: _checksum(folder / n), names)))
 
 
+def _own_files(folder: Path, rank: int) -> dict[str, dict]:
+    """The files a rank wrote in a save (DCP's __<rank>_<n>.distcp, its RNG states; rank 0 also
+    .metadata and the trainer state), checksummed and fsynced. Another engine's names are simply
+    not found here: the commit checksums whatever no rank claimed."""
+    names = [f"rng-rank{rank:05d}.pt"] + [p.name for p in folder.glob(f"__{rank}_*.distcp")]
+    if rank == 0:
+        names += [".metadata", TRAINER_STATE]
+    names = [n for n in names if (folder / n).is_file()]
+    sums = _checksums(folder, names)
+    for name in names:
+        fd = os.open(folder / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return sums
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -273,9 +291,26 @@ class Checkpointer:
         if os.environ.get(KILL_DURING_SAVE) == str(state.step):  # fault injection for tests
             os.kill(os.getpid(), signal.SIGKILL)  # (asynchronous: while the shards are written)
         if pending is not None:
-            self._pending = (pending, tmp, final, state.step, error)
+            self._pending = (self._after_write(pending, tmp), tmp, final, state.step, error)
             return None
         return self._commit(tmp, final, state.step, error)
+
+    def _after_write(self, written, tmp: Path) -> Future:
+        """A future for the background write plus this rank's share of the commit: once its
+        files are written, the writer's thread checksums and fsyncs them (the bulk of a commit:
+        ~5 s for a 650M's 7.8 GB on an H200 machine when the training loop did it). The commit
+        then only gathers these and checks what no rank claimed."""
+        prepared: Future = Future()
+
+        def done(future) -> None:
+            try:
+                future.result()
+                prepared.set_result(_own_files(tmp, self.rank))
+            except BaseException as e:  # the write's error (or a checksum's), for finish()
+                prepared.set_exception(e)
+
+        written.add_done_callback(done)
+        return prepared
 
     @property
     def pending(self) -> bool:
@@ -298,11 +333,12 @@ class Checkpointer:
             return None
         future, tmp, final, step, error = self._pending
         self._pending = None
+        known = None
         try:
-            future.result()
+            known = future.result()  # this rank's files, checksummed and fsynced
         except WRITE_ERRORS as e:  # DCP's CheckpointException carries each rank's error
             error = error or e
-        return self._commit(tmp, final, step, error)
+        return self._commit(tmp, final, step, error, known)
 
     def _async_group(self, role: str = "writer"):
         """Two CPU (gloo) groups of their own, made by every rank at the first asynchronous save:
@@ -317,14 +353,17 @@ class Checkpointer:
             }
         return self._groups[role]
 
-    def _commit(self, tmp: Path, final: Path, step: int, error) -> Path:
+    def _commit(self, tmp: Path, final: Path, step: int, error, known=None) -> Path:
+        """known: this rank's files already checksummed and fsynced (asynchronous saves)."""
         agree_written(error, tmp, step, self.rank)  # any rank failed: SaveFailed on every rank
         _barrier()  # every rank has finished writing its part
-        self._write_manifest(tmp, step)
+        synced = self._write_manifest(tmp, step, known)
         if self.rank == 0:
             marker = tmp / rundir.COMPLETE
             marker.write_text(f"{step}\n")
             for f in tmp.iterdir():  # make the bytes durable before the folder becomes visible
+                if f.name in synced:
+                    continue
                 fd = os.open(f, os.O_RDONLY)
                 os.fsync(fd)
                 os.close(fd)
@@ -335,14 +374,33 @@ class Checkpointer:
         _barrier()
         return final
 
-    def _write_manifest(self, folder: Path, step: int) -> None:
-        """Every rank checksums a share of the folder's files; rank 0 writes the manifest."""
+    def _write_manifest(self, folder: Path, step: int, known: dict | None = None) -> set[str]:
+        """Every rank checksums a share of the folder's files; rank 0 writes the manifest.
+        known: this rank's checksums made after a background write. Returns the names whose
+        checksum came from `known` (their writers fsynced them)."""
         rank, world = _world()
         sizes = _from_rank0(_files(folder) if rank == 0 else None)
-        parts = _gathered(_checksums(folder, _share(sizes, rank, world)))
+        # Files a rank checksummed (and fsynced) after writing them count if their size still
+        # matches; the rest are shared out and checksummed now.
+        covered = {}
+        if known is not None:
+            for part in _gathered(known):
+                for name, entry in part.items():
+                    if sizes.get(name) == entry["size"]:
+                        covered[name] = entry
+        rest = {name: size for name, size in sizes.items() if name not in covered}
+        parts = _gathered(_checksums(folder, _share(rest, rank, world)))
+        if known is not None and rank == 0:
+            log.info(
+                "manifest of %s: %d of %d files checksummed after their background write",
+                folder.name,
+                len(covered),
+                len(sizes),
+            )
         error = None
         if rank == 0:
-            files = {name: entry for part in parts for name, entry in part.items()}
+            files = dict(covered)
+            files.update({name: entry for part in parts for name, entry in part.items()})
             try:
                 (folder / rundir.MANIFEST).write_text(
                     json.dumps(
@@ -352,6 +410,7 @@ class Checkpointer:
             except WRITE_ERRORS as e:
                 error = e
         agree_written(error, folder, step, rank)  # a full disk here too: SaveFailed on every rank
+        return set(covered)
 
     def _prune(self) -> None:
         steps, incomplete = rundir.checkpoint_steps(self.run_dir)

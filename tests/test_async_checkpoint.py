@@ -5,6 +5,7 @@ previous checkpoint the one that resumes. Real processes on CPU (gloo)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 from bionemo import rundir
@@ -50,6 +51,9 @@ def test_async_saves_commit_and_match_synchronous_ones(tmp_path, data_dir):  # n
     assert records[MAX_STEPS]["async"] is False
     log = (run / "rank0.log").read_text()
     assert "written in the background" in log  # committed by poll(), not only by the next save
+    # the commit's checksums (and fsyncs) were made by the writer's thread, none in the loop
+    claimed = re.findall(r"manifest of step-\d+\.partial: (\d+) of (\d+) files checksummed", log)
+    assert claimed and all(a == b for a, b in claimed), claimed
     steps, incomplete = rundir.checkpoint_steps(run)
     assert steps == [30, 40] and not incomplete  # keep_last 2; every committed folder complete
     assert all((rundir.step_dir(run, s) / rundir.MANIFEST).is_file() for s in steps)

@@ -210,6 +210,6 @@ def test_submitit_sweep_runs_its_trials_beside_its_own_step(slurm_cluster, tmp_p
     check_one_allocation(result, job_id, slurm_cluster.nodes)
     assert "--overlap" in (Path(trial["run_dir"]) / "srun.log").read_text()
     (task_log,) = (run_dir / "submitit").glob(f"{job_id}_0_log.out")  # one task: the sweep
-    assert "[sweep] none: largest micro batch that fits: 2" in task_log.read_text()
+    assert "[sweep] ddp none: largest micro batch that fits: 2" in task_log.read_text()
     status = launcher("status", str(run_dir), slurm=slurm_cluster).stdout
     assert "result    none: largest micro batch 2" in status, status
