@@ -60,7 +60,7 @@ data/geneformer_sample/.built: | install
 	touch $@
 
 test: install data/sample/.built data/geneformer_sample/.built lint
-	$(VPY) -m pytest -q tests -m "not gpu"
+	$(VPY) -m pytest -q tests -m "not gpu" --durations=25
 
 # Quality gates (also run by make test): ruff lint and format, mypy on the config and requeue code.
 lint: install
