@@ -4,6 +4,8 @@
     python -m benchmarks.data_scale measure --data DIR \
         [--runs parquet:1,parquet:8,mmap-cold:8,mmap:1,mmap:8] [--samples 256] [--json OUT.json] \
         [--mem-limit-gib 128] [--deadline-s 600]
+    python -m benchmarks.data_scale scdl-generate --out DIR [--cells 20000000] [--genes-per-cell 8]
+    python -m benchmarks.data_scale measure --data DIR --runs scdl-library:1,scdl:1,scdl:8
 
 `generate` writes DIR/train_clusters.parquet in BioNeMo's layout (ur50_id, ur90_id: a list of
 member ids per UniRef50 cluster) with the given counts: cluster sizes are 1 plus a Pareto(2) share
@@ -12,8 +14,11 @@ are fixed-width ("UniRef90_0000000042", 19 bytes, the length of a 10-character U
 No sequences are stored: SyntheticProteins derives each from a hash of its id, so no 200M-row
 SQLite file is needed. This stand-in lives here, not in bionemo/: it is for benchmarks only.
 
-`scdl-tile` makes a larger Geneformer SCDL store by repeating a small one's cells (the `scdl` path
-of `measure` opens it as the trainer does), for the same figures on cells.
+`scdl-tile` makes a larger Geneformer SCDL store by repeating a small one's cells; `scdl-generate`
+makes one of any number of cells with a few random genes each (tens of millions of cells in a few
+GB), plus an obs table of one cell id per cell. `measure`'s `scdl` path opens the store as the
+trainer does (bionemo.data.cells_scdl.open_scdl: obs never read); `scdl-library` opens it with
+bionemo-scdl's own load, which reads obs into every rank (the code path before open_scdl).
 
 `measure` starts R rank processes at once for each run (path:R; "mmap-cold" deletes the index
 first, so one rank builds it while the others wait on its lock). Each rank builds the dataset as
@@ -148,6 +153,37 @@ def synthetic_clusters():
 
 
 # --------------------------------------------------------------------------------- SCDL (cells)
+def _scdl_copy(src: Path, out: Path):
+    """out/train as a copy of src/train's header, var table and small files (no count arrays, no
+    obs); vocab.json and gene_medians.json copied. Returns (store, header, dtypes by array)."""
+    from bionemo.data.cells_scdl import scdl
+
+    scdl()  # makes bionemo.scdl importable
+    from bionemo.scdl.schema.header import SCDLHeader
+
+    store, new = src / "train", out / "train"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(store, new, ignore=shutil.ignore_patterns("*.npy", "obs_features"))
+    for name in ("vocab.json", "gene_medians.json"):
+        shutil.copy(src / name, out / name)
+    header = SCDLHeader.load(str(store / "header.sch"))
+    return store, header, {a.name: np.dtype(a.dtype.numpy_dtype_string) for a in header.arrays}
+
+
+def _scdl_finish(store: Path, new: Path, header, n_cells: int, n_values: int) -> None:
+    """The header's lengths, metadata.json and both index folders (one block of n_cells rows) of a
+    store whose count arrays and obs parquet are written; var_features stays src's table."""
+    for array in header.arrays:
+        array.length = {"ROWPTR": n_cells + 1}.get(array.name, n_values)
+    header.save(str(new / "header.sch"))
+    (new / "metadata.json").write_text(json.dumps({"num_rows": n_cells}))
+    for index in ("var_features", "obs_features"):
+        (new / index).mkdir(exist_ok=True)
+        for name in ("labels.npy", "version.npy"):
+            shutil.copy(store / index / name, new / index / name)
+        np.save(new / index / "cumulative_sum_index.npy", np.array([-1, n_cells], dtype=np.int64))
+
+
 def scdl_tile(src: Path, out: Path, copies: int) -> Path:
     """A Geneformer data folder whose SCDL store (out/train) is src/train's cells `copies` times:
     the count arrays concatenated, row offsets shifted, the obs table repeated; vocab.json and
@@ -155,18 +191,8 @@ def scdl_tile(src: Path, out: Path, copies: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from bionemo.data.cells_scdl import scdl
-
-    scdl()  # makes bionemo.scdl importable
-    from bionemo.scdl.schema.header import SCDLHeader
-
-    store, tiled = src / "train", out / "train"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(store, tiled, ignore=shutil.ignore_patterns("*.npy", "obs_features"))
-    for name in ("vocab.json", "gene_medians.json"):
-        shutil.copy(src / name, out / name)
-    header = SCDLHeader.load(str(store / "header.sch"))
-    dtypes = {a.name: np.dtype(a.dtype.numpy_dtype_string) for a in header.arrays}
+    store, header, dtypes = _scdl_copy(src, out)
+    tiled = out / "train"
     rows = np.memmap(store / "row_ptr.npy", dtype=dtypes["ROWPTR"], mode="r")
     n_cells, n_values = len(rows) - 1, int(rows[-1])
     with open(tiled / "row_ptr.npy", "wb") as f:
@@ -178,21 +204,70 @@ def scdl_tile(src: Path, out: Path, copies: int) -> Path:
         with open(tiled / name, "wb") as f:
             for _ in range(copies):
                 f.write(chunk)
-    for array in header.arrays:
-        array.length = {"ROWPTR": copies * n_cells + 1}.get(array.name, copies * n_values)
-    header.save(str(tiled / "header.sch"))
-    (tiled / "metadata.json").write_text(json.dumps({"num_rows": copies * n_cells}))
-    for index in ("var_features", "obs_features"):
-        (tiled / index).mkdir(exist_ok=True)
-        for name in ("labels.npy", "version.npy"):
-            shutil.copy(store / index / name, tiled / index / name)
-        np.save(
-            tiled / index / "cumulative_sum_index.npy",
-            np.array([-1, copies * n_cells], dtype=np.int64),
-        )
+    _scdl_finish(store, tiled, header, copies * n_cells, copies * n_values)
     obs = pq.read_table(store / "obs_features" / "dataframe_0.parquet")
     pq.write_table(pa.concat_tables([obs] * copies), tiled / "obs_features" / "dataframe_0.parquet")
     return tiled
+
+
+SCDL_PATHS = ("scdl", "scdl-library")  # measure's paths on an SCDL store: open_scdl, the package
+SCDL_CHUNK_CELLS = 1 << 20  # cells generated (and obs rows written) at a time
+SCDL_MAX_GAP = 50  # a cell's genes are columns base + cumsum(gaps), gaps in [1, this): distinct
+
+
+def scdl_generate(src: Path, out: Path, n_cells: int, genes: int, seed: int = 0) -> Path:
+    """A Geneformer data folder whose SCDL store (out/train) has n_cells synthetic cells of `genes`
+    distinct genes each (columns of src's var table that are in its vocabulary; counts 1..19), in
+    src's dtypes, plus an obs table with one column, the cell id ("cell_0000000042")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store, header, dtypes = _scdl_copy(src, out)
+    new, n_values = out / "train", n_cells * genes
+    if n_values >= np.iinfo(dtypes["ROWPTR"]).max:
+        raise SystemExit(f"{n_cells} x {genes} values overflow {store}'s {dtypes['ROWPTR']} rows")
+    var = pq.read_table(store / "var_features" / "dataframe_0.parquet", columns=["feature_id"])
+    vocab = set(json.loads((src / "vocab.json").read_text()))  # {token: id} or [token, ...]
+    known = np.array([i for i, g in enumerate(var.column(0).to_pylist()) if g in vocab])
+    span = genes * SCDL_MAX_GAP
+    if len(known) <= span:
+        raise SystemExit(f"{store}: only {len(known)} var genes are in the vocabulary")
+    rng = np.random.default_rng(seed)
+    obs_schema = pa.schema([("obs_feature_id", pa.string())])
+    (new / "obs_features").mkdir()
+    with (
+        open(new / "data.npy", "wb") as data,
+        open(new / "col_ptr.npy", "wb") as cols,
+        open(new / "row_ptr.npy", "wb") as rows,
+        pq.ParquetWriter(new / "obs_features" / "dataframe_0.parquet", obs_schema) as obs,
+    ):
+        rows.write(np.zeros(1, dtypes["ROWPTR"]))
+        for first in range(0, n_cells, SCDL_CHUNK_CELLS):
+            n = min(SCDL_CHUNK_CELLS, n_cells - first)
+            base = rng.integers(0, len(known) - span, (n, 1))
+            picked = base + np.cumsum(rng.integers(1, SCDL_MAX_GAP, (n, genes)), axis=1)
+            cols.write(known[picked].astype(dtypes["COLPTR"]).tobytes())
+            data.write(rng.integers(1, 20, (n, genes)).astype(dtypes["DATA"]).tobytes())
+            ends = (first + 1 + np.arange(n, dtype=np.int64)) * genes
+            rows.write(ends.astype(dtypes["ROWPTR"]).tobytes())
+            obs.write_table(pa.table([fixed_ids("cell_", first, n)], schema=obs_schema))
+    _scdl_finish(store, new, header, n_cells, n_values)
+    return new
+
+
+def library_cells():
+    """ScdlCells opened with bionemo-scdl's own load (obs read into every process): the code path
+    before open_scdl, kept here for the before/after figures and the equality test."""
+    from bionemo.data.cells import ScdlCells
+    from bionemo.data.cells_scdl import scdl
+
+    class LibraryScdlCells(ScdlCells):
+        def store(self):
+            if self._pid != os.getpid():
+                self._ds, self._pid, self._lookups = scdl()(str(self.path)), os.getpid(), {}
+            return self._ds
+
+    return LibraryScdlCells
 
 
 # ---------------------------------------------------------------------------------- memory
@@ -258,13 +333,16 @@ def rank_main(args) -> None:
     from bionemo.data.dataset import GlobalBatchSampler, MLMDataset
 
     sync, rank, ranks = Path(args.sync), args.rank, args.ranks
-    rec = {"rank": rank, "imports_s": time.time() - t_spawn, "mem_imports": memory()}
-    t0 = time.monotonic()
-    if args.path == "scdl":  # Geneformer: the SCDL store in --data/train
+    if args.path in SCDL_PATHS:  # the package's imports (anndata, pandas) are not the dataset's
         from bionemo.config import CellDataConfig
         from bionemo.data.cells import CellMLMDataset, open_cells
-        from bionemo.data.cells_tokenizer import GeneVocab
+        from bionemo.data.cells_scdl import scdl
+        from bionemo.data.cells_tokenizer import GeneVocab, load_gene_medians
 
+        scdl()
+    rec = {"rank": rank, "imports_s": time.time() - t_spawn, "mem_imports": memory()}
+    t0 = time.monotonic()
+    if args.path in SCDL_PATHS:  # Geneformer: the SCDL store in --data/train
         data = Path(args.data)
         cfg = CellDataConfig(
             train=data / "train",
@@ -273,7 +351,13 @@ def rank_main(args) -> None:
             gene_medians=data / "gene_medians.json",
         )
         vocab = GeneVocab.load(cfg.vocab)
-        cells = open_cells(cfg, SEQ_LENGTH, "train", vocab)
+        if args.path == "scdl":
+            cells = open_cells(cfg, SEQ_LENGTH, "train", vocab)
+        else:  # before: bionemo-scdl's own load
+            medians = load_gene_medians(cfg.gene_medians, vocab)
+            cells = library_cells()(
+                cfg.train, vocab, medians, SEQ_LENGTH, cfg.normalize_total, "data.train"
+            )
         rec["clusters_s"] = time.monotonic() - t0
         dataset = CellMLMDataset(cells, vocab, cfg, seed=1234)
         store = cells.store()
@@ -301,7 +385,7 @@ def rank_main(args) -> None:
     rec["mem_started"] = memory()  # every rank alive and started: PSS splits shared pages
     (sync / f"measured-{rank}").touch()
     _wait_for(sync, "measured", ranks)
-    if args.path in ("mmap", "scdl"):
+    if args.path in ("mmap", *SCDL_PATHS):
         _touch(index)
         (sync / f"touched-{rank}").touch()
         _wait_for(sync, "touched", ranks)
@@ -483,7 +567,8 @@ def measure(args) -> dict:
         )
         need = alone and alone["summary"]["peak_rss_gib_max"] * ranks
         left = args.deadline_s - (time.monotonic() - start)
-        if path == "parquet" and need and need > 0.9 * args.mem_limit_gib:
+        in_memory = path in ("parquet", "scdl-library")  # a private copy per rank
+        if in_memory and need and need > 0.9 * args.mem_limit_gib:
             entry["skipped"] = (
                 f"predicted not to fit: {ranks} x {need / ranks:.1f} GiB peak "
                 f"RSS (1-rank run) = {need:.0f} GiB > 90% of "
@@ -517,12 +602,15 @@ def table(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
-        name = {"mmap": "memory-mapped", "parquet": "parquet in memory", "scdl": "SCDL store"}[
+        name = {
+            "mmap": "memory-mapped",
+            "parquet": "parquet in memory",
+            "scdl": "SCDL store, open_scdl",
+            "scdl-library": "SCDL store, bionemo-scdl load",
+        }[run["path"]]
+        idx = {"parquet": "-", "scdl": "(memmaps)", "scdl-library": "(memmaps)"}.get(
             run["path"]
-        ]
-        idx = {"parquet": "-", "scdl": "(memmaps)"}.get(run["path"]) or (
-            "built by this run" if run["cold"] else "present"
-        )
+        ) or ("built by this run" if run["cold"] else "present")
         s = run.get("summary")
         if not s:
             why = run.get("skipped") or run.get("aborted") or f"failed: {run.get('failed')}"
@@ -554,8 +642,8 @@ def main(argv=None) -> None:
     m.add_argument(
         "--runs",
         default="parquet:1,parquet:8,mmap-cold:8,mmap:1,mmap:8",
-        help="comma-separated PATH:RANKS, PATH parquet, mmap, mmap-cold or scdl "
-        "(--data: a folder made by scdl-tile)",
+        help="comma-separated PATH:RANKS, PATH parquet, mmap, mmap-cold, or scdl or "
+        "scdl-library (--data: a folder made by scdl-tile or scdl-generate)",
     )
     m.add_argument("--samples", type=int, default=256, help="samples each rank reads")
     m.add_argument("--json", type=Path)
@@ -571,6 +659,12 @@ def main(argv=None) -> None:
     t.add_argument("--src", type=Path, default=Path("data/geneformer_sample"))
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--copies", type=int, default=100)
+    c = sub.add_parser("scdl-generate", help="an SCDL store of synthetic cells, few genes each")
+    c.add_argument("--src", type=Path, default=Path("data/geneformer_sample"))
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--cells", type=int, default=20_000_000)
+    c.add_argument("--genes-per-cell", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("_rank")  # one rank of a measure run
     for name in ("--data", "--path", "--sync"):
         r.add_argument(name, required=True)
@@ -589,6 +683,12 @@ def main(argv=None) -> None:
         measure(args)
     elif args.cmd == "scdl-tile":
         print(scdl_tile(args.src, args.out, args.copies))
+    elif args.cmd == "scdl-generate":
+        t0 = time.monotonic()
+        store = scdl_generate(args.src, args.out, args.cells, args.genes_per_cell, args.seed)
+        size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+        took = time.monotonic() - t0
+        print(f"{args.cells} cells -> {store} ({size / GiB:.2f} GiB, {took:.0f} s)")
     else:
         rank_main(args)
 
