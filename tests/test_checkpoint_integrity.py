@@ -2,9 +2,11 @@
 files were flipped, truncated or replaced, and must take the newest intact one, say which file
 failed, or stop; never train on the damaged state and never start over from step 0.
 
-One uninterrupted run (steps 4, 8 and 12 saved) is the reference; each test copies it, removes
-step 12 and `finished` (what a run killed before its last save leaves), damages step 8 (and
-step 4), resumes and compares.
+One uninterrupted run (steps 4, 8, 12 and 16 saved) is the reference; each test copies it and
+removes `finished` (and the steps after 8 where a test damages only 8 and 4: what a run killed
+before its later saves leaves), damages checkpoints, resumes and compares. The three kinds of
+damage that fall back (flipped bytes, a truncated shard, a planted pickle) share one resume:
+each hits its own step (12, 16, 8), and the run must reject all three and resume from step 4.
 """
 
 from __future__ import annotations
@@ -32,24 +34,26 @@ from tests.test_resume import (  # noqa: F401 -- data_dir is a fixture
     wait_all,
 )
 
-STEPS, EVERY, WORLD = 12, 4, 2
+STEPS, EVERY, WORLD = 16, 4, 2
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir) -> Path:  # noqa: F811 -- data_dir is a fixture
     ref = make_run(tmp_path_factory.mktemp("ref") / "run", data_dir, max_steps=STEPS, val_every=100)
     cfg = yaml.safe_load((ref / rundir.CONFIG).read_text())
-    cfg["trainer"]["checkpoint"] = {"every_steps": EVERY, "keep_last": 3}
+    cfg["trainer"]["checkpoint"] = {"every_steps": EVERY, "keep_last": 4}
     (ref / rundir.CONFIG).write_text(yaml.safe_dump(cfg))
     assert wait_all(launch(ref, world=WORLD)) == [0] * WORLD
-    assert rundir.checkpoint_steps(ref)[0] == [4, 8, 12]
+    assert rundir.checkpoint_steps(ref)[0] == [4, 8, 12, 16]
     return ref
 
 
-def interrupted_copy(reference: Path, tmp_path: Path) -> Path:
+def interrupted_copy(reference: Path, tmp_path: Path, last: int = 8) -> Path:
+    """The reference without `finished` and without the checkpoints after step `last`."""
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    shutil.rmtree(rundir.step_dir(run, STEPS))
+    for step in range(last + EVERY, STEPS + 1, EVERY):
+        shutil.rmtree(rundir.step_dir(run, step))
     (run / rundir.FINISHED).unlink()
     for log in run.glob("rank*.log"):
         log.unlink()
@@ -86,35 +90,6 @@ def rejections(run: Path) -> list[tuple[int, str]]:
     ]
 
 
-def assert_fell_back_and_exact(
-    run: Path, reference: Path, tmp_path: Path, file: str, why: str
-) -> None:
-    assert wait_all(launch(run, world=WORLD)) == [0] * WORLD
-    log = (run / "rank0.log").read_text()
-    assert f"step-00000008 rejected: {file}: {why}" in log
-    assert f"resumed from {rundir.step_dir(run, 4)} " in log
-    assert rejections(run) == [(8, file)]
-    assert rundir.is_finished(run)
-    assert train_losses(run) == train_losses(reference)
-    assert_bitwise_equal(weights(run, tmp_path), weights(reference, tmp_path))
-
-
-def test_flipped_bytes_fall_back_to_older_checkpoint(reference, tmp_path):
-    run = interrupted_copy(reference, tmp_path)
-    shard = largest_shard(rundir.step_dir(run, 8))
-    flip(shard)
-    assert_fell_back_and_exact(run, reference, tmp_path, shard.name, "crc32 ")
-
-
-def test_truncated_shard_falls_back_to_older_checkpoint(reference, tmp_path):
-    run = interrupted_copy(reference, tmp_path)
-    shard = largest_shard(rundir.step_dir(run, 8))
-    truncate(shard)
-    assert_fell_back_and_exact(
-        run, reference, tmp_path, shard.name, f"{shard.stat().st_size} bytes"
-    )
-
-
 class _Payload:
     """Unpickling this calls open(path, "w"): creates a file, as any planted code could."""
 
@@ -125,21 +100,43 @@ class _Payload:
         return open, (self.path, "w")
 
 
-def test_planted_pickle_in_rng_file_is_refused(reference, tmp_path):
-    run = interrupted_copy(reference, tmp_path)
-    step = rundir.step_dir(run, 8)
-    pwned = tmp_path / "pwned"
+def plant_pickle(step: Path, pwned: Path) -> Path:
+    """Replace rank 0's RNG file with a pickle that would create `pwned`, with a matching manifest
+    entry, so the loader itself must refuse it (not only the checksum)."""
     rng = step / "rng-rank00000.pt"
     torch.save({"python": _Payload(pwned), "numpy": None, "torch": None}, rng)
-    # A matching manifest entry, so the loader itself must refuse it (not only the checksum).
     manifest = json.loads((step / rundir.MANIFEST).read_text())
     manifest["files"][rng.name] = {
         "size": rng.stat().st_size,
         "crc32": f"{zlib.crc32(rng.read_bytes()):08x}",
     }
     (step / rundir.MANIFEST).write_text(json.dumps(manifest))
-    assert_fell_back_and_exact(run, reference, tmp_path, rng.name, "UnpicklingError")
+    return rng
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(reference, tmp_path):
+    """Step 16 truncated, step 12 with flipped bytes, step 8 with a planted pickle: each is
+    rejected, naming its file and why, and the run resumes from step 4 and ends exact."""
+    run = interrupted_copy(reference, tmp_path, last=STEPS)
+    truncated = largest_shard(rundir.step_dir(run, 16))
+    truncate(truncated)
+    size = truncated.stat().st_size  # before the resumed run saves step 16 anew
+    flipped = largest_shard(rundir.step_dir(run, 12))
+    flip(flipped)
+    pwned = tmp_path / "pwned"
+    rng = plant_pickle(rundir.step_dir(run, 8), pwned)
+
+    assert wait_all(launch(run, world=WORLD)) == [0] * WORLD
+    log = (run / "rank0.log").read_text()
+    assert f"step-00000016 rejected: {truncated.name}: {size} bytes" in log
+    assert f"step-00000012 rejected: {flipped.name}: crc32 " in log
+    assert f"step-00000008 rejected: {rng.name}: UnpicklingError" in log
+    assert f"resumed from {rundir.step_dir(run, 4)} " in log
+    assert rejections(run) == [(16, truncated.name), (12, flipped.name), (8, rng.name)]
     assert not pwned.exists()
+    assert rundir.is_finished(run)
+    assert train_losses(run) == train_losses(reference)
+    assert_bitwise_equal(weights(run, tmp_path), weights(reference, tmp_path))
 
 
 def test_all_checkpoints_damaged_stops_with_a_clear_error(reference, tmp_path):

@@ -30,12 +30,12 @@ from tests.integration._runs import (
     wait_for,
 )
 
-WATCHDOG_S = 10  # well above a step here (~0.5 s with the sleep below, more on a busy CI box)
+WATCHDOG_S = 7  # 14x a step here (~0.5 s with the sleep below, more on a busy CI box)
 HUNG = [
     *TL_COMMON,
     f"trainer.train.watchdog_s={WATCHDOG_S}",
-    # 30 steps after the first checkpoint take >= 9 s: time to stop a rank mid-run
-    "cluster.env.BIONEMO_STEP_SLEEP=0.3",
+    # 30 steps after the first checkpoint take >= 6 s: time to stop a rank mid-run
+    "cluster.env.BIONEMO_STEP_SLEEP=0.2",
 ]
 
 

@@ -182,7 +182,7 @@ def test_a_rank_alone_gives_up_on_the_rendezvous_after_the_timeout():
         port = s.getsockname()[1]
     code = (
         "from bionemo.distributed.env import DistEnv, rendezvous_store\n"
-        "rendezvous_store(DistEnv.from_environ('USR2'), 3)\n"
+        "rendezvous_store(DistEnv.from_environ('USR2'), 1)\n"
     )
     env = {
         **os.environ,
