@@ -204,3 +204,48 @@ def test_rng_state_round_trips_bit_exactly_without_unpickling_objects(tmp_path):
         np.random.standard_normal(3).tolist(),
         torch.rand(3).tolist(),
     ) == expected
+
+
+def test_large_files_are_checksummed_in_blocks_and_a_flipped_byte_names_its_block(
+    tmp_path, monkeypatch
+):
+    """DCP writes one large file per rank: above _CRC_BLOCK it is hashed in blocks, in parallel.
+    Real files, the block shrunk to 1 MiB; old whole-file entries still verify."""
+    import json as _json
+    import os as _os
+
+    from bionemo import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_CRC_BLOCK", 1 << 20)
+    folder = tmp_path / "run" / rundir.CHECKPOINTS / "step-00000001"
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_bytes(_os.urandom((3 << 20) + 12345))
+    (folder / ".metadata").write_bytes(b"small")
+    names = ["__0_0.distcp", ".metadata"]
+    entries = checkpoint._checksums(folder, names)
+    big = entries["__0_0.distcp"]
+    assert big["block"] == 1 << 20 and len(big["crc32"]) == 4  # 3 MiB + a tail
+    assert isinstance(entries[".metadata"]["crc32"], str)
+    manifest = folder / rundir.MANIFEST
+    manifest.write_text(_json.dumps({"checksum": "crc32", "files": entries}))
+    ckpt = checkpoint.Checkpointer(tmp_path / "run", keep_last=1, rank=0)
+    assert ckpt._verify(folder) is None
+
+    with open(folder / "__0_0.distcp", "r+b") as f:  # one flipped byte in the third block
+        f.seek((2 << 20) + 7)
+        byte = f.read(1)
+        f.seek((2 << 20) + 7)
+        f.write(bytes([byte[0] ^ 0x01]))
+    name, reason = ckpt._verify(folder)
+    assert name == "__0_0.distcp" and reason.startswith("crc32 ")
+    assert f"of bytes {2 << 20}-{3 << 20}" in reason, reason
+
+    # a manifest written before blocks (one crc32 for the whole file) still verifies
+    whole = checkpoint._checksums(folder, names, {n: None for n in names})
+    manifest.write_text(_json.dumps({"checksum": "crc32", "files": whole}))
+    assert isinstance(whole["__0_0.distcp"]["crc32"], str) and ckpt._verify(folder) is None
+    # a manifest whose block list does not cover the file is refused as unreadable
+    bad = dict(entries, **{"__0_0.distcp": dict(big, crc32=big["crc32"][:2])})
+    manifest.write_text(_json.dumps({"checksum": "crc32", "files": bad}))
+    name, reason = ckpt._verify(folder)
+    assert name == rundir.MANIFEST and "2 block checksums" in reason, reason
