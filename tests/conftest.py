@@ -21,10 +21,41 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION_DIR = REPO_ROOT / "tests" / "integration"
 
 
+# Modules whose checks wait for the shared time-limited runs (tests/integration/_runs.py).
+SLOW_RUN_MODULES = {
+    "test_sbatch.py",
+    "test_submitit.py",
+    "test_nemo_run.py",
+    "test_geneformer_slurm.py",
+}
+
+
+def _is_cluster_test(item) -> bool:
+    return INTEGRATION_DIR in Path(item.path).resolve().parents
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if INTEGRATION_DIR in Path(item.path).resolve().parents:
+        if _is_cluster_test(item):
             item.add_marker(pytest.mark.cluster)
+    # Cluster tests last (stable order otherwise): the shared time-limited runs, submitted
+    # before the first test (below), spend their minutes of SLURM time (mostly sleeping steps
+    # and the time limit itself) while the other tests run, not while their checks wait.
+    items.sort(key=_is_cluster_test)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _slow_cluster_runs_first(request, tmp_path_factory):
+    if any(Path(item.path).name in SLOW_RUN_MODULES for item in request.session.items):
+        try:
+            slurm = request.getfixturevalue("slurm_cluster")
+        except BaseException:  # noqa: BLE001 -- the cluster tests fail on it themselves
+            slurm = None
+        if slurm is not None:
+            from tests.integration._runs import shared, slow_runs
+
+            slow_runs(shared(slurm, tmp_path_factory, request))
+    yield
 
 
 @pytest.fixture(scope="session")
