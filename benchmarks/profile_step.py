@@ -455,46 +455,17 @@ def run_attention(args) -> None:
         @staticmethod
         def backward(ctx, g):
             q, k, v, o, lse, seed, offset = ctx.saved_tensors
-            try:
-                bias = None
-                grads = torch.ops.aten._cudnn_attention_backward(
-                    g.contiguous(),
-                    q,
-                    k,
-                    v,
-                    o,
-                    lse,
-                    seed,
-                    offset,
-                    bias,
-                    cu_packed,
-                    cu_packed,
-                    max_real,
-                    max_real,
-                    0.0,
-                    False,
-                    scale=scale,
-                )
-            except (TypeError, RuntimeError):
-                bias = torch.empty(0, device=q.device, dtype=q.dtype)
-                grads = torch.ops.aten._cudnn_attention_backward(
-                    g.contiguous(),
-                    q,
-                    k,
-                    v,
-                    o,
-                    lse,
-                    seed,
-                    offset,
-                    bias,
-                    cu_packed,
-                    cu_packed,
-                    max_real,
-                    max_real,
-                    0.0,
-                    False,
-                    scale=scale,
-                )
+            # torch versions differ on the bias argument: None, or an empty tensor
+            for bias in (None, torch.empty(0, device=q.device, dtype=q.dtype)):
+                try:
+                    grads = torch.ops.aten._cudnn_attention_backward(
+                        g.contiguous(), q, k, v, o, lse, seed, offset, bias,
+                        cu_packed, cu_packed, max_real, max_real, 0.0, False, scale=scale,
+                    )  # fmt: skip
+                    break
+                except (TypeError, RuntimeError):
+                    if bias is not None:
+                        raise
             return grads
 
     qp, kp, vp = (t[real].contiguous() for t in (q, k, v))
