@@ -19,9 +19,13 @@ A stopped rank (SIGSTOP, a frozen node) cannot fire its own watchdog: its peers 
 collective and fire theirs. To name it, each rank's heartbeat thread rewrites
 `<run_dir>/heartbeats/rank-NNNNN.json` every few seconds (host, pid, last step); a firing rank
 reads them and suspects a rank whose file stopped being written, else one behind the others.
-The stopped rank itself, once continued (srun sends SIGCONT before it kills a step), sees that
-its watchdog thread overslept and names itself. Writing and reading happen off the watchdog
-thread, so a hung filesystem cannot stop it firing.
+The stopped rank itself, once continued (srun sends SIGCONT before it kills a step), names itself:
+its watchdog thread sees that it overslept, or, when the main thread runs first and finishes the
+step it was stopped in, `beat()` sees that the step ran past the limit (the watchdog thread could
+not run: the process was stopped, or a call held the interpreter lock) and fires there. Without
+that second check the rank would train on until its next collective with the peers srun is
+killing, and its watchdog would then blame one of them. Writing and reading happen off the
+watchdog thread, so a hung filesystem cannot stop it firing.
 """
 
 from __future__ import annotations
@@ -94,12 +98,20 @@ class Watchdog:
         self._state = (time.monotonic(), self.startup_s, "start-up", 0)
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
+        # when the watchdog thread last woke and how long it meant to sleep: beat() reads them to
+        # tell how long the thread has not run
+        self._woke, self._nap = time.monotonic(), 0.0
+        self._firing = threading.Lock()  # the first of the two threads to fire does it
 
     # ------------------------------------------------------------------ the training loop's side
 
     def beat(self, step: int) -> None:
         now = time.monotonic()
-        took = now - self._state[0]
+        since, limit, phase, last_step = self._state
+        took = now - since
+        not_run_s = self._not_run_s(now) if self._threads else 0.0
+        if took > limit and not_run_s:  # past the limit while the watchdog thread could not run
+            self._fire(took, limit, phase, last_step, not_run_s)
         if self._first_step_s is None:
             self._first_step_s = took
         else:
@@ -137,18 +149,21 @@ class Watchdog:
 
     # ------------------------------------------------------------------ the threads
 
+    def _not_run_s(self, now: float) -> float:
+        """How long the watchdog thread overslept, 0 below FROZEN_S: it did not run because the
+        whole process did not (SIGSTOP, a frozen node) or a call held the interpreter lock, so
+        this rank is the one that held the others up."""
+        late = now - self._woke - self._nap
+        return late if late > FROZEN_S else 0.0
+
     def _watch(self) -> None:
-        woke, nap = time.monotonic(), 0.0
         while True:
             since, limit, phase, step = self._state
             now = time.monotonic()
-            # this thread slept longer than it asked: the whole process did not run (SIGSTOP, a
-            # frozen node), so this rank is the one that held the others up
-            frozen_s = now - woke - nap
             if now - since > limit:
-                self._fire(now - since, limit, phase, step, frozen_s if frozen_s > FROZEN_S else 0)
-            woke, nap = now, min(1.0, max(0.05, (limit - (now - since)) / 2))
-            if self._done.wait(nap):
+                self._fire(now - since, limit, phase, step, self._not_run_s(now))
+            self._woke, self._nap = now, min(1.0, max(0.05, (limit - (now - since)) / 2))
+            if self._done.wait(self._nap):
                 return
 
     def _heartbeat(self) -> None:
@@ -189,13 +204,17 @@ class Watchdog:
             pass
 
     def _fire(self, waited: float, limit: float, phase: str, step: int, frozen_s: float) -> None:
+        """Record, dump every stack, exit HUNG_EXIT_CODE. Called by the watchdog thread, or by
+        the main thread from beat(); whichever comes second waits for the first's exit."""
+        if not self._firing.acquire(blocking=False):
+            threading.Event().wait()
         found: dict = {}
         if frozen_s:
             found.update(
                 suspect_rank=self.rank,
                 suspect_host=self.host,
                 suspect_reason=f"this rank: its process did not run for {frozen_s:.1f} s "
-                "(stopped or frozen)",
+                "(stopped or frozen, or a call held the interpreter lock)",
             )
         recorder = threading.Thread(
             target=self._record,

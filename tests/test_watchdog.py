@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # One rank of a fake job: `steps` steps of 50 ms, then per mode: "hang" blocks (as in a
 # collective whose peer is stopped), "slow-save" sleeps inside watchdog.slow() and finishes,
-# "beat" keeps stepping until killed.
+# "beat" keeps stepping until killed, "gil" runs one step of 3 limits that holds the interpreter
+# lock (as a long C call can) and then steps on.
 RANK = """
 import sys, time
 from bionemo.watchdog import Watchdog
@@ -40,6 +41,15 @@ with Watchdog(run_dir, rank, 2, limit, startup_s=3.0, attempt="job/0") as wd:
     if mode == "slow-save":
         with wd.slow("save"):
             time.sleep(3 * limit)
+    if mode == "gil":
+        sys.setswitchinterval(100.0)  # no other thread of this process runs while this one computes
+        end = time.monotonic() + 3 * limit
+        while time.monotonic() < end:
+            pass
+        step += 1
+        wd.beat(step)
+        sys.setswitchinterval(0.005)
+    if mode in ("slow-save", "gil"):
         for _ in range(5):
             time.sleep(0.05)
             step += 1
@@ -174,3 +184,43 @@ def test_a_rank_that_was_stopped_names_itself_when_it_runs_again(tmp_path):
     assert "suspect: this rank: its process did not run for" in err, err
     (event,) = rundir.read_events(tmp_path)
     assert event["rank"] == 1 and event["suspect_rank"] == 1 and event["step"] == 5, event
+
+
+def test_a_rank_stopped_mid_step_names_itself_whichever_thread_runs_first(tmp_path):
+    """Stopped while it steps on: once continued, either its watchdog thread sees that it
+    overslept, or its main thread finishes the step and beat() sees the step ran past the limit
+    while the watchdog could not run (which thread runs first is the kernel's choice; the next
+    test forces the second). Either way it names itself; it never trains on to blame a peer in
+    its next collective, as the bundled cluster's hung-rank run once recorded."""
+    proc = start(tmp_path, 1, "beat", 2.0)
+    try:
+        beat = heartbeat_path(tmp_path, 1)
+        deadline = time.monotonic() + 60
+        while not (beat.is_file() and json.loads(beat.read_text() or "{}").get("step", 0) > 5):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(4.5)  # its watchdog thread oversleeps by more than FROZEN_S
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == rundir.HUNG_EXIT_CODE, out + err
+    assert "suspect: this rank: its process did not run for" in err, err
+    (event,) = rundir.read_events(tmp_path)
+    assert event["rank"] == 1 and event["suspect_rank"] == 1, event
+
+
+def test_a_step_that_holds_the_interpreter_lock_past_the_limit_fires_from_beat(tmp_path):
+    """The watchdog thread cannot run while a call holds the interpreter lock; the step's own
+    beat() fires instead of letting the rank train on as if nothing happened."""
+    proc = start(tmp_path, 0, "gil", 2.0)  # held 6 s: the watchdog oversleeps by > FROZEN_S
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == rundir.HUNG_EXIT_CODE, out + err
+    assert "done" not in out
+    assert "[watchdog] rank 0: no progress for" in err and "in step after step 5" in err, err
+    assert "suspect: this rank: its process did not run for" in err, err
+    assert "in beat" in err, err  # fired from the main thread
+    (event,) = rundir.read_events(tmp_path)
+    assert event["suspect_rank"] == 0 and event["limit_s"] == 2.0 and event["waited_s"] >= 6.0

@@ -96,7 +96,8 @@ def test_a_stopped_rank_ends_the_job_which_resumes_exactly(runs, tmp_path):  # n
     assert attempt["decision"] == "requeue", attempt
 
     events = [e for e in rundir.read_events(run_dir) if e["event"] == "hung"]
-    # rank 1 may report too: srun's SIGCONT before its kill lets its watchdog see the lost time
+    # rank 1 may report too: srun's SIGCONT before its kill lets it see the time it lost, and it
+    # names itself (it once finished its step, trained on and blamed rank 0 in the next one)
     assert {e["suspect_rank"] for e in events} == {1}, events
     (hung,) = [e for e in events if e["rank"] == 0]
     assert hung["suspect_host"] == socket.gethostname() and hung["job_id"] == job_id, hung
