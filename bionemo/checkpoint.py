@@ -28,6 +28,8 @@ import os
 import random
 import shutil
 import signal
+import threading
+import time
 import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -310,6 +312,7 @@ class Checkpointer:
         self._warned_unverified = False  # checkpoints without a manifest: warn once
         self._pending = None  # an asynchronous save in flight: (future, tmp, final, step, error)
         self._groups = None  # CPU groups for asynchronous saves (made at the first, all ranks)
+        self._prefetched = None  # (path, future of (manifest files, this rank's checksums, s))
 
     # ---------------------------------------------------------------- save
     def save(self, engine, state: TrainerState, asynchronous: bool = False) -> Path | None:
@@ -518,6 +521,44 @@ class Checkpointer:
             rundir.append_event(self.run_dir, "no_intact_checkpoint", rejected=rejected)
         raise CheckpointError(self._no_intact_message(rejected))
 
+    def prefetch(self, path: Path) -> None:
+        """Start checksumming this rank's share of `path`, the checkpoint resume() tries first,
+        in a thread of its own, so that verifying it overlaps building the engine (on one H200
+        a 650M's restart spent 6.5 s building and 12 s loading and verifying). No collective
+        here: every rank reads the manifest itself; resume() uses these checksums only when the
+        manifest it agreed on is the one read here."""
+        rank, world = _world()
+        future: Future = Future()
+
+        def run() -> None:
+            start = time.monotonic()
+            try:
+                files = json.loads((path / rundir.MANIFEST).read_text())["files"]
+                mine = _share({name: int(e["size"]) for name, e in files.items()}, rank, world)
+                sums = _checksums(path, mine, {name: files[name].get("block") for name in mine})
+            except Exception:  # noqa: BLE001 -- resume() verifies again and names the problem
+                future.set_result(None)
+                return
+            future.set_result((files, sums, time.monotonic() - start))
+
+        threading.Thread(target=run, name="checkpoint-verify", daemon=True).start()
+        self._prefetched = (path, future)
+
+    def _prefetched_sums(self, path: Path, files: dict, mine: list[str]) -> dict | None:
+        """prefetch()'s checksums of `path`, when they were made for this manifest and share."""
+        if self._prefetched is None or self._prefetched[0] != path:
+            return None
+        found, self._prefetched = self._prefetched[1].result(), None
+        if found is None or found[0] != files or sorted(found[1]) != sorted(mine):
+            return None
+        if self.rank == 0:
+            log.info(
+                "verified %s with the checksums made while the engine was built (%.1f s)",
+                path.name,
+                found[2],
+            )
+        return found[1]
+
     def _verify(self, path: Path) -> tuple[str, str] | None:
         """(file, reason) of the first problem, the same on every rank, or None when every file
         matches its manifest entry. Checkpoints written before manifests pass (warned once)."""
@@ -537,8 +578,10 @@ class Checkpointer:
         rank, world = _world()
         mine = _share({name: e["size"] for name, e in files.items()}, rank, world)
         found = []
+        sums = self._prefetched_sums(path, files, mine)
         try:
-            sums = _checksums(path, mine, {name: files[name].get("block") for name in mine})
+            if sums is None:
+                sums = _checksums(path, mine, {name: files[name].get("block") for name in mine})
         except OSError as e:
             found.append((Path(e.filename or "?").name, f"unreadable: {e.strerror or e}"))
             sums = {}

@@ -144,6 +144,8 @@ def _loop(
 ) -> int:
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep_last, env.rank)
     latest = ckpt.latest()
+    if latest is not None:  # its checksums are computed while the engine is built
+        ckpt.prefetch(latest)
     init_from = cfg.checkpoint.init_from if latest is None else None
     engine = build_engine(cfg, env, device, init_from)
     dp = engine.dp_size

@@ -249,3 +249,43 @@ def test_large_files_are_checksummed_in_blocks_and_a_flipped_byte_names_its_bloc
     manifest.write_text(_json.dumps({"checksum": "crc32", "files": bad}))
     name, reason = ckpt._verify(folder)
     assert name == rundir.MANIFEST and "2 block checksums" in reason, reason
+
+
+def test_checksums_made_while_the_engine_is_built_verify_the_checkpoint(tmp_path, caplog):
+    """prefetch() checksums the newest checkpoint in a thread (the trainer starts it before it
+    builds the engine); resume's verification uses them: damage made before is caught the same
+    way, and a manifest that changed in between is verified anew."""
+    import json as _json
+    import logging
+    import os as _os
+
+    from bionemo import checkpoint
+
+    folder = tmp_path / "run" / rundir.CHECKPOINTS / "step-00000001"
+    folder.mkdir(parents=True)
+    (folder / "__0_0.distcp").write_bytes(_os.urandom(1 << 20))
+    (folder / ".metadata").write_bytes(b"small")
+    manifest = folder / rundir.MANIFEST
+    entries = checkpoint._checksums(folder, ["__0_0.distcp", ".metadata"])
+    manifest.write_text(_json.dumps({"checksum": "crc32", "files": entries}))
+    ckpt = checkpoint.Checkpointer(tmp_path / "run", keep_last=1, rank=0)
+
+    with caplog.at_level(logging.INFO, logger=checkpoint.__name__):
+        ckpt.prefetch(folder)
+        assert ckpt._verify(folder) is None
+    assert "step-00000001 with the checksums made while the engine was built" in caplog.text
+
+    flip(folder / "__0_0.distcp")
+    ckpt.prefetch(folder)
+    name, reason = ckpt._verify(folder)
+    assert name == "__0_0.distcp" and reason.startswith("crc32 "), reason
+
+    # the manifest rewritten after prefetch() (here: to match the damage): verified anew
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=checkpoint.__name__):
+        ckpt.prefetch(folder)
+        ckpt._prefetched[1].result()
+        fixed = checkpoint._checksums(folder, ["__0_0.distcp", ".metadata"])
+        manifest.write_text(_json.dumps({"checksum": "crc32", "files": fixed}))
+        assert ckpt._verify(folder) is None
+    assert "made while the engine was built" not in caplog.text

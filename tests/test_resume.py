@@ -164,6 +164,8 @@ def test_signal_stop_and_restart_is_bitwise_exact(tmp_path, data_dir):
     assert not rundir.is_finished(run)
 
     assert wait_all(launch(run, world=2)) == [0, 0]  # new processes resume from the checkpoint
+    # verified with the checksums each rank made of its share while its engine was built
+    assert "with the checksums made while the engine was built" in (run / "rank0.log").read_text()
     assert rundir.is_finished(run)
     assert train_losses(run) == train_losses(ref)
     assert sorted(train_losses(run)) == list(range(1, MAX_STEPS + 1))
