@@ -190,9 +190,10 @@ def _files(folder: Path) -> dict[str, int]:
     return out
 
 
-def _share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
-    """This rank's files: largest first, each to the rank with the fewest bytes so far, so the
-    ranks read about equal amounts (the same answer on every rank: the input is the same)."""
+def balanced_share(sizes: dict[str, int], rank: int, world: int) -> list[str]:
+    """This rank's names (files to checksum, parameters to stage): largest first, each to the rank
+    with the fewest bytes so far, so the ranks handle about equal amounts (the same answer on every
+    rank: the input is the same)."""
     load, mine = [0] * world, []
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
         r = load.index(min(load))
@@ -442,7 +443,7 @@ class Checkpointer:
                     if sizes.get(name) == entry["size"]:
                         covered[name] = entry
         rest = {name: size for name, size in sizes.items() if name not in covered}
-        parts = _gathered(_checksums(folder, _share(rest, rank, world)))
+        parts = _gathered(_checksums(folder, balanced_share(rest, rank, world)))
         if known is not None and rank == 0:
             log.info(
                 "manifest of %s: %d of %d files checksummed after their background write",
@@ -534,7 +535,9 @@ class Checkpointer:
             start = time.monotonic()
             try:
                 files = json.loads((path / rundir.MANIFEST).read_text())["files"]
-                mine = _share({name: int(e["size"]) for name, e in files.items()}, rank, world)
+                mine = balanced_share(
+                    {name: int(e["size"]) for name, e in files.items()}, rank, world
+                )
                 sums = _checksums(path, mine, {name: files[name].get("block") for name in mine})
             except Exception:  # noqa: BLE001 -- resume() verifies again and names the problem
                 future.set_result(None)
@@ -576,7 +579,7 @@ class Checkpointer:
             return None
         files = plan["files"]
         rank, world = _world()
-        mine = _share({name: e["size"] for name, e in files.items()}, rank, world)
+        mine = balanced_share({name: e["size"] for name, e in files.items()}, rank, world)
         found = []
         sums = self._prefetched_sums(path, files, mine)
         try:

@@ -57,16 +57,24 @@ def test_async_saves_commit_and_match_synchronous_ones(tmp_path, data_dir):  # n
     steps, incomplete = rundir.checkpoint_steps(run)
     assert steps == [30, 40] and not incomplete  # keep_last 2; every committed folder complete
     assert all((rundir.step_dir(run, s) / rundir.MANIFEST).is_file() for s in steps)
+    # DDP: each rank staged (and wrote) about half of the state, not all of it
+    for rank in (0, 1):
+        text = (run / f"rank{rank}.log").read_text()
+        part, whole = map(float, re.findall(rf"rank {rank} stages (\S+) of the (\S+) GB", text)[0])
+        assert 0.3 < part / whole < 0.7, (rank, part, whole)
+    shards = sorted(f.stat().st_size for f in rundir.step_dir(run, 30).glob("__*.distcp"))
+    assert len(shards) == 2 and shards[0] > 0.5 * shards[1], shards
 
 
 def test_kill_during_background_write_resumes_from_the_previous(tmp_path, data_dir):  # noqa: F811
+    """2 DDP ranks: the checkpoint that resumes was written by both, each its part of the state."""
     ref = make_run(tmp_path / "uninterrupted", data_dir)
     run = make_async(tmp_path / "killed", data_dir)
-    procs = launch(ref, world=1) + launch(run, world=1, BIONEMO_KILL_DURING_SAVE="20")
-    assert wait_all(procs) == [0, -signal.SIGKILL]
+    procs = launch(ref, world=2) + launch(run, world=2, BIONEMO_KILL_DURING_SAVE="20")
+    assert wait_all(procs) == [0, 0, -signal.SIGKILL, -signal.SIGKILL]
     steps, incomplete = rundir.checkpoint_steps(run)
     assert steps == [10] and [d.name for d in incomplete] == ["step-00000020.partial"]
-    assert wait_all(launch(run, world=1)) == [0]
+    assert wait_all(launch(run, world=2)) == [0, 0]
     assert "resumed from" in (run / "rank0.log").read_text()
     assert train_losses(run) == train_losses(ref)
     assert_bitwise_equal(final_state(run, tmp_path), final_state(ref, tmp_path))

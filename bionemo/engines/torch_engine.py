@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from bionemo import finetune, hf
-from bionemo.checkpoint import load_weights
+from bionemo.checkpoint import balanced_share, load_weights
 from bionemo.config import TrainerConfig
 from bionemo.distributed import DistEnv
 from bionemo.distributed.parallel import data_parallel_mesh, wrap_for_training
@@ -144,6 +144,47 @@ def _kept_stager(device: torch.device):
             pass
 
     return KeptStager()
+
+
+def _nbytes(value) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def replica_share(state: dict, rank: int, world: int) -> dict:
+    """This rank's part of a replicated (DDP) state, for an asynchronous save. Every DDP rank
+    holds the whole model and optimizer state, and DCP's staging copies all it is handed to host
+    memory before it deduplicates what each rank writes: 8 ranks of a 3B would pin 8 x 34 GB of
+    one node's memory. Here each parameter (its weight and optimizer state together) goes to one
+    rank, largest first to the least loaded (the same split at every save); values that are not
+    tensors (param_groups) stay on every rank and DCP writes them once. The checkpoint's metadata
+    joins the parts: a load reads every key wherever it was written, at any world size and
+    under either strategy."""
+    model, optim = state["model"], state["optim"]
+    per_param = optim.get("state", {})
+    sizes: dict[str, int] = {}
+    for name, value in model.items():
+        sizes[name] = sizes.get(name, 0) + _nbytes(value)
+    for name, value in per_param.items():
+        sizes[name] = sizes.get(name, 0) + sum(map(_nbytes, value.values()))
+    mine = set(balanced_share(sizes, rank, world))
+    return {
+        "model": {k: v for k, v in model.items() if k in mine or not isinstance(v, torch.Tensor)},
+        "optim": {**optim, "state": {k: v for k, v in per_param.items() if k in mine}},
+    }
+
+
+def staged_gb(state: dict) -> float:
+    """The tensors' bytes in a (nested) state dict, in GB."""
+    total, todo = 0, [state]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            todo.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            todo.extend(node)
+        else:
+            total += _nbytes(node)
+    return total / 1e9
 
 
 class AsyncSaver:
@@ -276,6 +317,16 @@ class TorchEngine:
         if not asynchronous:
             dcp.save(state, checkpoint_id=path, process_group=group)
             return None
+        if not self.sharded and self.world_size > 1:  # DDP: each rank stages its part only
+            whole, state = state, replica_share(state, self.dp_rank, self.world_size)
+            if self._saver is None:
+                log.info(
+                    "asynchronous saves: rank %d stages %.3g of the %.3g GB state (DDP: each "
+                    "rank a part)",
+                    self.dp_rank,
+                    staged_gb(state),
+                    staged_gb(whole),
+                )
         if self._saver is None:  # kept: its pinned buffers are reused by every later save
             self._saver = AsyncSaver(self.device)
         return self._saver.save(state, path, group)
