@@ -102,6 +102,13 @@ class ModelConfig(Section):
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}; pick a head count that divides it"
             )
+        head_dim = self.hidden_size // self.num_attention_heads
+        if self.family == "esm2" and head_dim % 2:  # rotary turns pairs of channels
+            raise ValueError(
+                f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} "
+                f"gives heads of {head_dim} channels; ESM-2's rotary embedding needs an even head "
+                f"size: pick a head count that leaves one"
+            )
         # One family's switches on the other would be accepted and ignored: refuse them.
         if self.family == "esm2" and self.activation != "gelu":
             raise ValueError(

@@ -321,3 +321,32 @@ def test_a_data_key_of_another_family_is_named_as_such():
     with pytest.raises(ConfigError) as e:
         resolve(model="esm2_8m", cluster="local", now=NOW, overrides=["trainer.data.vocab=x"])
     assert "trainer.data.vocab: belongs to another model family" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "model, overrides, message",
+    [
+        (
+            "esm2_8m",
+            ["trainer.model.hidden_size=100", "trainer.model.num_attention_heads=7"],
+            "hidden_size 100 is not divisible by num_attention_heads 7",
+        ),
+        (  # 21 / 3 = 7 channels a head: rotary turns pairs of channels
+            "esm2_8m",
+            ["trainer.model.hidden_size=21", "trainer.model.num_attention_heads=3"],
+            "gives heads of 7 channels; ESM-2's rotary embedding needs an even head size",
+        ),
+    ],
+)
+def test_model_shapes_the_model_cannot_build_are_refused(model, overrides, message):
+    """A held-out shape is refused before anything is written, not by a traceback in the job."""
+    with pytest.raises(ConfigError) as e:
+        resolve(model=model, cluster="local", now=NOW, overrides=overrides)
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+def test_odd_head_sizes_are_fine_without_rotary():
+    """Geneformer's positions are a learned table: any head size builds."""
+    overrides = ["trainer.model.hidden_size=21", "trainer.model.num_attention_heads=3"]
+    cfg = resolve(model="geneformer_10m", cluster="local", now=NOW, overrides=overrides).config
+    assert cfg.trainer.model.hidden_size // cfg.trainer.model.num_attention_heads == 7
