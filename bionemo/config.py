@@ -41,6 +41,7 @@ Strategy = Literal["ddp", "fsdp", "hsdp"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FP8Recipe = Literal["none", "tensorwise", "rowwise"]
 FP8_RECIPES: tuple[str, ...] = get_args(FP8Recipe)
+ESM2_VOCAB_SIZE = 33  # the ESM alphabet, bionemo.data.tokenizer.TOKENS (a test keeps them equal)
 PLUGIN_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # module:factory
 
 
@@ -52,7 +53,9 @@ class ModelConfig(Section):
     num_attention_heads: int = Field(gt=0, description="attention heads; must divide hidden_size")
     ffn_hidden_size: int = Field(gt=0, description="width of the MLP's hidden layer")
     seq_length: int = Field(1024, ge=3, description="counts <cls> and <eos>, as BioNeMo does")
-    vocab_size: int = Field(33, gt=0, description="ESM alphabet; Geneformer: specials + genes")
+    vocab_size: int = Field(
+        ESM2_VOCAB_SIZE, gt=0, description="ESM alphabet; Geneformer: specials + genes"
+    )
     layer_norm_eps: float = Field(1e-5, description="ESM-2 1e-5; Geneformer (BERT) 1e-12")
     token_dropout: bool = Field(True, description="ESM-2: zero <mask> embeddings, rescale rest")
     activation: Literal["gelu", "relu"] = Field("gelu", description="ESM-2 GELU; Geneformer ReLU")
@@ -108,6 +111,11 @@ class ModelConfig(Section):
                 f"hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} "
                 f"gives heads of {head_dim} channels; ESM-2's rotary embedding needs an even head "
                 f"size: pick a head count that leaves one"
+            )
+        if self.family == "esm2" and self.vocab_size < ESM2_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size {self.vocab_size}: ESM-2's alphabet has {ESM2_VOCAB_SIZE} tokens, "
+                f"each an embedding row; set model.vocab_size={ESM2_VOCAB_SIZE} (or more, padded)"
             )
         # One family's switches on the other would be accepted and ignored: refuse them.
         if self.family == "esm2" and self.activation != "gelu":
@@ -448,6 +456,11 @@ class TrainerConfig(Section):
                     "data.pad_to must be max_length with parallel.pipeline > 1 "
                     "(pipeline stages exchange fixed-shape activations); set "
                     "data.pad_to=max_length"
+                )
+            if self.model.ffn_hidden_size % tp:  # column-parallel: each rank a slice
+                raise ValueError(
+                    f"parallel.tensor={tp} does not divide model.ffn_hidden_size "
+                    f"{self.model.ffn_hidden_size}; choose a tensor-parallel size that divides it"
                 )
             if self.model.num_layers % pp:
                 raise ValueError(

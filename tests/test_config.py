@@ -331,6 +331,21 @@ def test_a_data_key_of_another_family_is_named_as_such():
             ["trainer.model.hidden_size=100", "trainer.model.num_attention_heads=7"],
             "hidden_size 100 is not divisible by num_attention_heads 7",
         ),
+        (  # token ids up to 32 would index past the embedding
+            "esm2_650m",
+            ["trainer.model.vocab_size=10"],
+            "vocab_size 10: ESM-2's alphabet has 33 tokens",
+        ),
+        (  # megatron splits the MLP's columns over the tensor-parallel ranks
+            "esm2_650m",
+            [
+                "trainer.train.engine=megatron",
+                "trainer.train.device=cuda",
+                "trainer.parallel.tensor=2",
+                "trainer.model.ffn_hidden_size=5121",
+            ],
+            "parallel.tensor=2 does not divide model.ffn_hidden_size 5121",
+        ),
         (  # 21 / 3 = 7 channels a head: rotary turns pairs of channels
             "esm2_8m",
             ["trainer.model.hidden_size=21", "trainer.model.num_attention_heads=3"],
@@ -350,3 +365,10 @@ def test_odd_head_sizes_are_fine_without_rotary():
     overrides = ["trainer.model.hidden_size=21", "trainer.model.num_attention_heads=3"]
     cfg = resolve(model="geneformer_10m", cluster="local", now=NOW, overrides=overrides).config
     assert cfg.trainer.model.hidden_size // cfg.trainer.model.num_attention_heads == 7
+
+
+def test_the_configs_esm_alphabet_size_is_the_tokenizers():
+    from bionemo.config import ESM2_VOCAB_SIZE
+    from bionemo.data.tokenizer import VOCAB_SIZE
+
+    assert ESM2_VOCAB_SIZE == VOCAB_SIZE
