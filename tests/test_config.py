@@ -372,3 +372,10 @@ def test_the_configs_esm_alphabet_size_is_the_tokenizers():
     from bionemo.data.tokenizer import VOCAB_SIZE
 
     assert ESM2_VOCAB_SIZE == VOCAB_SIZE
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_numbers_that_are_not_finite_are_refused(value):
+    with pytest.raises(ConfigError) as e:
+        resolve(model="esm2_8m", cluster="local", now=NOW, overrides=[f"trainer.optim.lr={value}"])
+    assert "trainer.optim.lr: input should be" in str(e.value), str(e.value)
