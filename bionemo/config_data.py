@@ -6,6 +6,7 @@ numpy, so the launcher can validate a job's data before anything is submitted.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -129,6 +130,31 @@ class DataConfig(Section):
         """Raise FileNotFoundError (missing) or ValueError (unusable) naming the key of the
         first bad data file."""
         _check_files(self, "run `make data` for the sample set")
+
+
+def read_vocab_tokens(path, key: str = "data.vocab") -> dict[str, int]:
+    """A gene vocabulary file's tokens (token -> id): JSON {token: id} or [token, ...], or text
+    with one token a line (its line number is the id). Checked further by
+    bionemo.data.cells_tokenizer.GeneVocab; here so that the launcher can count them."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{key}: cannot read {path} ({e.strerror}); run `make data MODEL=geneformer_10m` "
+            f"for the sample set or point {key} at the data set's vocabulary"
+        ) from None
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{key}: {path} is not valid JSON ({e})") from None
+        tokens = {t: i for i, t in enumerate(raw)} if isinstance(raw, list) else raw
+        if not isinstance(tokens, dict) or not all(isinstance(i, int) for i in tokens.values()):
+            raise ValueError(f"{key}: {path} must hold {{token: id}} or a list of tokens")
+        return tokens
+    # vocab.txt, as the recipe ships it: the line number is the id
+    return {t: i for i, t in enumerate(line.strip() for line in text.splitlines())}
 
 
 class CellDataConfig(Section):

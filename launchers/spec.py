@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bionemo import rundir
 from bionemo.config import input_problem
+from bionemo.config_data import read_vocab_tokens
 from launchers.config import (
     ConfigError,
     LaunchConfig,
@@ -142,6 +143,32 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
                     f"run `make data` for the sample set, point {key} at your "
                     "data, or set job.check_data=false when only the nodes can see it",
                 )
+
+    vocab = getattr(cfg.trainer.data, "vocab", None)  # Geneformer: one embedding row a token
+    if (
+        cfg.job.check_data
+        and workdir.is_dir()
+        and vocab is not None
+        and not cfg.trainer.task.fine_tuning
+    ):
+        full = vocab if vocab.is_absolute() else workdir / vocab
+        if full.is_file():
+            try:
+                tokens = len(read_vocab_tokens(full, "trainer.data.vocab"))
+            except (OSError, ValueError) as e:
+                problem(
+                    "trainer.data.vocab",
+                    str(e).removeprefix("trainer.data.vocab: ").split("; ")[0],
+                    "fix the file, or point trainer.data.vocab at the data set's vocabulary",
+                )
+            else:
+                if tokens != cfg.trainer.model.vocab_size:
+                    problem(
+                        "trainer.model.vocab_size",
+                        f"{cfg.trainer.model.vocab_size}, but {full} has {tokens} tokens",
+                        f"set trainer.model.vocab_size={tokens}, or point trainer.data.vocab at "
+                        "the vocabulary the model was built for",
+                    )
 
     init = cfg.trainer.checkpoint.init_from
     if cfg.job.check_data and workdir.is_dir() and init is not None:

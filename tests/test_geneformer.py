@@ -264,6 +264,57 @@ def test_vocab_file_errors(tmp_path):
     assert GeneVocab.load(txt).special == {"cls": 0, "mask": 1, "pad": 2, "sep": 3, "unk": 4}
 
 
+@pytest.mark.parametrize(
+    "vocab, overrides, expect",
+    [
+        (  # the sample's 300 genes + 5 specials against the preset's 25,426 rows
+            None,
+            [],
+            "trainer.model.vocab_size: 25426, but {vocab} has 305 tokens; set "
+            "trainer.model.vocab_size=305",
+        ),
+        ('{"<cls>": 0, ', ["trainer.model.vocab_size=305"], "{vocab} is not valid JSON"),
+    ],
+)
+def test_submit_refuses_a_vocabulary_the_embedding_does_not_fit(
+    sample, tmp_path, vocab, overrides, expect
+):
+    """One embedding row per token: a mismatch is refused at submit (exit 2, one line, no run
+    directory), not by the trainer once the job runs."""
+    import subprocess
+    import sys
+
+    path = sample / "vocab.json"
+    if vocab is not None:
+        path = tmp_path / "vocab.json"
+        path.write_text(vocab)
+    runs = tmp_path / "runs"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers",
+            "submit",
+            "--model",
+            "geneformer_10m",
+            f"cluster.runs_root={runs}",
+            f"trainer.data.train={sample / 'train'}",
+            f"trainer.data.valid={sample / 'valid'}",
+            f"trainer.data.vocab={path}",
+            f"trainer.data.gene_medians={sample / 'gene_medians.json'}",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert expect.format(vocab=path) in lines[0], lines[0]
+    assert not runs.exists()
+
+
 # ------------------------------------------------------------------------------------- data
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bionemo.config_data import read_vocab_tokens
 from bionemo.data.masking import IGNORE_INDEX
 
 # Spellings of each special token: ours (the sample's), BioNeMo's, the original Geneformer's.
@@ -89,25 +90,7 @@ class GeneVocab:
     @classmethod
     def load(cls, path, key: str = "data.vocab") -> "GeneVocab":
         """Read a vocabulary: JSON {token: id} or [token, ...], or text with one token a line."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise FileNotFoundError(
-                f"{key}: cannot read {path} ({e.strerror}); run `make data MODEL=geneformer_10m` "
-                f"for the sample set or point {key} at the data set's vocabulary"
-            ) from None
-        if path.suffix == ".json":
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{key}: {path} is not valid JSON ({e})") from None
-            tokens = {t: i for i, t in enumerate(raw)} if isinstance(raw, list) else raw
-            if not isinstance(tokens, dict) or not all(isinstance(i, int) for i in tokens.values()):
-                raise ValueError(f"{key}: {path} must hold {{token: id}} or a list of tokens")
-        else:  # vocab.txt, as the recipe ships it: the line number is the id
-            tokens = {t: i for i, t in enumerate(line.strip() for line in text.splitlines())}
-        return cls(tokens, key)
+        return cls(read_vocab_tokens(path, key), key)
 
     def __len__(self) -> int:
         return len(self.tokens)
