@@ -610,6 +610,30 @@ echo 50 > "$3/finished"
     assert list((run_dir / "logs").glob("train-local-*.log"))
 
 
+@pytest.mark.parametrize(
+    "nproc, expect",
+    [
+        ("0", "--nproc: cluster.tasks_per_node: input should be greater than or equal to 1"),
+        ("100000", "--nproc: cluster.tasks_per_node: 100000 ranks would start as processes on"),
+    ],
+)
+def test_debug_refuses_a_rank_count_this_machine_cannot_run(tmp_path, nproc, expect):
+    """--nproc 0 once ran one rank; a typo's 100000 would start 100000 processes here."""
+    runs = tmp_path / "runs"
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "debug", "--model", "esm2_8m", "--nproc", nproc]
+        + [f"cluster.runs_root={runs}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: {expect}"), lines[0]
+    assert not runs.exists()
+
+
 def test_local_backend_starts_each_rank_itself():
     # no torchrun: it reports any non-zero worker exit as 1, and the run's 75/12/28/124 must
     # reach the caller (tests/test_local_backend.py runs the ranks)

@@ -134,6 +134,30 @@ def _check_partition(spec, origins) -> None:
         )
 
 
+LOCAL_RANKS_PER_CPU = 4  # a local run may oversubscribe the cores (CI runs 3 ranks on 2) ...
+LOCAL_RANKS_MIN = 8  # ... but each rank is a process with the model: a typo must not fork-bomb
+
+
+def _check_local_ranks(spec, origins) -> None:
+    """A local run starts every rank as a process here (debug, BACKEND=local): refuse a count
+    this machine cannot hold before anything is written."""
+    if spec.job.backend != "local" or spec.config.kind == "sweep":
+        return
+    cpus = os.cpu_count() or 1
+    most = max(LOCAL_RANKS_MIN, LOCAL_RANKS_PER_CPU * cpus)
+    ranks = spec.config.world_size
+    if ranks > most:
+        # (a local run has one node: spec.build refuses more)
+        key = ("cluster", "gpus_per_node" if spec.cluster.gpus_per_node else "tasks_per_node")
+        raise ConfigError(
+            _src(origins, key),
+            ".".join(key),
+            f"{ranks} ranks would start as processes on this machine, which has {cpus} CPUs",
+            f"use at most {most} ranks here (--nproc, --nodes), or submit to a cluster "
+            "(BACKEND=sbatch)",
+        )
+
+
 PLUGIN_CHECK_TIMEOUT_S = 10  # a bare interpreter finds a module in ~50 ms
 # Finds a module without running it: the top-level package through every finder (editable
 # installs bring their own), submodules through the path finder. Executing the plugin would
@@ -269,6 +293,7 @@ def cmd_submit(args, extra_layers=(), extra_overrides=(), command="submit") -> i
     backend = backends.get(spec.job.backend)
     files = backend.files(spec)  # render before anything is written
     _check_partition(spec, resolved.origins)
+    _check_local_ranks(spec, resolved.origins)
     for w in spec.warnings:
         warn(w)
     spec = _write_run_dir(spec, backend, files, resolved.default_run)
@@ -437,10 +462,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_debug(args) -> int:
     args.backend = None
-    extra = [f"cluster.tasks_per_node={args.nproc}"] if args.nproc else []
-    return cmd_submit(
-        args, extra_layers=[CONFIGS / "debug.yaml"], extra_overrides=extra, command="debug"
-    )
+    args.options = [("--nproc", "cluster.tasks_per_node", args.nproc)]
+    return cmd_submit(args, extra_layers=[CONFIGS / "debug.yaml"], command="debug")
 
 
 _LIVE = runs.LIVE  # scheduler states of a job that has not ended
