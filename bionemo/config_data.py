@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -70,6 +70,53 @@ def input_problem(path: str | Path, kind: str) -> str | None:
     return f"{p} is not {_KINDS[kind]} (its first bytes say: {seen})"
 
 
+def id_column_problem(path: str | Path, column: str) -> str | None:
+    """Why the parquet file's `column` cannot hold cluster member ids (one string id, or a list
+    of them, per row), or None. Reads the schema only (the file's footer); pyarrow is imported
+    here, when a file is checked."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        return f"{path} is not a readable parquet file ({e})"
+    if column not in schema.names:
+        return (
+            f"{path} has no column {column!r} (columns: {schema.names}); BioNeMo's layout: "
+            f"{DataConfig._LAYOUT}"
+        )
+    kind = schema.field(column).type
+    is_str = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    if is_str(kind) or (is_list and is_str(kind.value_type)):
+        return None
+    return f"column {column!r} of {path} has type {kind}; expected a string id or a list of them"
+
+
+_FOOTER_MAX = 64 << 20  # a parquet footer larger than this is not read by the launcher
+
+
+def parquet_names(path: str | Path, name: str) -> bool | None:
+    """Whether the parquet file's footer (which holds its schema) contains `name`: False means
+    the file certainly has no such column, True that it may (the loader's id_column_problem,
+    through pyarrow, decides), None that the footer could not be read. Bytes only, no pyarrow:
+    importing it took 0.17 s of the launcher's 0.44 s submit."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - 8))
+            tail = f.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if len(tail) < 8 or tail[4:] != PARQUET_MAGIC or not 0 < length <= _FOOTER_MAX:
+                return None
+            f.seek(max(0, size - 8 - length))
+            footer = f.read(length)
+    except OSError:
+        return None
+    return name.encode() in footer
+
+
 def _check_files(data, make: str) -> None:
     for key, kind in data.file_kinds().items():
         path = getattr(data, key)
@@ -125,6 +172,30 @@ class DataConfig(Section):
     def file_kinds(self) -> dict[str, str]:
         """What each path-valued key must be (input_problem's `kind`)."""
         return {"train_clusters": "parquet", "valid_clusters": "parquet", "database": "sqlite"}
+
+    # the column of member ids each clusters file must have (BioNeMo's UniRef layout)
+    _LAYOUT: ClassVar[str] = (
+        "ur90_id (a list of member ids) in the train file, ur50_id in the validation file"
+    )
+    ID_COLUMNS: ClassVar[dict[str, str]] = {
+        "train_clusters": "ur90_id",
+        "valid_clusters": "ur50_id",
+    }
+
+    def problems(self, base: Path | None = None) -> list[tuple[str, str, str]]:
+        """(key, problem, fix) for each clusters file (present, a parquet file) whose schema
+        does not name its id column: the launcher's check before submit, on the file's bytes;
+        the loader checks the column's type too (id_column_problem)."""
+        out = []
+        for key, column in self.ID_COLUMNS.items():
+            path = getattr(self, key)
+            if path is None:
+                continue
+            full = path if path.is_absolute() or base is None else base / path
+            if input_problem(full, "parquet") is None and parquet_names(full, column) is False:
+                bad = f"{full} has no column {column!r} (BioNeMo's layout: {self._LAYOUT})"
+                out.append((key, bad, f"point it at a parquet file with a {column} column"))
+        return out
 
     def check_files(self) -> None:
         """Raise FileNotFoundError (missing) or ValueError (unusable) naming the key of the

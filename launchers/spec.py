@@ -179,6 +179,16 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
         if bad:
             problem("trainer.checkpoint.init_from", *bad)
 
+    data_problems = getattr(cfg.trainer.data, "problems", None)  # e.g. a column the loader needs
+    if (
+        cfg.job.check_data
+        and workdir.is_dir()
+        and data_problems
+        and not cfg.trainer.task.fine_tuning
+    ):
+        for key, text, fix in data_problems(workdir):
+            problem(f"trainer.data.{key}", text, fix)
+
     if cfg.job.check_data and workdir.is_dir() and cfg.trainer.task.fine_tuning:
         for key, text, fix in cfg.trainer.task.problems(workdir):  # the labelled table (pyarrow)
             problem(f"trainer.task.{key}", text, fix)

@@ -610,6 +610,30 @@ echo 50 > "$3/finished"
     assert list((run_dir / "logs").glob("train-local-*.log"))
 
 
+def test_submit_refuses_a_clusters_file_without_its_id_column(tmp_path, data_dir):
+    """Read from the parquet footer's bytes before anything is written: the job would otherwise
+    fail once it starts, after its wait in the queue."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"ur50_id": ["a"]}), wrong)  # the validation layout as train file
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "submit"]
+        + base_args(tmp_path, data_dir, f"trainer.data.train_clusters={wrong}"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(
+        f"error: command line: trainer.data.train_clusters: {wrong} has no column 'ur90_id'"
+    ), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     "nproc, expect",
     [

@@ -95,6 +95,30 @@ def test_data_files_are_checked_for_type_and_magic_bytes(tmp_path):
         c.data.check_files()
 
 
+def test_a_clusters_file_without_its_id_column(tmp_path):
+    """The launcher reads the parquet footer's bytes (no pyarrow, so submit stays fast): a
+    column name they lack is certainly missing. The loader checks names and types (pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bionemo.config_data import DataConfig, id_column_problem, parquet_names
+
+    train = SAMPLE / "train_clusters.parquet"
+    assert parquet_names(train, "ur90_id") is True and parquet_names(train, "ur100_id") is False
+    assert parquet_names(SAMPLE / "proteins.sqlite", "ur90_id") is None  # not a parquet file
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"foo": ["a"]}), wrong)
+    ints = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"ur50_id": [1]}), ints)
+    data = DataConfig(train_clusters=wrong, valid_clusters=ints)
+    ((key, text, fix),) = data.problems()  # the int column's name is there: the loader's part
+    assert key == "train_clusters" and "has no column 'ur90_id'" in text and "ur90_id" in fix
+    assert "has no column 'ur90_id' (columns: ['foo'])" in id_column_problem(wrong, "ur90_id")
+    assert "has type int64; expected a string id" in id_column_problem(ints, "ur50_id")
+    assert id_column_problem(train, "ur90_id") is None
+    assert DataConfig().problems(SAMPLE.parents[1]) == []  # the sample set, relative paths
+
+
 def test_sequence_length_is_bounded():
     assert TrainerConfig.model_validate(cfg(model={"seq_length": MAX_SEQ_LENGTH}))
     with pytest.raises(ValidationError, match="titin"):

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bionemo.config import DataConfig
+from bionemo.config_data import id_column_problem
 from bionemo.data.cluster_index import ClusterIndex, _flatten
 from bionemo.data.masking import IGNORE_INDEX, mask_tokens
 from bionemo.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, encode
@@ -112,30 +113,9 @@ class ProteinClusters:
             raise FileNotFoundError(
                 f"{key}: {path} does not exist; {_MAKE_DATA}, or point {key} at your file"
             )
-        try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(
-                f"{key}: {path} is not a readable parquet file ({e}); rebuild it: {_MAKE_DATA}"
-            ) from e
-        if self.column not in schema.names:
-            raise ValueError(
-                f"{key}: {path} has no column {self.column!r} (columns: {schema.names}); "
-                f"BioNeMo's layout has ur90_id (a list of member ids) in the train file and "
-                f"ur50_id in the validation file"
-            )
-        kind = schema.field(self.column).type
-        is_str = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
-        if not (
-            is_str(kind)
-            or (
-                (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and is_str(kind.value_type)
-            )
-        ):
-            raise ValueError(
-                f"{key}: column {self.column!r} of {path} has type {kind}; "
-                f"expected a string id or a list of string ids"
-            )
+        problem = id_column_problem(path, self.column)
+        if problem:
+            raise ValueError(f"{key}: {problem}; rebuild it ({_MAKE_DATA}) or point {key} at yours")
 
     def _read_clusters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
