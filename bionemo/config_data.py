@@ -173,10 +173,10 @@ class DataConfig(Section):
         """What each path-valued key must be (input_problem's `kind`)."""
         return {"train_clusters": "parquet", "valid_clusters": "parquet", "database": "sqlite"}
 
-    # the column of member ids each clusters file must have (BioNeMo's UniRef layout)
     _LAYOUT: ClassVar[str] = (
         "ur90_id (a list of member ids) in the train file, ur50_id in the validation file"
     )
+    # the column of member ids each clusters file must have (BioNeMo's UniRef layout)
     ID_COLUMNS: ClassVar[dict[str, str]] = {
         "train_clusters": "ur90_id",
         "valid_clusters": "ur50_id",
