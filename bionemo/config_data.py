@@ -101,7 +101,7 @@ def parquet_names(path: str | Path, name: str) -> bool | None:
     """Whether the parquet file's footer (which holds its schema) contains `name`: False means
     the file certainly has no such column, True that it may (the loader's id_column_problem,
     through pyarrow, decides), None that the footer could not be read. Bytes only, no pyarrow:
-    importing it took 0.17 s of the launcher's 0.44 s submit."""
+    importing it takes 0.17 s, half of a submit (benchmarks/results/submit_latency.md)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
