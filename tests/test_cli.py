@@ -102,6 +102,20 @@ echo "big 64"
     return Fake()
 
 
+def refused(*args: str) -> str:
+    """`python -m launchers ARGS` from the checkout must exit 2 with one error line: that line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    return lines[0]
+
+
 def base_args(tmp_path, data_dir, *extra) -> list[str]:
     return [
         "--model",
@@ -618,19 +632,10 @@ def test_submit_refuses_a_clusters_file_without_its_id_column(tmp_path, data_dir
 
     wrong = tmp_path / "wrong.parquet"
     pq.write_table(pa.table({"ur50_id": ["a"]}), wrong)  # the validation layout as train file
-    out = subprocess.run(
-        [sys.executable, "-m", "launchers", "submit"]
-        + base_args(tmp_path, data_dir, f"trainer.data.train_clusters={wrong}"),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert lines[0].startswith(
+    line = refused("submit", *base_args(tmp_path, data_dir, f"trainer.data.train_clusters={wrong}"))
+    assert line.startswith(
         f"error: command line: trainer.data.train_clusters: {wrong} has no column 'ur90_id'"
-    ), lines[0]
+    ), line
     assert not (tmp_path / "runs").exists()
 
 
@@ -644,17 +649,8 @@ def test_submit_refuses_a_clusters_file_without_its_id_column(tmp_path, data_dir
 def test_debug_refuses_a_rank_count_this_machine_cannot_run(tmp_path, nproc, expect):
     """--nproc 0 once ran one rank; a typo's 100000 would start 100000 processes here."""
     runs = tmp_path / "runs"
-    out = subprocess.run(
-        [sys.executable, "-m", "launchers", "debug", "--model", "esm2_8m", "--nproc", nproc]
-        + [f"cluster.runs_root={runs}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert lines[0].startswith(f"error: {expect}"), lines[0]
+    line = refused("debug", "--model", "esm2_8m", "--nproc", nproc, f"cluster.runs_root={runs}")
+    assert line.startswith(f"error: {expect}"), line
     assert not runs.exists()
 
 

@@ -281,37 +281,25 @@ def test_submit_refuses_a_vocabulary_the_embedding_does_not_fit(
 ):
     """One embedding row per token: a mismatch is refused at submit (exit 2, one line, no run
     directory), not by the trainer once the job runs."""
-    import subprocess
-    import sys
+    from tests.test_cli import refused
 
     path = sample / "vocab.json"
     if vocab is not None:
         path = tmp_path / "vocab.json"
         path.write_text(vocab)
     runs = tmp_path / "runs"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launchers",
-            "submit",
-            "--model",
-            "geneformer_10m",
-            f"cluster.runs_root={runs}",
-            f"trainer.data.train={sample / 'train'}",
-            f"trainer.data.valid={sample / 'valid'}",
-            f"trainer.data.vocab={path}",
-            f"trainer.data.gene_medians={sample / 'gene_medians.json'}",
-            *overrides,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    line = refused(
+        "submit",
+        "--model",
+        "geneformer_10m",
+        f"cluster.runs_root={runs}",
+        f"trainer.data.train={sample / 'train'}",
+        f"trainer.data.valid={sample / 'valid'}",
+        f"trainer.data.vocab={path}",
+        f"trainer.data.gene_medians={sample / 'gene_medians.json'}",
+        *overrides,
     )
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert expect.format(vocab=path) in lines[0], lines[0]
+    assert expect.format(vocab=path) in line, line
     assert not runs.exists()
 
 

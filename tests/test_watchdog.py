@@ -163,23 +163,29 @@ def test_suspect_is_the_rank_behind_when_all_are_alive(tmp_path):
     assert watchdog.HEARTBEATS in str(heartbeat_path(tmp_path, 0))
 
 
+def stop_and_continue(proc: subprocess.Popen, run_dir: Path, at) -> tuple[str, str]:
+    """SIGSTOP rank 1 once its heartbeat's step satisfies `at`, SIGCONT it 4.5 s later (its
+    watchdog thread then oversleeps by more than FROZEN_S); its output once it ends."""
+    try:
+        beat = heartbeat_path(run_dir, 1)
+        deadline = time.monotonic() + 60
+        while not (beat.is_file() and at(json.loads(beat.read_text() or "{}").get("step", 0))):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(4.5)
+        os.kill(proc.pid, signal.SIGCONT)
+        return proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_a_rank_that_was_stopped_names_itself_when_it_runs_again(tmp_path):
     """A stopped rank's watchdog cannot run; once continued (srun's SIGCONT before its kill),
     it notices that its own process did not run and records itself as the suspect."""
     proc = start(tmp_path, 1, "hang", 2.0)
-    try:
-        beat = heartbeat_path(tmp_path, 1)
-        deadline = time.monotonic() + 60
-        while not (beat.is_file() and json.loads(beat.read_text() or "{}").get("step") == 5):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGSTOP)  # before its 2 s limit runs out
-        time.sleep(4.5)
-        os.kill(proc.pid, signal.SIGCONT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = stop_and_continue(proc, tmp_path, lambda step: step == 5)  # before its 2 s limit
     assert proc.returncode == rundir.HUNG_EXIT_CODE, out + err
     assert "suspect: this rank: its process did not run for" in err, err
     (event,) = rundir.read_events(tmp_path)
@@ -193,19 +199,7 @@ def test_a_rank_stopped_mid_step_names_itself_whichever_thread_runs_first(tmp_pa
     test forces the second). Either way it names itself; it never trains on to blame a peer in
     its next collective, as the bundled cluster's hung-rank run once recorded."""
     proc = start(tmp_path, 1, "beat", 2.0)
-    try:
-        beat = heartbeat_path(tmp_path, 1)
-        deadline = time.monotonic() + 60
-        while not (beat.is_file() and json.loads(beat.read_text() or "{}").get("step", 0) > 5):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGSTOP)
-        time.sleep(4.5)  # its watchdog thread oversleeps by more than FROZEN_S
-        os.kill(proc.pid, signal.SIGCONT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = stop_and_continue(proc, tmp_path, lambda step: step > 5)
     assert proc.returncode == rundir.HUNG_EXIT_CODE, out + err
     assert "suspect: this rank: its process did not run for" in err, err
     (event,) = rundir.read_events(tmp_path)
