@@ -35,13 +35,12 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 import yaml
 
-from bionemo.config import DataConfig, ModelConfig, OptimConfig
+from bionemo.config import DataConfig, ModelConfig, TrainConfig, TrainerConfig
 from bionemo.metrics import PEAK_TFLOPS, Throughput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +97,10 @@ def build(
     model = model.to(device).train()
     if fp32_residual:
         model.fp32_residual = True
-    optimizer = build_optimizer(model, SimpleNamespace(optim=OptimConfig()), device)
+    # The trainer's own config with its defaults (AdamW, fused on GPU, no offload), so that the
+    # optimizer is built from whatever the engine reads; the micro batch is set per trial below.
+    trainer_cfg = TrainerConfig(model=cfg, data=DataConfig(), train=TrainConfig(micro_batch_size=1))
+    optimizer = build_optimizer(model, trainer_cfg, device)
     step_fn = MaskedLMLoss(model)
     if compile_ or fp8:
         from bionemo.distributed.parallel import wrap_for_training
