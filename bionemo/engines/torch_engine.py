@@ -67,6 +67,28 @@ def has_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def fp8_problem(recipe: str, device: torch.device) -> str | None:
+    """Why `train.fp8=<recipe>` cannot run in this process, or None. Checked before the model is
+    built: a benchmark table row may turn FP8 on (H200 3B), and torchao is an optional
+    dependency, so a cluster without it fails here in one line, not in the middle of start-up."""
+    if recipe == "none":
+        return None
+    try:
+        import torchao.float8  # noqa: F401  (the library that does the FP8 training)
+    except ImportError as e:
+        return (
+            f"train.fp8={recipe} runs through torchao, which this Python cannot import "
+            f"({type(e).__name__}: {e}): install it where the job runs (pip install "
+            f"'bionemo-hpc[fp8]'), or set train.fp8=none"
+        )
+    if not has_fp8(device):
+        return (
+            f"train.fp8={recipe} needs an FP8 GPU (compute capability 8.9 or more: H100/H200 "
+            f"class); this rank runs on {device_name(device)}: set train.fp8=none"
+        )
+    return None
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
@@ -233,12 +255,9 @@ class TorchEngine:
         self.dp_size = cfg.check_parallel(env.world_size)
         self.dp_rank = env.rank
         self.world_size = env.world_size
-        if cfg.train.fp8 != "none" and not has_fp8(device):
-            raise ValueError(
-                f"train.fp8={cfg.train.fp8} needs an FP8 GPU (compute capability 8.9 "
-                f"or more: H100/H200 class); this rank runs on {device_name(device)}: "
-                f"set train.fp8=none"
-            )
+        problem = fp8_problem(cfg.train.fp8, device)
+        if problem:
+            raise ValueError(problem)
         self.sharded = cfg.parallel.data_parallel != "ddp"  # FSDP2: weights are DTensor shards
         torch.manual_seed(cfg.train.seed)  # same init on every rank
         with device:  # initialise on the device: a 3B model's init on the host takes minutes

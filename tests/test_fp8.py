@@ -1,0 +1,82 @@
+"""FP8 training (train.fp8) through torchao, on CPU: torch's CPU `_scaled_mm` runs the fp8 GEMMs,
+so the conversion, the recipes' numerics and the start-up check are tested without a GPU (speed
+is measured on GPUs: benchmarks/results/h200_141gb/fp8/). The trainer itself refuses FP8 on CPU
+(it would be slow there, and pointless); these tests drive the engine's functions directly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torchao.float8.float8_linear import Float8Linear  # the test extra has it (`make install`)
+
+from benchmarks.profile_step import model_config
+from bionemo.distributed.parallel import convert_to_fp8
+from bionemo.engines.torch_engine import fp8_problem
+from bionemo.models.esm2 import ESM2
+
+LAYERS, STEPS = 2, 8
+
+
+def tiny_esm2(seed: int = 0) -> ESM2:
+    torch.manual_seed(seed)
+    return ESM2(model_config("esm2_8m", num_layers=LAYERS))
+
+
+def test_conversion_swaps_the_blocks_linears_and_nothing_else():
+    model = tiny_esm2()
+    assert convert_to_fp8(model, "tensorwise") == 4 * LAYERS  # qkv, out, fc1, fc2 per block
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    plain = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert fp8 and all(n.startswith("layers.") for n in fp8)
+    assert plain and not any(n.startswith("layers.") for n in plain)  # the LM head stays bf16
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_training_tracks_full_precision(recipe):
+    """Same weights, same batches, AdamW: FP8 GEMMs (e4m3 forward, e5m2 gradients: 3 and 2
+    mantissa bits) give fp32's first loss within 1% (the same weights: only the forward's
+    quantization differs), then trajectories that drift apart as updates compound, by at most
+    3% of the starting loss over 8 steps (measured: 1.2%); the loss falls as much in both."""
+    torch.manual_seed(1)
+    batches = [torch.randint(4, 29, (4, 64)) for _ in range(2)]
+    losses = {}
+    for name in ("fp32", recipe):
+        model = tiny_esm2()
+        if name != "fp32":
+            convert_to_fp8(model, recipe)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        losses[name] = []
+        for step in range(STEPS):
+            ids = batches[step % len(batches)]
+            loss = model.loss(ids, torch.ones_like(ids), ids, None, None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    full, low = losses["fp32"], losses[recipe]
+    assert low != full  # the fp8 path ran: quantization changes the numbers
+    assert abs(low[0] - full[0]) < 0.01 * full[0], (low, full)
+    assert all(abs(a - b) < 0.03 * full[0] for a, b in zip(low, full)), (low, full)
+    assert full[-1] < 0.3 * full[0] and low[-1] < 0.3 * low[0]
+
+
+def test_the_start_up_check_names_the_missing_library_and_the_fix():
+    """A cluster without torchao (an optional dependency, which a benchmark table row may turn
+    on): one line naming torchao, how to install it and how to turn FP8 off, before the model is
+    built. Run in a process where `import torchao` fails."""
+    code = (
+        "import sys; sys.modules['torchao'] = None\n"
+        "import torch; from bionemo.engines.torch_engine import fp8_problem\n"
+        "print(fp8_problem('tensorwise', torch.device('cpu')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    line = out.stdout.strip()
+    assert "\n" not in line and line.startswith("train.fp8=tensorwise runs through torchao")
+    assert "pip install 'bionemo-hpc[fp8]'" in line and line.endswith("set train.fp8=none")
+    # With torchao, on a device without FP8 tensor cores: the GPU line; and none is always fine.
+    assert "needs an FP8 GPU" in fp8_problem("rowwise", torch.device("cpu"))
+    assert fp8_problem("none", torch.device("cpu")) is None
