@@ -231,10 +231,13 @@ def slow_runs(runs: Runs) -> dict:
 # ------------------------------------------------------------------------------------ checks
 
 
-def logs(run_dir: Path) -> str:
-    """Every log of the run (its logs/ and submitit's folder), tails only, for messages."""
+def logs(run_dir: Path, tail: int | None = 3000) -> str:
+    """Every log of the run (its logs/ and submitit's folder): the last `tail` characters of each
+    for an assertion's message; tail=None, whole, to search in (a line near the start of a long
+    log, such as an attempt's "resumed from", falls outside the tail)."""
     files = sorted((run_dir / rundir.LOGS).glob("*")) + sorted((run_dir / "submitit").glob("*.out"))
-    return "\n".join(f"==> {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in files)
+    start = -tail if tail else 0
+    return "\n".join(f"==> {p.name}\n{p.read_text(errors='replace')[start:]}" for p in files)
 
 
 def wait_for(predicate, timeout: float, what: str, run_dir: Path | None = None):
@@ -311,7 +314,7 @@ def check_time_limit_run(
     assert "warning signal" in signalled[0]["reason"]
     assert int(rec["Restarts"]) == len(signalled)
     assert attempts[-1]["outcome"] == "finished" and attempts[-1]["decision"] == "stop"
-    resumed = re.findall(r"resumed from \S+step-0*(\d+) \(step (\d+)", logs(run_dir))
+    resumed = re.findall(r"resumed from \S+step-0*(\d+) \(step (\d+)", logs(run_dir, tail=None))
     assert resumed and int(resumed[0][1]) == signalled[0]["latest_step"], logs(run_dir)
     assert_same_weights(rundir.step_dir(ref_dir, TL_STEPS), step, tmp_path)
     return run_dir, rec

@@ -70,7 +70,7 @@ def test_fine_tune_job_runs_through_submit(runs, tmp_path):  # noqa: F811
     rec = runs.wait_final(job_id, timeout=240)
     assert rec["JobState"] == "COMPLETED", logs(run_dir)
     assert_finished(run_dir, STEPS)
-    assert "initialised weights from" in logs(run_dir)
+    assert "initialised weights from" in logs(run_dir, tail=None)
     valid = [json.loads(line) for line in (run_dir / rundir.METRICS).read_text().splitlines()]
     valid = [r for r in valid if r["kind"] == "valid"]
     assert [r["step"] for r in valid] == [10, 20] and all(0 <= r["accuracy"] <= 1 for r in valid)

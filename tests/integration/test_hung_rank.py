@@ -109,7 +109,7 @@ def test_a_stopped_rank_ends_the_job_which_resumes_exactly(runs, tmp_path):  # n
 
     assert runs.wait_final(ref_job, timeout=300)["JobState"] == "COMPLETED", logs(ref_dir)
     assert_finished(run_dir, TL_STEPS)
-    resumed = re.findall(r"resumed from \S+step-0*(\d+)", logs(run_dir))
+    resumed = re.findall(r"resumed from \S+step-0*(\d+)", logs(run_dir, tail=None))
     assert resumed and int(resumed[0]) >= 10, logs(run_dir)
     assert_same_weights(
         rundir.step_dir(ref_dir, TL_STEPS), rundir.step_dir(run_dir, TL_STEPS), tmp_path

@@ -167,7 +167,7 @@ def test_a_rank_that_dies_before_the_rendezvous_ends_the_step_and_the_policy_dec
     took = time.monotonic() - t0
     assert attempt["outcome"] == "crashed" and attempt["decision"] == "requeue", attempt
     assert attempt["exit_code"] not in (0, rundir.REQUEUE_EXIT_CODE), attempt
-    assert f"{FAIL_BEFORE_RENDEZVOUS}=1: rank 1 fails" in logs(run_dir)
+    assert f"{FAIL_BEFORE_RENDEZVOUS}=1: rank 1 fails" in logs(run_dir, tail=None)
     assert took < DECISION_BOUND_S, took
 
 
