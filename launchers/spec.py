@@ -124,7 +124,10 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
                 "cluster.python at an interpreter",
             )
 
-    if cfg.job.check_data and workdir.is_dir():
+    # The checks of files the job will read, where this machine sees the workdir.
+    check_files = cfg.job.check_data and workdir.is_dir()
+    fine_tuning = cfg.trainer.task.fine_tuning
+    if check_files:
         kinds = cfg.trainer.data.file_kinds()  # what each data key must be: type, magic bytes
         for key, path in _input_paths(cfg):
             full = path if path.is_absolute() else workdir / path
@@ -145,12 +148,7 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
                 )
 
     vocab = getattr(cfg.trainer.data, "vocab", None)  # Geneformer: one embedding row a token
-    if (
-        cfg.job.check_data
-        and workdir.is_dir()
-        and vocab is not None
-        and not cfg.trainer.task.fine_tuning
-    ):
+    if check_files and vocab is not None and not fine_tuning:
         full = vocab if vocab.is_absolute() else workdir / vocab
         if full.is_file():
             try:
@@ -171,7 +169,7 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
                     )
 
     init = cfg.trainer.checkpoint.init_from
-    if cfg.job.check_data and workdir.is_dir() and init is not None:
+    if check_files and init is not None:
         from bionemo import hf  # torch-free; imported only when a run starts from weights
 
         full = init if init.is_absolute() else workdir / init
@@ -180,16 +178,11 @@ def build(resolved: Resolved, *, strict: bool = True, existing: bool = False) ->
             problem("trainer.checkpoint.init_from", *bad)
 
     data_problems = getattr(cfg.trainer.data, "problems", None)  # e.g. a column the loader needs
-    if (
-        cfg.job.check_data
-        and workdir.is_dir()
-        and data_problems
-        and not cfg.trainer.task.fine_tuning
-    ):
+    if check_files and data_problems and not fine_tuning:
         for key, text, fix in data_problems(workdir):
             problem(f"trainer.data.{key}", text, fix)
 
-    if cfg.job.check_data and workdir.is_dir() and cfg.trainer.task.fine_tuning:
+    if check_files and fine_tuning:
         for key, text, fix in cfg.trainer.task.problems(workdir):  # the labelled table (pyarrow)
             problem(f"trainer.task.{key}", text, fix)
 
