@@ -2,7 +2,8 @@
 
     python -m benchmarks.profile_step step --model esm2_650m --mbs 16,32 [--compile]
         [--recompute none|selective|full] [--pad max_length|none] [--profile 32] [--baseline FILE]
-        [--fp32-residual] [--recompute-pointwise] [--fp8] [--json rows.jsonl]
+        [--fp32-residual] [--recompute-pointwise] [--fp8 [tensorwise|rowwise]]
+        [--fp8-skip attn.out_proj] [--inductor triton.tile_reductions=True] [--json rows.jsonl]
     python -m benchmarks.profile_step attention --model esm2_650m --mbs 32
     python -m benchmarks.profile_step gemm --model esm2_650m --tokens 32768
     python -m benchmarks.profile_step check
@@ -14,8 +15,9 @@ loss.item() per step, as the sweep's log_every=1. Several micro batches run in o
 increasing order, until one runs out of memory. Tokens/s, TFLOP/s and MFU use the trainer's
 formulas (bionemo.metrics.Throughput). --profile M: a torch.profiler kernel table at micro batch
 M (GPU time per step by kernel and by kind). --baseline FILE: an ESM2 class from another file
-(the model before a change) in place of bionemo's. --fp8 needs torchao (not a project
-dependency). Results on an H100: benchmarks/results/h100_80gb/speed-*.md.
+(the model before a change) in place of bionemo's. --fp8 needs torchao (the `fp8` extra).
+--inductor KEY=VALUE sets an inductor option for this process (A/B of code generation choices).
+Results on an H100: benchmarks/results/h100_80gb/speed-*.md.
 
 `attention`: forward+backward of one attention layer's core on a padded batch of the sample set,
 by implementation. `gemm`: the block's GEMM shapes in bf16 (and fp8 where torch._scaled_mm runs).
@@ -80,7 +82,8 @@ def build(
     compile_: bool,
     *,
     recompute_pointwise: bool | None = None,
-    fp8: bool = False,
+    fp8: bool | str = False,
+    fp8_skip: tuple[str, ...] = (),
     fp32_residual: bool = False,
 ):
     from bionemo.engines.torch_engine import MaskedLMLoss, build_optimizer
@@ -113,6 +116,7 @@ def build(
             device=device,
             recompute_pointwise=recompute_pointwise,
             fp8=fp8,
+            fp8_skip=fp8_skip,
         )
     return model, optimizer, step_fn
 
@@ -194,7 +198,8 @@ def run_step(args) -> list[dict]:
         args.baseline,
         args.compile,
         recompute_pointwise=args.recompute_pointwise,
-        fp8=args.fp8,
+        fp8=args.fp8 or False,
+        fp8_skip=tuple(args.fp8_skip.split(",")) if args.fp8_skip else (),
         fp32_residual=args.fp32_residual,
     )
     build_s = time.perf_counter() - t0
@@ -204,7 +209,9 @@ def run_step(args) -> list[dict]:
         for name, on in (
             ("pointwise-recompute", args.recompute_pointwise),
             ("fp32-residual", args.fp32_residual),
-            ("fp8", args.fp8),
+            (f"fp8:{args.fp8}", args.fp8),
+            (f"fp8-skip:{args.fp8_skip}", args.fp8_skip),
+            *((f"inductor:{kv}", True) for kv in args.inductor),
         )
         if on
     )
@@ -646,6 +653,27 @@ def run_check(args) -> None:
         )
 
 
+def set_inductor_option(kv: str) -> None:
+    """KEY=VALUE -> torch._inductor.config.KEY = VALUE (int/float/bool literals or a string);
+    an unknown key is an error (option names change between torch releases)."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    key, _, raw = kv.partition("=")
+    *parents, leaf = key.split(".")
+    node = inductor
+    for name in parents:
+        node = getattr(node, name, None)
+    if node is None or not hasattr(node, leaf):
+        raise SystemExit(f"--inductor {kv}: torch {torch.__version__} has no inductor option {key}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    setattr(node, leaf, value)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["step", "attention", "gemm", "check"])
@@ -662,7 +690,24 @@ def main(argv=None) -> int:
         help="compiled: partitioner recomputes elementwise results (default: selective)",
     )
     p.add_argument("--fp32-residual", action="store_true", help="residual stream in fp32")
-    p.add_argument("--fp8", action="store_true", help="torchao float8 GEMMs in the blocks")
+    p.add_argument(
+        "--fp8",
+        nargs="?",
+        const="tensorwise",
+        default=None,
+        choices=["tensorwise", "rowwise"],
+        help="torchao float8 GEMMs in the blocks (recipe; default tensorwise)",
+    )
+    p.add_argument(
+        "--fp8-skip", default=None, help="Linear layers kept bf16, name suffixes: attn.out_proj"
+    )
+    p.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set torch._inductor.config.KEY (dotted: triton.tile_reductions=1) before compiling",
+    )
     p.add_argument("--pad", default="max_length", choices=["max_length", "none", "longest"])
     p.add_argument("--steps", type=int, default=8, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
@@ -674,6 +719,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="step: cpu for a smoke test of the script")
     p.add_argument("--json", type=Path, default=None, help="step: append result rows here")
     args = p.parse_args(argv)
+    for kv in args.inductor:
+        set_inductor_option(kv)
     if args.what == "step":
         rows = run_step(args)
         print_table(rows)

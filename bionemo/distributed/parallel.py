@@ -59,11 +59,14 @@ def compile_regions(
 FP8_RECIPES = ("tensorwise", "rowwise")
 
 
-def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise") -> int:
+def convert_to_fp8(
+    model: nn.Module, recipe: str = "tensorwise", skip: tuple[str, ...] = ()
+) -> int:
     """Swap the blocks' Linear layers for torchao's Float8Linear: the GEMMs run in fp8 (e4m3
     forward, e5m2 gradients) with dynamic scales, one per tensor ("tensorwise") or per row
     ("rowwise"); weights, optimizer and everything outside the GEMMs are unchanged. Needs torchao,
-    an FP8 GPU, and compile to be fast. Returns how many were swapped."""
+    an FP8 GPU, and compile to be fast. skip: Linear layers whose name ends with one of these
+    (e.g. "attn.out_proj") stay bf16. Returns how many were swapped."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if recipe not in FP8_RECIPES:
@@ -79,6 +82,7 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise") -> int:
             and fqn.startswith(("layers.", "encoder.layers."))
             and module.in_features % 16 == 0
             and module.out_features % 16 == 0
+            and not fqn.endswith(skip)
         )
         if ok:
             swapped.append(fqn)
@@ -163,6 +167,7 @@ def wrap_for_training(
     device: torch.device,
     recompute_pointwise: bool | None = None,
     fp8: bool | str = False,
+    fp8_skip: tuple[str, ...] = (),
     mesh=None,
     bf16: bool = False,
     cpu_offload: bool = False,
@@ -172,7 +177,7 @@ def wrap_for_training(
     sharded over `mesh` (FSDP2) when one is given, else under DDP when `dp` > 1."""
     recipe = "tensorwise" if fp8 is True else (fp8 or "none")
     if recipe != "none":
-        convert_to_fp8(model, recipe)
+        convert_to_fp8(model, recipe, fp8_skip)
     whole = compile and not compile_regions(model, recompute_pointwise=recompute_pointwise)
     if mesh is not None:
         shard(model, mesh, bf16=bf16, cpu_offload=cpu_offload)
