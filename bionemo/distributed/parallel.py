@@ -56,6 +56,18 @@ def compile_regions(
     return True
 
 
+def tune_generated_kernels() -> None:
+    """Let inductor time several launch configurations (block sizes, warps) of every generated
+    elementwise and reduction kernel at compile time and keep the fastest, instead of its
+    heuristic choice (max_autotune_pointwise; GEMMs stay cuBLAS, as without it). Measured on an
+    H200 with 8 of the ESM-2 3B's layers at micro batch 32 (benchmarks/results/h200_141gb/levers/):
+    step time -1.5% in bf16 and -2.9% with FP8 (whose amax reductions and fp8 casts are generated
+    kernels), for 5-16 s more compile time. Process-wide, read when a graph is compiled."""
+    import torch._inductor.config as inductor
+
+    inductor.max_autotune_pointwise = True
+
+
 FP8_RECIPES = ("tensorwise", "rowwise")
 
 
@@ -178,6 +190,8 @@ def wrap_for_training(
     recipe = "tensorwise" if fp8 is True else (fp8 or "none")
     if recipe != "none":
         convert_to_fp8(model, recipe, fp8_skip)
+    if compile and device.type == "cuda":
+        tune_generated_kernels()
     whole = compile and not compile_regions(model, recompute_pointwise=recompute_pointwise)
     if mesh is not None:
         shard(model, mesh, bf16=bf16, cpu_offload=cpu_offload)
