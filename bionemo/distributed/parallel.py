@@ -62,10 +62,15 @@ def tune_generated_kernels() -> None:
     heuristic choice (max_autotune_pointwise; GEMMs stay cuBLAS, as without it). Measured on an
     H200 with 8 of the ESM-2 3B's layers at micro batch 32 (benchmarks/results/h200_141gb/levers/):
     step time -1.5% in bf16 and -2.9% with FP8 (whose amax reductions and fp8 casts are generated
-    kernels), for 5-16 s more compile time. Process-wide, read when a graph is compiled."""
+    kernels), for 5-16 s more compile time. Process-wide, read when a graph is compiled.
+    TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE in the environment (inductor's own switch) wins: =0 turns
+    it off."""
+    import os
+
     import torch._inductor.config as inductor
 
-    inductor.max_autotune_pointwise = True
+    if "TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE" not in os.environ:
+        inductor.max_autotune_pointwise = True
 
 
 FP8_RECIPES = ("tensorwise", "rowwise")
