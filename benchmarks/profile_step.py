@@ -666,7 +666,7 @@ def set_inductor_option(kv: str) -> None:
     for name in parents:
         node = getattr(node, name, None)
     if node is None or not hasattr(node, leaf):
-        raise SystemExit(f"--inductor {kv}: torch {torch.__version__} has no inductor option {key}")
+        raise ValueError(f"--inductor {kv}: torch {torch.__version__} has no inductor option {key}")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -720,7 +720,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="step: append result rows here")
     args = p.parse_args(argv)
     for kv in args.inductor:
-        set_inductor_option(kv)
+        try:
+            set_inductor_option(kv)
+        except ValueError as e:
+            p.error(str(e))  # exit 2, before anything runs
     if args.what == "step":
         rows = run_step(args)
         print_table(rows)

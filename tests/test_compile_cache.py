@@ -1,11 +1,15 @@
 """The compile cache kept with the run (bionemo/train.py): a run with train.compile writes
 inductor's caches into <run_dir>/compile_cache, and a restart of that run loads its compiled
 graphs from there instead of compiling again. Real processes on CPU; the cold compile of the tiny
-model's block and head (forward and backward) dominates the test's time."""
+model's block and head (forward and backward) dominates the test's time. Also the compile
+setting the trainer adds on CUDA (tuned generated kernels)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import yaml
 
@@ -70,3 +74,30 @@ def test_a_folder_the_user_chose_is_kept(tmp_path):
     environ = {}
     use_compile_cache(tmp_path / "run", environ)
     assert environ == {"TORCHINDUCTOR_CACHE_DIR": str((tmp_path / "run" / COMPILE_CACHE).resolve())}
+
+
+def test_generated_kernels_are_tuned_unless_the_environment_says_otherwise():
+    """The trainer turns on inductor's max_autotune_pointwise for compiled CUDA runs
+    (tune_generated_kernels; +3.2% for the 3B with FP8 on an H200), and inductor's own variable
+    wins when set. Each case in a fresh process: the setting is process-wide."""
+    code = (
+        "import torch._inductor.config as c\n"
+        "from bionemo.distributed.parallel import tune_generated_kernels\n"
+        "before = c.max_autotune_pointwise; tune_generated_kernels()\n"
+        "print(before, c.max_autotune_pointwise)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE"}
+
+    def run(**extra) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    assert run() == "False True"
+    assert run(TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE="0") == "False False"
+    assert run(TORCHINDUCTOR_MAX_AUTOTUNE_POINTWISE="1") == "True True"

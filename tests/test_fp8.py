@@ -35,6 +35,16 @@ def test_conversion_swaps_the_blocks_linears_and_nothing_else():
     assert plain and not any(n.startswith("layers.") for n in plain)  # the LM head stays out of FP8
 
 
+def test_skipped_layers_stay_in_bf16():
+    """`skip` (benchmarks/profile_step.py --fp8-skip) keeps the named layers out of FP8 in every
+    block, and only them."""
+    model = tiny_esm2()
+    assert convert_to_fp8(model, "tensorwise", skip=("attn.out_proj",)) == 3 * LAYERS
+    plain = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert {f"layers.{i}.attn.out_proj" for i in range(LAYERS)} <= plain
+    assert not any(n.startswith("layers.") and not n.endswith("attn.out_proj") for n in plain)
+
+
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_fp8_training_tracks_full_precision(recipe):
     """Same weights, same batches, AdamW: FP8 GEMMs (e4m3 forward, e5m2 gradients: 3 and 2

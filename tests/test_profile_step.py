@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import profile_step
 
 
@@ -20,3 +22,13 @@ def test_step_runs_on_cpu_and_reports_a_row(tmp_path, capsys):
     assert row["fits"] and row["mbs"] == 2 and row["tokens_per_s"] > 0
     assert len(row["losses"]) == 1 and 2.0 < row["losses"][0] < 5.0  # ~ln(33) at init
     assert "| esm2_8m | eager |" in capsys.readouterr().out
+
+
+def test_an_unknown_inductor_option_is_refused_before_anything_runs(capsys):
+    """--inductor names change between torch releases: a misspelt or removed one is an error
+    (exit 2, naming it), not a silently unchanged A/B."""
+
+    with pytest.raises(SystemExit) as e:
+        profile_step.main(["step", "--device", "cpu", "--inductor", "triton.no_such_option=1"])
+    assert e.value.code == 2
+    assert "has no inductor option triton.no_such_option" in capsys.readouterr().err

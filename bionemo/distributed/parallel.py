@@ -76,9 +76,7 @@ def tune_generated_kernels() -> None:
 FP8_RECIPES = ("tensorwise", "rowwise")
 
 
-def convert_to_fp8(
-    model: nn.Module, recipe: str = "tensorwise", skip: tuple[str, ...] = ()
-) -> int:
+def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", skip: tuple[str, ...] = ()) -> int:
     """Swap the blocks' Linear layers for torchao's Float8Linear: the GEMMs run in fp8 (e4m3
     forward, e5m2 gradients) with dynamic scales, one per tensor ("tensorwise") or per row
     ("rowwise"); weights, optimizer and everything outside the GEMMs are unchanged. Needs torchao,
