@@ -60,10 +60,10 @@ data/geneformer_sample/.built: | install
 	touch $@
 
 # pytest-xdist workers: one owns the bundled cluster (every test that uses it is one scope, started
-# first) and mostly waits on SLURM; the other runs the CPU-bound tests (tests/conftest.py). Two, not
-# three, on the 2-core CI machine: with three, the saturated cores stretched the cluster tests to
-# 16 min and one inductor compile test to 400 s (tests 1,132 s against 1,425 s in one process).
-TEST_WORKERS ?= 2
+# first) and mostly waits on SLURM; the others run the CPU-bound tests (tests/conftest.py). Measured
+# on the 2-core CI machine (fresh clone, whole CI): one process 1,590 s, 3 workers 1,323 s, 2 workers
+# slower than 3 (> 1,520 s): once overlapped, the suite saturates both cores either way.
+TEST_WORKERS ?= 3
 test: install data/sample/.built data/geneformer_sample/.built lint
 	$(VPY) -m pytest -q tests -m "not gpu" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
 		--durations=25

@@ -29,6 +29,10 @@ def _rank(rank: int, port: int, tmp: Path, results) -> None:
             out[name] = dict(
                 ranks=e.ranks, disk_full=e.disk_full, removed=e.removed, detail=e.detail
             )
+        # Rank 0 checks that its rmtree removed `tmp` after the all-reduce; without this barrier
+        # rank 1 could already have made `tmp` again for the next case (seen once on a loaded CI
+        # machine: removed False). Neither rank waits here for a failed save: both have returned.
+        dist.barrier()
     results[rank] = out
     dist.destroy_process_group()
 
