@@ -59,14 +59,8 @@ data/geneformer_sample/.built: | install
 	$(VPY) -m bionemo.data.cells_sample --out data/geneformer_sample
 	touch $@
 
-# pytest-xdist workers: one owns the bundled cluster (every test that uses it is one scope, started
-# first) and mostly waits on SLURM; the others run the CPU-bound tests (tests/conftest.py). Measured
-# on the 2-core CI machine (fresh clone, whole CI): one process 1,590 s, 3 workers 1,323 s, 2 workers
-# slower than 3 (> 1,520 s): once overlapped, the suite saturates both cores either way.
-TEST_WORKERS ?= 3
 test: install data/sample/.built data/geneformer_sample/.built lint
-	$(VPY) -m pytest -q tests -m "not gpu" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
-		--durations=25
+	$(VPY) -m pytest -q tests -m "not gpu" --durations=25
 
 # Quality gates (also run by make test): ruff lint and format, mypy on the config and requeue code.
 lint: install

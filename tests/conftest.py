@@ -3,12 +3,6 @@
 Tests under tests/integration are marked `cluster` automatically. The `slurm_cluster` fixture starts
 the bundled cluster once per session (launchers.cluster.up(); idempotent, so an already running
 cluster is reused) and FAILS the requesting test when it cannot start -- it never skips.
-
-`make test` runs the suite on pytest-xdist workers (`-n N --dist loadscope`): every test that uses
-the cluster is in ONE scope (`pytest_xdist_make_scheduler` below), so one worker owns the cluster,
-its session fixtures and the shared slow runs, and spends its time waiting on SLURM while the other
-workers run the CPU-bound tests, a module at a time. See `pytest_collection_modifyitems` for the
-order.
 """
 
 from __future__ import annotations
@@ -26,59 +20,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION_DIR = REPO_ROOT / "tests" / "integration"
 
-# Under xdist the tests that use the bundled cluster are ONE scope, run by one worker: the
-# integration tests and these modules (each has a test that submits held jobs; a module stays
-# whole, so its module fixtures are built once). A test outside them that uses the cluster is a
-# collection error: another worker's `cluster.up()` could resume a node that a node-failure test
-# has just set DOWN.
-CLUSTER_MODULES_OUTSIDE_INTEGRATION = ("tests/test_cli.py", "tests/test_install.py")
-# The order of the cluster worker's modules. First those that do not wait for the shared slow runs
-# (submitted as the first integration test starts), then the modules that check the slow runs,
-# then the two modules whose node-failure tests need whole nodes (--exclusive): by then the slow
-# runs have ended. A module not listed goes after the listed ones.
-CLUSTER_MODULE_ORDER = (
-    "test_recipe_slurm.py",  # an integration module first: it submits the slow runs
-    "test_install.py",
-    "test_cli.py",
-    "test_injection_slurm.py",
-    "test_neighbours_slurm.py",
-    "test_finetune_slurm.py",
-    "test_disk_full.py",
-    "test_sweep_slurm.py",
-    "test_rank_faults.py",
-    "test_hung_rank.py",
+
+# Modules whose checks wait for the shared time-limited runs (tests/integration/_runs.py).
+SLOW_RUN_MODULES = {
+    "test_sbatch.py",
     "test_submitit.py",
     "test_nemo_run.py",
     "test_geneformer_slurm.py",
-    "test_sbatch.py",
-    "test_cluster.py",
-)
-# The other workers' modules start with the longest, so that the last ones to run are short:
-# seconds per module measured on the 2-core CI machine (two workers); unlisted ones come after.
-MODULE_SECONDS = {
-    "test_fsdp.py": 152,
-    "test_compile_cache.py": 106,
-    "test_esm2_model.py": 98,
-    "test_resume.py": 90,
-    "test_async_checkpoint.py": 90,
-    "test_finetune.py": 82,
-    "test_sweep.py": 77,
-    "test_geneformer.py": 70,
-    "test_fp8.py": 53,
-    "test_checkpoint_integrity.py": 51,
-    "test_hf.py": 44,
-    "test_neighbours.py": 42,
-    "test_sweep_strategy.py": 42,
-    "test_plugin.py": 42,
-    "test_megatron_engine.py": 26,
-    "test_local_backend.py": 23,
-    "test_wandb.py": 21,
-    "test_watchdog.py": 21,
-    "test_restart_cost_script.py": 21,
-    "test_recipe.py": 20,
-    "test_injection.py": 8,
-    "test_profile_step.py": 6,
-    "test_data_scale.py": 6,
 }
 
 
@@ -86,76 +34,27 @@ def _is_cluster_test(item) -> bool:
     return INTEGRATION_DIR in Path(item.path).resolve().parents
 
 
-def cluster_scope(nodeid: str) -> bool:
-    """Whether a test (by its node id) belongs to the cluster worker's scope under xdist."""
-    path = nodeid.split("::")[0]
-    return path.startswith("tests/integration/") or path in CLUSTER_MODULES_OUTSIDE_INTEGRATION
-
-
-def xdist_worker() -> bool:
-    return bool(os.environ.get("PYTEST_XDIST_WORKER"))
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _is_cluster_test(item):
             item.add_marker(pytest.mark.cluster)
-    if not xdist_worker():
-        # One process: cluster tests last (stable order otherwise): the shared time-limited runs,
-        # submitted before the first test (below), spend their minutes of SLURM time (mostly
-        # sleeping steps and the time limit itself) while the other tests run.
-        items.sort(key=_is_cluster_test)
-        return
-    strays = [
-        item.nodeid
-        for item in items
-        if "slurm_cluster" in item.fixturenames and not cluster_scope(item.nodeid)
-    ]
-    if strays:
-        raise pytest.UsageError(
-            f"{strays}: tests that use the bundled cluster must be under tests/integration or in "
-            "tests/conftest.py's CLUSTER_MODULES_OUTSIDE_INTEGRATION (one xdist worker owns it)"
-        )
-    # xdist (make test: -n N --dist loadscope --no-loadscope-reorder and the scheduler below): the
-    # scopes are handed out in this order, the cluster scope first, so that its worker starts on
-    # it at once; each module stays contiguous (its module fixtures are built once).
-    modules = [Path(item.path).name for item in items]
-    first_seen = {name: i for i, name in reversed(list(enumerate(modules)))}
-
-    def key(pair):
-        index, item = pair
-        name = modules[index]
-        if cluster_scope(item.nodeid):
-            rank = CLUSTER_MODULE_ORDER.index(name) if name in CLUSTER_MODULE_ORDER else 99
-            return (0, rank, first_seen[name], index)
-        return (1, -MODULE_SECONDS.get(name, 0), first_seen[name], index)
-
-    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """--dist loadscope with one scope for every cluster test (cluster_scope) and one per module
-    for the others."""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ClusterScopeScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "cluster" if cluster_scope(nodeid) else nodeid.split("::")[0]
-
-    return ClusterScopeScheduling(config, log)
+    # Cluster tests last (stable order otherwise): the shared time-limited runs, submitted
+    # before the first test (below), spend their minutes of SLURM time (mostly sleeping steps
+    # and the time limit itself) while the other tests run, not while their checks wait.
+    items.sort(key=_is_cluster_test)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _slow_cluster_runs_first(request, tmp_path_factory):
-    # Under xdist only the worker that runs the cluster group submits them, at its first
-    # integration test (tests/integration/conftest.py), which is its first test.
-    if not xdist_worker():
-        from tests.integration._runs import submit_slow_runs
+    if any(Path(item.path).name in SLOW_RUN_MODULES for item in request.session.items):
+        try:
+            slurm = request.getfixturevalue("slurm_cluster")
+        except BaseException:  # noqa: BLE001 -- the cluster tests fail on it themselves
+            slurm = None
+        if slurm is not None:
+            from tests.integration._runs import shared, slow_runs
 
-        submit_slow_runs(request, tmp_path_factory)
+            slow_runs(shared(slurm, tmp_path_factory, request))
     yield
 
 

@@ -1,5 +1,4 @@
-"""Shared helpers for the backend tests on the bundled cluster (test_sbatch.py, test_submitit.py,
-test_nemo_run.py, ...).
+"""Shared helpers for the backend tests on the bundled cluster (test_submitit.py, test_nemo_run.py).
 
 Jobs are the native tests' shape: ESM-2 8M shrunk to two layers at sequence length 128 on
 2 nodes x 1 rank (gloo), a fraction of a second per step; BIONEMO_STEP_SLEEP stretches a run that
@@ -59,8 +58,7 @@ TL_LIMITED = [
     "cluster.signal_lead_s=30",
     "cluster.env.BIONEMO_STEP_SLEEP=2.5",
 ]
-# sbatch's is checked by test_sbatch.py, the others by check_time_limit_run.
-SLOW_BACKENDS = ("sbatch", "submitit", "nemo_run")
+SLOW_BACKENDS = ("submitit", "nemo_run")
 # Geneformer through the same path (issue 6): 2 layers at 128 tokens over a 2,005-token vocabulary
 # (the sample builder's --genes 2000 plus 5 special tokens); dropout stays on, so the per-rank RNG
 # states must come back exactly too.
@@ -215,27 +213,6 @@ def shared(slurm, tmp_path_factory, request) -> Runs:
         request.config.add_cleanup(runs.close)
         _SHARED["runs"] = runs
     return _SHARED["runs"]
-
-
-# Modules whose checks wait for the shared time-limited runs.
-SLOW_RUN_MODULES = {
-    "test_sbatch.py",
-    "test_submitit.py",
-    "test_nemo_run.py",
-    "test_geneformer_slurm.py",
-}
-
-
-def submit_slow_runs(request, tmp_path_factory) -> None:
-    """Submit the slow runs, once, when the session has a module that checks them (called at
-    the start of the session: tests/conftest.py, tests/integration/conftest.py)."""
-    if any(Path(item.path).name in SLOW_RUN_MODULES for item in request.session.items):
-        try:
-            slurm = request.getfixturevalue("slurm_cluster")
-        except BaseException:  # noqa: BLE001 -- the cluster tests fail on it themselves
-            slurm = None
-        if slurm is not None:
-            slow_runs(shared(slurm, tmp_path_factory, request))
 
 
 def slow_runs(runs: Runs) -> dict:

@@ -5,11 +5,10 @@ a step takes a fraction of a second on CPU; BIONEMO_STEP_SLEEP (seconds the trai
 each step) stretches runs that must still be running when something happens to them.
 
 To fit CI's budget the slow cases overlap: the time-limit run and its uninterrupted twin are
-among the shared slow runs (tests/integration/_runs.py: submitted at the start of the session,
-with the other backends' time-limit runs and against the same reference) and checked here, after
-the other tests. The node-failure test runs last because it needs whole nodes (--exclusive) for
-itself: by then the slow runs have ended. A background thread releases requeued jobs of this
-module at once (SLURM would otherwise hold each one ~120 s before restarting it).
+submitted by the first test that needs them and checked by the last one, while the other tests
+run. The node-failure test runs before them because it needs whole nodes (--exclusive) for
+itself. A background thread releases requeued jobs of this module at once (SLURM would otherwise
+hold each one ~120 s before restarting it).
 """
 
 from __future__ import annotations
@@ -28,14 +27,14 @@ from tests.integration._runs import (
     FINAL,
     REPO,
     SMALL,
+    TL_COMMON,
+    TL_LIMITED,
     TL_STEPS,
     Releaser,
     assert_finished,
     assert_same_weights,
     hostnames,
     logs,
-    shared,
-    slow_runs,
     wait_for,
     wait_time_limit_pair,
 )
@@ -185,16 +184,54 @@ def test_shell_metacharacters_in_the_experiment_name_are_inert(launcher, tmp_pat
     assert not list(launcher.runs_root.rglob("PWNED")) and not (REPO / "PWNED").exists()
 
 
+# ------------------------------------------------------------------------------------ node failure
+
+
+def test_node_failure_requeues_and_resumes_on_healthy_nodes(launcher):
+    slurm = launcher.slurm
+    run_dir, job_id = launcher.submit(
+        "node-failure",
+        "max_steps=24",
+        "trainer.checkpoint.every_steps=4",
+        "cluster.exclusive=true",
+        "cluster.env.BIONEMO_STEP_SLEEP=0.4",
+    )
+    rec = slurm.wait_job(job_id, {"RUNNING"}, timeout=120)
+    first = hostnames(slurm, rec["NodeList"])
+    wait_for(lambda: rundir.latest_complete_step(run_dir), 120, "a first checkpoint", run_dir)
+    victim = first[-1]  # not the batch host, so the batch script lives to record what happened
+    try:
+        slurm.run(
+            [
+                "scontrol",
+                "update",
+                f"nodename={victim}",
+                "state=down",
+                "reason=launcher-node-failure-test",
+            ],
+            check=True,
+        )
+        rec = launcher.wait_final(job_id, timeout=300)
+        assert rec["JobState"] == "COMPLETED", logs(run_dir)
+        assert int(rec["Restarts"]) >= 1
+        last = hostnames(slurm, rec["NodeList"])
+        assert victim not in last and len(last) == 2, (first, last)
+    finally:
+        cluster.reset_node(victim)
+    assert_finished(run_dir, 24)
+    resumed = (run_dir / "logs" / f"train-{job_id}-r1.log").read_text()
+    assert re.search(r"resumed from \S+step-\d+ \(step \d+", resumed), resumed
+
+
 # ------------------------------------------------------------------------------------ time limit (background)
 
 
 @pytest.fixture(scope="module")
-def time_limit_runs(slurm_cluster, tmp_path_factory, request):
-    """The shared slow runs' sbatch pair (tests/integration/_runs.py: the uninterrupted reference
-    and the time-limited run, see TL_LIMITED's comment), submitted at the start of the session if
-    not yet; checked by test_time_limit_..."""
-    slow = slow_runs(shared(slurm_cluster, tmp_path_factory, request))
-    return {"ref": slow["ref"], "limited": slow["sbatch"]}
+def time_limit_runs(launcher):
+    """Submitted once, by the first test that asks; checked by test_time_limit_..."""
+    ref = launcher.submit("uninterrupted", *TL_COMMON)
+    limited = launcher.submit("time-limit", *TL_COMMON, *TL_LIMITED)  # see TL_LIMITED's comment
+    return {"ref": ref, "limited": limited}
 
 
 def test_two_node_run_completes(launcher, time_limit_runs):
@@ -294,42 +331,3 @@ def test_time_limit_requeues_itself_and_matches_an_uninterrupted_run(
     assert_same_weights(
         rundir.step_dir(ref_dir, TL_STEPS), rundir.step_dir(run_dir, TL_STEPS), tmp_path
     )
-
-
-# ------------------------------------------------------------------------------------ node failure
-
-
-def test_node_failure_requeues_and_resumes_on_healthy_nodes(launcher):
-    slurm = launcher.slurm
-    run_dir, job_id = launcher.submit(
-        "node-failure",
-        "max_steps=24",
-        "trainer.checkpoint.every_steps=4",
-        "cluster.exclusive=true",
-        "cluster.env.BIONEMO_STEP_SLEEP=0.4",
-    )
-    rec = slurm.wait_job(job_id, {"RUNNING"}, timeout=120)
-    first = hostnames(slurm, rec["NodeList"])
-    wait_for(lambda: rundir.latest_complete_step(run_dir), 120, "a first checkpoint", run_dir)
-    victim = first[-1]  # not the batch host, so the batch script lives to record what happened
-    try:
-        slurm.run(
-            [
-                "scontrol",
-                "update",
-                f"nodename={victim}",
-                "state=down",
-                "reason=launcher-node-failure-test",
-            ],
-            check=True,
-        )
-        rec = launcher.wait_final(job_id, timeout=300)
-        assert rec["JobState"] == "COMPLETED", logs(run_dir)
-        assert int(rec["Restarts"]) >= 1
-        last = hostnames(slurm, rec["NodeList"])
-        assert victim not in last and len(last) == 2, (first, last)
-    finally:
-        cluster.reset_node(victim)
-    assert_finished(run_dir, 24)
-    resumed = (run_dir / "logs" / f"train-{job_id}-r1.log").read_text()
-    assert re.search(r"resumed from \S+step-\d+ \(step \d+", resumed), resumed
