@@ -6,6 +6,8 @@
 #   benchmarks/slurm_gpu/prepare.sh install   # on the GPU machine, as root, with .slurm_gpu/ carried there:
 #                                             # unpack into $PREFIX, write $PREFIX/env.sh
 #   . /tmp/bionemo-slurm-gpu/env.sh && python3 -m launchers cluster up
+#   benchmarks/slurm_gpu/prepare.sh site      # on the GPU machine, no SLURM: only the wheels into
+#                                             # $PREFIX/site (local_gpu runs, make sweep --backend local)
 #
 # PREFIX: $BIONEMO_SLURM_GPU_PREFIX, default /tmp/bionemo-slurm-gpu (configs/clusters/local_gpu.yaml
 # names its site/ folder in PYTHONPATH). The wheels are for CPython 3.12 (the GPU image's python3).
@@ -22,6 +24,13 @@ DEBS=(slurmctld slurmd slurm-client slurm-wlm-basic-plugins munge libmunge2
 # the versions of this repository's .venv, where they are tested.
 WHEELS=(pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
         typing_extensions==4.16.0)
+# FP8 (train.fp8; the H200 table's 3B and Geneformer 4B rows) and Geneformer's SCDL data: torchao,
+# and bionemo-scdl with the part of its tree the image lacks. The versions the H200 ran with on
+# 2026-12-02 (benchmarks/results/h200_141gb/gf4b/).
+WHEELS_FP8=(torchao==0.17.0)
+WHEELS_CELLS=(bionemo-scdl==0.1.3 anndata==0.12.19 zarr==3.1.6 numcodecs==0.17.1 natsort==8.4.0
+              array-api-compat==1.16.0 legacy-api-wrap==1.5 scverse-misc==0.1.7 pooch==1.9.0
+              platformdirs==4.14.9 donfig==0.8.1.post1 google-crc32c==1.9.0)
 MULTIARCH=x86_64-linux-gnu
 
 fetch() {
@@ -29,9 +38,22 @@ fetch() {
     mkdir -p "$CACHE/debs" "$CACHE/wheels"
     (cd "$CACHE/debs" && apt-get download "${DEBS[@]}")
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$CACHE/wheels" "${WHEELS[@]}"
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d "$CACHE/wheels" \
+        "${WHEELS[@]}" "${WHEELS_FP8[@]}" "${WHEELS_CELLS[@]}"
     grep -qx "/.slurm_gpu/" "$REPO/.git/info/exclude" 2>/dev/null || echo "/.slurm_gpu/" >> "$REPO/.git/info/exclude"
     du -sh "$CACHE"
+}
+
+site() {  # the wheels into $PREFIX/site, which configs/clusters/local_gpu.yaml puts on PYTHONPATH
+    if [ "$(python3 -c 'import sys; print(sys.version_info[:2] == (3, 12))')" != True ]; then
+        echo "warning: python3 is not 3.12: wheels not installed (the launcher needs pydantic)" >&2
+    elif [ -d "$CACHE/wheels" ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$PREFIX/site" "$CACHE"/wheels/*.whl
+    else
+        echo "error: $CACHE/wheels missing; run '$0 fetch' where pip works, carry .slurm_gpu" >&2; exit 2
+    fi
 }
 
 install() {
@@ -48,12 +70,7 @@ install() {
         [ "$(id -u)" = 0 ] || { echo "error: /usr/sbin/slurmstepd missing and not root" >&2; exit 1; }
         ln -s "$sbin/slurmstepd-wlm" /usr/sbin/slurmstepd
     fi
-    if [ "$(python3 -c 'import sys; print(sys.version_info[:2] == (3, 12))')" != True ]; then
-        echo "warning: python3 is not 3.12: wheels not installed (the launcher needs pydantic)" >&2
-    elif [ -d "$CACHE/wheels" ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$PREFIX/site" "$CACHE"/wheels/*.whl
-    fi
+    site
     local libs=$root/usr/lib/$MULTIARCH:$root/lib/$MULTIARCH:$root/usr/lib/$MULTIARCH/slurm-wlm
     cat > "$PREFIX/env.sh" <<EOF
 # Written by benchmarks/slurm_gpu/prepare.sh: SLURM and munge from $root.
@@ -70,5 +87,6 @@ EOF
 case "${1:-}" in
     fetch) fetch ;;
     install) install ;;
-    *) echo "usage: $0 fetch|install   (README.md beside this script)" >&2; exit 2 ;;
+    site) site ;;
+    *) echo "usage: $0 fetch|install|site   (README.md beside this script)" >&2; exit 2 ;;
 esac
