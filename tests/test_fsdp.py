@@ -222,6 +222,26 @@ TINY = dict(
             "on train.device=cpu it is already there",
         ),
         (dict(train=dict(micro_batch_size=2, device="cpu", fp8="rowwise")), "set train.fp8=none"),
+        (
+            dict(
+                parallel=dict(fp8_all_gather=True), train=dict(micro_batch_size=2, fp8="tensorwise")
+            ),
+            "set parallel.data_parallel=fsdp \\(or hsdp\\), or parallel.fp8_all_gather=false",
+        ),
+        (
+            dict(
+                parallel=dict(data_parallel="fsdp", fp8_all_gather=True),
+                train=dict(micro_batch_size=2, fp8="rowwise"),
+            ),
+            "needs train.fp8=tensorwise .*here train.fp8=rowwise",
+        ),
+        (
+            dict(
+                parallel=dict(data_parallel="fsdp", fp8_all_gather=True, fsdp_cpu_offload=True),
+                train=dict(micro_batch_size=2, fp8="tensorwise"),
+            ),
+            "with parallel.fsdp_cpu_offload is not supported",
+        ),
     ],
 )
 def test_trainer_config_refuses_what_cannot_run(trainer, message):
@@ -260,6 +280,12 @@ def test_trainer_config_refuses_what_cannot_run(trainer, message):
             ["trainer.parallel.data_parallel=fsdp", "trainer.train.engine=megatron"],
             "is the torch engine's",
         ),
+        (
+            "h100_example",
+            2,
+            ["trainer.parallel.fp8_all_gather=true", "trainer.train.fp8=tensorwise"],
+            "trainer.parallel.fp8_all_gather: parallel.fp8_all_gather gathers FSDP's weight shards",
+        ),
     ],
 )
 def test_launcher_refuses_before_submitting(tmp_path, cluster, nodes, overrides, message):
@@ -284,3 +310,14 @@ def test_launcher_accepts_fsdp_fp8_on_h100_and_hsdp_on_two_nodes():
         ],
     ).config
     assert (cfg.trainer.parallel.data_parallel, cfg.trainer.train.fp8) == ("hsdp", "tensorwise")
+    gathered = resolve(
+        model="esm2_3b",
+        cluster="h100_example",
+        nodes=2,
+        overrides=[
+            "trainer.parallel.data_parallel=fsdp",
+            "trainer.train.fp8=tensorwise",
+            "trainer.parallel.fp8_all_gather=true",
+        ],
+    ).config
+    assert gathered.trainer.parallel.fp8_all_gather is True

@@ -22,6 +22,8 @@ already gathered the block's weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -76,16 +78,28 @@ def tune_generated_kernels() -> None:
 FP8_RECIPES = ("tensorwise", "rowwise")
 
 
-def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", skip: tuple[str, ...] = ()) -> int:
+def convert_to_fp8(
+    model: nn.Module,
+    recipe: str = "tensorwise",
+    skip: tuple[str, ...] = (),
+    all_gather: bool = False,
+) -> int:
     """Swap the blocks' Linear layers for torchao's Float8Linear: the GEMMs run in fp8 (e4m3
     forward, e5m2 gradients) with dynamic scales, one per tensor ("tensorwise") or per row
     ("rowwise"); weights, optimizer and everything outside the GEMMs are unchanged. Needs torchao,
     an FP8 GPU, and compile to be fast. skip: Linear layers whose name ends with one of these
-    (e.g. "attn.out_proj") stay bf16. Returns how many were swapped."""
+    (e.g. "attn.out_proj") stay bf16. all_gather (tensorwise, before FSDP's fully_shard): the
+    weights' shards are cast to fp8 before FSDP gathers them, not after (torchao's float8
+    all-gather; call update_fp8_scales after each optimizer step). Returns how many were swapped."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if recipe not in FP8_RECIPES:
         raise ValueError(f"fp8 recipe {recipe!r}; use one of {', '.join(FP8_RECIPES)}")
+    if all_gather and recipe != "tensorwise":
+        raise ValueError(f"fp8 all-gather needs the tensorwise recipe, not {recipe!r}")
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    if all_gather:
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     swapped = []
 
     def in_blocks(module: nn.Module, fqn: str) -> bool:
@@ -103,10 +117,17 @@ def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise", skip: tuple[str
             swapped.append(fqn)
         return ok
 
-    convert_to_float8_training(
-        model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=in_blocks
-    )
+    convert_to_float8_training(model, config=config, module_filter_fn=in_blocks)
     return len(swapped)
+
+
+def update_fp8_scales(model: nn.Module) -> None:
+    """After an optimizer step, with fp8 all-gather: every FP8 weight's scale for the next
+    gathers, from one all-reduce of all their maxima (without it each weight's gather would
+    all-reduce its own maximum first)."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)
 
 
 def data_parallel_mesh(device: torch.device, strategy: str, local_world: int):
@@ -183,6 +204,7 @@ def wrap_for_training(
     recompute_pointwise: bool | None = None,
     fp8: bool | str = False,
     fp8_skip: tuple[str, ...] = (),
+    fp8_all_gather: bool = False,
     mesh=None,
     bf16: bool = False,
     cpu_offload: bool = False,
@@ -192,8 +214,10 @@ def wrap_for_training(
     CUDA with tuned generated kernels: tune_generated_kernels), then
     sharded over `mesh` (FSDP2) when one is given, else under DDP when `dp` > 1."""
     recipe = "tensorwise" if fp8 is True else (fp8 or "none")
+    if fp8_all_gather and (mesh is None or recipe == "none"):
+        raise ValueError("fp8 all-gather needs FSDP (a mesh) and FP8 layers")
     if recipe != "none":
-        convert_to_fp8(model, recipe, fp8_skip)
+        convert_to_fp8(model, recipe, fp8_skip, all_gather=fp8_all_gather)
     if compile and device.type == "cuda":
         tune_generated_kernels()
     whole = compile and not compile_regions(model, recompute_pointwise=recompute_pointwise)

@@ -23,7 +23,7 @@ from bionemo import finetune, hf
 from bionemo.checkpoint import balanced_share, load_weights
 from bionemo.config import TrainerConfig
 from bionemo.distributed import DistEnv
-from bionemo.distributed.parallel import data_parallel_mesh, wrap_for_training
+from bionemo.distributed.parallel import data_parallel_mesh, update_fp8_scales, wrap_for_training
 from bionemo.models import build_model
 
 log = logging.getLogger("bionemo.engine")
@@ -115,10 +115,11 @@ def sharding_mesh(cfg: TrainerConfig, env: DistEnv, device: torch.device):
         )
     mesh = data_parallel_mesh(device, cfg.parallel.data_parallel, local_world_size(env))
     log.info(
-        "FSDP2 over mesh %s %s%s",
+        "FSDP2 over mesh %s %s%s%s",
         tuple(mesh.shape),
         mesh.mesh_dim_names,
         ", CPU offload" if cfg.parallel.fsdp_cpu_offload else "",
+        ", fp8 all-gather" if cfg.parallel.fp8_all_gather else "",
     )
     return mesh
 
@@ -285,6 +286,7 @@ class TorchEngine:
             dp=self.dp_size,
             device=device,
             fp8=cfg.train.fp8,
+            fp8_all_gather=cfg.parallel.fp8_all_gather,
             mesh=sharding_mesh(cfg, env, device),
             bf16=bf16,
             cpu_offload=cfg.parallel.fsdp_cpu_offload,
@@ -315,6 +317,8 @@ class TorchEngine:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.parallel.fp8_all_gather:
+            update_fp8_scales(self.model)  # the next step's gathers use these
         return total
 
     @torch.no_grad()

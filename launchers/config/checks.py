@@ -273,7 +273,7 @@ def _check_sweep_variants(cfg: LaunchConfig, err) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-_KEY_FIRST = re.compile(r"^([a-z_]+\.[a-z_]+)\b")
+_KEY_FIRST = re.compile(r"^([a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*)\b")
 _NESTED = re.compile(r"(?:^|; |Value error, )(data\.[\w.]+): (.+?)(?= \(model\.family|; data\.|$)")
 
 
