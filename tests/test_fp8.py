@@ -93,19 +93,19 @@ def test_the_start_up_check_names_the_missing_library_and_the_fix():
     assert fp8_problem("none", torch.device("cpu")) is None
 
 
-def _gather_worker(out: str, gather: str, first: str, save_at: str, load: str) -> None:
-    """One of 2 gloo ranks: the tiny ESM-2 in fp32 under FSDP with FP8 (tensorwise), gathering
-    its weights in fp8 (`gather` "1") or in fp32 and casting after, as the trainer wires it
-    (wrap_for_training, update_fp8_scales after each step). Trains on per-rank batches `first`
-    to 2*STEPS (loading the DCP checkpoint `load` first, if named) and writes the mean loss of
-    each step to `out` (rank 0); saves model and optimizer after step `save_at` (0: never)."""
+def _gather_worker(out: str, modes: str, first: str, save_at: str, load: str) -> None:
+    """One of 2 gloo ranks: the tiny ESM-2 in fp32 under FSDP with FP8 (tensorwise), once per
+    mode in `modes` ("1,0"), a fresh model each: "1" gathers its weights in fp8, "0" in fp32
+    and casts after, as the trainer wires it (wrap_for_training, update_fp8_scales after each
+    step). Each trains on per-rank batches `first` to 2*STEPS (from the DCP checkpoint `load`,
+    if named); rank 0 writes {mode: mean loss of each step} to `out`. Mode "1" saves model
+    and optimizer after step `save_at` (0: never) into ckpt/ beside `out`."""
     import json
 
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-
     from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor as Fp8GatheredWeight
 
     from bionemo.distributed.parallel import update_fp8_scales, wrap_for_training
@@ -113,47 +113,54 @@ def _gather_worker(out: str, gather: str, first: str, save_at: str, load: str) -
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = tiny_esm2()
-    step_fn = wrap_for_training(
-        MaskedLMLoss(model),
-        model,
-        compile=False,
-        dp=2,
-        device=torch.device("cpu"),
-        fp8="tensorwise",
-        fp8_all_gather=gather == "1",
-        mesh=init_device_mesh("cpu", (2,), mesh_dim_names=("shard",)),
-    )
-    # the all-gather is on exactly when asked: torchao's weight wrapper under the DTensor shards
-    fp8_weights = [
-        n for n, p in model.named_parameters() if isinstance(p.to_local(), Fp8GatheredWeight)
-    ]
-    assert len(fp8_weights) == (4 * LAYERS if gather == "1" else 0), fp8_weights
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    if load:
-        msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=load)
-        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("shard",))
     torch.manual_seed(10 + rank)
     batches = [torch.randint(4, 29, (4, 64)) for _ in range(2 * STEPS)]
-    losses = []
-    for step in range(int(first), 2 * STEPS):
-        ids = batches[step]
-        loss = step_fn(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if gather == "1":
-            update_fp8_scales(model)
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(mean.item() / 2)
-        if step + 1 == int(save_at):
+    results = {}
+    for mode in modes.split(","):
+        gather = mode == "1"
+        model = tiny_esm2()
+        step_fn = wrap_for_training(
+            MaskedLMLoss(model),
+            model,
+            compile=False,
+            dp=2,
+            device=torch.device("cpu"),
+            fp8="tensorwise",
+            fp8_all_gather=gather,
+            mesh=mesh,
+        )
+        # the all-gather is on exactly when asked: torchao's weight wrapper in the DTensor shards
+        wrapped = [
+            n for n, p in model.named_parameters() if isinstance(p.to_local(), Fp8GatheredWeight)
+        ]
+        assert len(wrapped) == (4 * LAYERS if gather else 0), wrapped
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        if load:
             msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(out).parent / "ckpt"))
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=load)
+            set_state_dict(
+                model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+        losses = []
+        for step in range(int(first), 2 * STEPS):
+            ids = batches[step]
+            loss = step_fn(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if gather:
+                update_fp8_scales(model)
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / 2)
+            if gather and step + 1 == int(save_at):
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(Path(out).parent / "ckpt"))
+        results[mode] = losses
     if rank == 0:
-        Path(out).write_text(json.dumps(losses))
+        Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
@@ -168,13 +175,12 @@ def test_fp8_all_gather_under_fsdp_gives_the_same_steps_and_checkpoints(tmp_path
 
     from tests.test_resume import free_port
 
-    def run(name: str, gather: str, first: int = 0, save_at: int = 0, load: str = ""):
+    def run(name: str, modes: str, first: int = 0, save_at: int = 0, load: str = "") -> dict:
         out = tmp_path / f"{name}.json"
-        port = free_port()
         code = "import sys; from tests.test_fp8 import _gather_worker as w; w(*sys.argv[1:])"
-        args = [str(out), gather, str(first), str(save_at), load]
+        args = [str(out), modes, str(first), str(save_at), load]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", code, *args],
@@ -186,10 +192,10 @@ def test_fp8_all_gather_under_fsdp_gives_the_same_steps_and_checkpoints(tmp_path
         assert [p.wait(timeout=300) for p in procs] == [0, 0]
         return json.loads(out.read_text())
 
-    plain = run("plain", "0")
-    gathered = run("gathered", "1", save_at=STEPS)
+    whole = run("whole", "0,1", save_at=STEPS)
+    plain, gathered = whole["0"], whole["1"]
     assert gathered == plain  # bitwise: the same fp8 weights reach the GEMMs
     assert gathered[-1] < gathered[0]
-    ckpt = str(tmp_path / "ckpt")
-    assert run("resumed", "1", first=STEPS, load=ckpt) == gathered[STEPS:]
-    assert run("without", "0", first=STEPS, load=ckpt) == gathered[STEPS:]
+    resumed = run("resumed", "1,0", first=STEPS, load=str(tmp_path / "ckpt"))
+    assert resumed["1"] == gathered[STEPS:]  # exact resume with the all-gather
+    assert resumed["0"] == gathered[STEPS:]  # and its checkpoint loads without it
