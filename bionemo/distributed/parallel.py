@@ -83,6 +83,7 @@ def convert_to_fp8(
     recipe: str = "tensorwise",
     skip: tuple[str, ...] = (),
     all_gather: bool = False,
+    emulate: bool = False,
 ) -> int:
     """Swap the blocks' Linear layers for torchao's Float8Linear: the GEMMs run in fp8 (e4m3
     forward, e5m2 gradients) with dynamic scales, one per tensor ("tensorwise") or per row
@@ -90,7 +91,10 @@ def convert_to_fp8(
     an FP8 GPU, and compile to be fast. skip: Linear layers whose name ends with one of these
     (e.g. "attn.out_proj") stay bf16. all_gather (tensorwise, before FSDP's fully_shard): the
     weights' shards are cast to fp8 before FSDP gathers them, not after (torchao's float8
-    all-gather; call update_fp8_scales after each optimizer step). Returns how many were swapped."""
+    all-gather; call update_fp8_scales after each optimizer step). emulate: the GEMMs multiply the
+    fp8-rounded operands in fp32 (torchao's emulation: the same quantization without FP8 tensor
+    cores), for CPU, where torch's `_scaled_mm` is a reference loop (about 2 s for one 256 x 320 x
+    1280 GEMM on a CI core). Returns how many were swapped."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if recipe not in FP8_RECIPES:
@@ -98,8 +102,10 @@ def convert_to_fp8(
     if all_gather and recipe != "tensorwise":
         raise ValueError(f"fp8 all-gather needs the tensorwise recipe, not {recipe!r}")
     config = Float8LinearConfig.from_recipe_name(recipe)
-    if all_gather:
-        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
+    if all_gather or emulate:
+        config = dataclasses.replace(
+            config, enable_fsdp_float8_all_gather=all_gather, emulate=emulate
+        )
     swapped = []
 
     def in_blocks(module: nn.Module, fqn: str) -> bool:
@@ -212,12 +218,16 @@ def wrap_for_training(
     """The module the training loop calls: `step_fn` (which holds `model`) with the blocks' GEMMs
     in FP8 when `fp8` (a recipe, or True for tensorwise), compiled per region when `compile` (on
     CUDA with tuned generated kernels: tune_generated_kernels), then
-    sharded over `mesh` (FSDP2) when one is given, else under DDP when `dp` > 1."""
+    sharded over `mesh` (FSDP2) when one is given, else under DDP when `dp` > 1. Off CUDA the FP8
+    GEMMs are emulated (convert_to_fp8: the trainer refuses FP8 there; tests and
+    benchmarks/profile_step.py --device cpu run it)."""
     recipe = "tensorwise" if fp8 is True else (fp8 or "none")
     if fp8_all_gather and (mesh is None or recipe == "none"):
         raise ValueError("fp8 all-gather needs FSDP (a mesh) and FP8 layers")
     if recipe != "none":
-        convert_to_fp8(model, recipe, fp8_skip, all_gather=fp8_all_gather)
+        convert_to_fp8(
+            model, recipe, fp8_skip, all_gather=fp8_all_gather, emulate=device.type != "cuda"
+        )
     if compile and device.type == "cuda":
         tune_generated_kernels()
     whole = compile and not compile_regions(model, recompute_pointwise=recompute_pointwise)
