@@ -321,3 +321,36 @@ def test_launcher_accepts_fsdp_fp8_on_h100_and_hsdp_on_two_nodes():
         ],
     ).config
     assert gathered.trainer.parallel.fp8_all_gather is True
+
+
+def test_a_sweep_judges_fp8_all_gather_with_the_strategy_and_recipe_it_searches():
+    """`sweep --strategy fsdp --fp8 tensorwise trainer.parallel.fp8_all_gather=true`: the trials
+    run FSDP with FP8, so the config they start from holds the searched values (the 3B's table
+    row says DDP) and the all-gather is accepted; a searched pair it cannot run with is refused,
+    naming the pair, before anything runs."""
+
+    def sweep(strategies: str, recipes: str):
+        return resolve(
+            model="esm2_3b",
+            cluster="h100_example",
+            nodes=1,
+            kind="sweep",
+            options=[
+                ("--strategy", "sweep.strategies", strategies),
+                ("--fp8", "sweep.fp8", recipes),
+            ],
+            overrides=["trainer.parallel.fp8_all_gather=true"],
+        ).config
+
+    cfg = sweep("fsdp", "tensorwise")
+    assert (cfg.trainer.parallel.data_parallel, cfg.trainer.train.fp8) == ("fsdp", "tensorwise")
+    assert cfg.trainer.parallel.fp8_all_gather is True
+    with pytest.raises(
+        ConfigError, match="sweep.strategies: ddp with fp8 tensorwise: parallel.fp8"
+    ):
+        sweep("fsdp,ddp", "tensorwise")
+    # without the all-gather, the table row's values stay where the sweep does not search
+    plain = resolve(model="esm2_3b", cluster="h100_example", nodes=1, kind="sweep").config
+    row = resolve(model="esm2_3b", cluster="h100_example", nodes=1).config
+    assert plain.trainer.parallel.data_parallel == row.trainer.parallel.data_parallel
+    assert plain.trainer.train.fp8 == row.trainer.train.fp8

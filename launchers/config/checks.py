@@ -74,8 +74,11 @@ def _check(
                 "use a GPU profile, or trainer.train.engine=torch",
             )
 
-    # Strategy and FP8 against the hardware (the schema checked them against engine and device)
-    if tr.train.fp8 != "none" and not cl.gpu_type.lower().startswith(FP8_GPU_TYPES):
+    # Strategy and FP8 against the hardware (the schema checked them against engine and device);
+    # a sweep that searches --fp8 has its own check, naming sweep.fp8 (_check_sweep_variants)
+    searched_fp8 = cfg.sweep is not None and cfg.sweep.fp8
+    fp8_gpu = cl.gpu_type.lower().startswith(FP8_GPU_TYPES)
+    if tr.train.fp8 != "none" and not fp8_gpu and not searched_fp8:
         err(
             "trainer.train.fp8",
             f"{tr.train.fp8} needs FP8 tensor cores, which gpu_type {cl.gpu_type} lacks",
@@ -236,23 +239,35 @@ def _check_sweep(cfg: LaunchConfig, err) -> None:
 
 def _check_sweep_variants(cfg: LaunchConfig, err) -> None:
     """Each strategy and FP8 recipe the sweep searches, as the trainer and the hardware would
-    judge it in a trial (the trials set them; the resolved config holds only one)."""
+    judge them in a trial: every pair the trials run (the trials set both; the resolved config
+    holds the first of each, resolve._sweep_defaults)."""
     sw, cl, tr = cfg.sweep, cfg.cluster, cfg.trainer
     assert sw is not None
-    refused = set()
-    for key, section, name, values in (
-        ("sweep.strategies", "parallel", "data_parallel", sw.strategies),
-        ("sweep.fp8", "train", "fp8", sw.fp8),
-    ):
-        for value in values or ():
+    refused: set[str] = set()
+    strategies: list[str] = list(sw.strategies or [tr.parallel.data_parallel])
+    recipes: list[str] = list(sw.fp8 or [tr.train.fp8])
+    for strategy in strategies:
+        for recipe in recipes:
             data = tr.model_dump(mode="json")
-            data[section][name] = value
+            data["parallel"]["data_parallel"], data["train"]["fp8"] = strategy, recipe
             try:
                 TrainerConfig.model_validate(data)
             except ValidationError as e:
                 problem = e.errors()[0]["msg"].removeprefix("Value error, ")
-                err(key, f"{value}: {problem}", f"leave {value} out of --{key.split('.')[1]}")
-                refused.add(value)
+                # name the searched value(s) to leave out: the one list searched, else the pair
+                if sw.strategies and not sw.fp8:
+                    key, what, fix = (
+                        "sweep.strategies",
+                        strategy,
+                        f"leave {strategy} out of --strategy",
+                    )
+                elif sw.fp8 and not sw.strategies:
+                    key, what, fix = "sweep.fp8", recipe, f"leave {recipe} out of --fp8"
+                    refused.add(recipe)  # its hardware check below would only repeat the error
+                else:
+                    key, what = "sweep.strategies", f"{strategy} with fp8 {recipe}"
+                    fix = "search only the strategies and recipes that combine (--strategy, --fp8)"
+                err(key, f"{what}: {problem}", fix)
     fp8 = [x for x in sw.fp8 or () if x != "none" and x not in refused]
     if fp8 and not cl.gpu_type.lower().startswith(FP8_GPU_TYPES):
         err(

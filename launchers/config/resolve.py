@@ -26,7 +26,7 @@ from launchers.config.layers import (
     file_layer,
     merge,
 )
-from launchers.config.schema import BenchmarkTable, Key, LaunchConfig
+from launchers.config.schema import FP8_RECIPES, STRATEGIES, BenchmarkTable, Key, LaunchConfig
 from launchers.config.yaml_io import label, load_yaml_file
 from launchers.paths import CONFIGS, REPO_ROOT
 
@@ -136,7 +136,7 @@ def _upper_layers(
     user += [file_layer(Path(f), "(defaults)") for f in extra_layers]
     upper = user + [cli_layer(flags, list(overrides), list(options))]
     if kind == "sweep":
-        upper.insert(0, Layer("(sweep defaults)", {"sweep": {}, "job": {"experiment": "sweep"}}))
+        upper.insert(0, Layer("(sweep defaults)", _sweep_defaults(options)))
     else:
         _, sweep_src = _highest(upper, ("sweep",))
         if sweep_src is not None:
@@ -147,6 +147,25 @@ def _upper_layers(
                 "run `python -m launchers sweep` (make sweep BACKEND=...), or remove them",
             )
     return upper
+
+
+def _sweep_defaults(options) -> dict:
+    """The sweep's own layer, above the preset, table and profile, below --config files and the
+    command line. Where --strategy/--fp8 are searched, the config the trials start from holds
+    their first value, so a setting that needs it (parallel.fp8_all_gather needs FSDP and
+    tensorwise FP8) is judged with it, not with the table row's; every other combination is
+    checked by checks._check_sweep_variants."""
+    data: dict = {"sweep": {}, "job": {"experiment": "sweep"}}
+    searched = {key: value for _, key, value in options if value is not None}
+    for key, section, name, known in (
+        ("sweep.strategies", "parallel", "data_parallel", STRATEGIES),
+        ("sweep.fp8", "train", "fp8", FP8_RECIPES),
+    ):
+        value = searched.get(key)
+        first = value.split(",")[0].strip() if isinstance(value, str) else None
+        if first in known:  # an unknown name is the sweep key's error, with its own message
+            data.setdefault("trainer", {}).setdefault(section, {})[name] = first
+    return data
 
 
 def _resolve_fresh(upper: list[Layer], now: datetime) -> Resolved:
