@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from bionemo.config import FP8_RECIPES
+
 
 def compile_regions(
     model: nn.Module, *, recompute_pointwise: bool | None = None, **compile_kwargs
@@ -75,7 +77,8 @@ def tune_generated_kernels() -> None:
         inductor.max_autotune_pointwise = True
 
 
-FP8_RECIPES = ("tensorwise", "rowwise")
+# The recipes that convert a model: the trainer's FP8_RECIPES less "none" (one list of names).
+FP8_CONVERSIONS = tuple(r for r in FP8_RECIPES if r != "none")
 
 
 def convert_to_fp8(
@@ -97,8 +100,8 @@ def convert_to_fp8(
     1280 GEMM on a CI core). Returns how many were swapped."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    if recipe not in FP8_RECIPES:
-        raise ValueError(f"fp8 recipe {recipe!r}; use one of {', '.join(FP8_RECIPES)}")
+    if recipe not in FP8_CONVERSIONS:
+        raise ValueError(f"fp8 recipe {recipe!r}; use one of {', '.join(FP8_CONVERSIONS)}")
     if all_gather and recipe != "tensorwise":
         raise ValueError(f"fp8 all-gather needs the tensorwise recipe, not {recipe!r}")
     config = Float8LinearConfig.from_recipe_name(recipe)
