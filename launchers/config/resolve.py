@@ -26,7 +26,14 @@ from launchers.config.layers import (
     file_layer,
     merge,
 )
-from launchers.config.schema import FP8_RECIPES, STRATEGIES, BenchmarkTable, Key, LaunchConfig
+from launchers.config.schema import (
+    FP8_RECIPES,
+    STRATEGIES,
+    BenchmarkTable,
+    Key,
+    LaunchConfig,
+    comma_list,
+)
 from launchers.config.yaml_io import label, load_yaml_file
 from launchers.paths import CONFIGS, REPO_ROOT
 
@@ -161,8 +168,8 @@ def _sweep_defaults(options) -> dict:
         ("sweep.strategies", "parallel", "data_parallel", STRATEGIES),
         ("sweep.fp8", "train", "fp8", FP8_RECIPES),
     ):
-        value = searched.get(key)
-        first = value.split(",")[0].strip() if isinstance(value, str) else None
+        names = comma_list(searched.get(key))
+        first = names[0] if isinstance(names, list) and names else None
         if first in known:  # an unknown name is the sweep key's error, with its own message
             data.setdefault("trainer", {}).setdefault(section, {})[name] = first
     return data

@@ -397,6 +397,14 @@ POLICIES: tuple[Policy, ...] = (
 )  # most memory first (the sweep's order)
 
 
+def comma_list(value):
+    """A sweep list given on the command line as one string (`--recompute none,selective`) ->
+    its names; anything else unchanged."""
+    if isinstance(value, str):
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return value
+
+
 class SweepConfig(Section):
     """A micro-batch sweep in ONE allocation (`python -m launchers sweep`, docs/sweep.md): the
     batch script runs the sweep's orchestrator (`python -m launchers.sweeping`) once, and every
@@ -447,8 +455,7 @@ class SweepConfig(Section):
     @field_validator("recompute", "strategies", "fp8", mode="before")
     @classmethod
     def _lists(cls, v, info):
-        if isinstance(v, str):  # --recompute none,selective
-            v = [x.strip() for x in v.split(",") if x.strip()]
+        v = comma_list(v)
         if isinstance(v, list):
             names = {"recompute": POLICIES, "strategies": STRATEGIES, "fp8": FP8_RECIPES}
             choices = ", ".join(names[info.field_name])
