@@ -4,7 +4,8 @@
         [--recompute none|selective|full] [--pad max_length|none] [--profile 32] [--baseline FILE]
         [--fp32-residual] [--recompute-pointwise] [--fp8 [tensorwise|rowwise]]
         [--fp8-skip attn.out_proj] [--inductor triton.tile_reductions=True] [--json rows.jsonl]
-    python -m benchmarks.profile_step attention --model esm2_650m --mbs 32
+        [--flash-attention fa4]
+    python -m benchmarks.profile_step attention --model esm2_650m --mbs 32 [--flash-attention fa4]
     python -m benchmarks.profile_step gemm --model esm2_650m --tokens 32768
     python -m benchmarks.profile_step check
 
@@ -17,6 +18,8 @@ formulas (bionemo.metrics.Throughput). --profile M: a torch.profiler kernel tabl
 M (GPU time per step by kernel and by kind). --baseline FILE: an ESM2 class from another file
 (the model before a change) in place of bionemo's. --fp8 needs torchao (the `fp8` extra).
 --inductor KEY=VALUE sets an inductor option for this process (A/B of code generation choices).
+--flash-attention fa4: torch's flash attention runs FlashAttention-4's kernels in this process
+(train.flash_attention; needs the `fa4` extra and a Hopper/Blackwell GPU).
 Results on an H100: benchmarks/results/h100_80gb/speed-*.md.
 
 `attention`: forward+backward of one attention layer's core on a padded batch of the sample set,
@@ -212,6 +215,7 @@ def run_step(args) -> list[dict]:
             (f"fp8:{args.fp8}", args.fp8),
             (f"fp8-skip:{args.fp8_skip}", args.fp8_skip),
             *((f"inductor:{kv}", True) for kv in args.inductor),
+            (f"flash:{args.flash_attention}", args.flash_attention != "torch"),
         )
         if on
     )
@@ -708,6 +712,12 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="set torch._inductor.config.KEY (dotted: triton.tile_reductions=1) before compiling",
     )
+    p.add_argument(
+        "--flash-attention",
+        default="torch",
+        choices=["torch", "fa4"],
+        help="the kernels behind torch's flash attention (train.flash_attention)",
+    )
     p.add_argument("--pad", default="max_length", choices=["max_length", "none", "longest"])
     p.add_argument("--steps", type=int, default=8, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
@@ -724,6 +734,12 @@ def main(argv=None) -> int:
             set_inductor_option(kv)
         except ValueError as e:
             p.error(str(e))  # exit 2, before anything runs
+    if args.flash_attention != "torch":
+        from bionemo.engines.torch_engine import use_flash_attention
+
+        problem = use_flash_attention(args.flash_attention, torch.device(args.device))
+        if problem:
+            p.error(problem)
     if args.what == "step":
         rows = run_step(args)
         print_table(rows)

@@ -41,6 +41,7 @@ Strategy = Literal["ddp", "fsdp", "hsdp"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FP8Recipe = Literal["none", "tensorwise", "rowwise"]
 FP8_RECIPES: tuple[str, ...] = get_args(FP8Recipe)
+FlashAttention = Literal["torch", "fa4"]
 ESM2_VOCAB_SIZE = 33  # the ESM alphabet, bionemo.data.tokenizer.TOKENS (a test keeps them equal)
 PLUGIN_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # module:factory
 
@@ -262,6 +263,17 @@ class TrainConfig(Section):
             "FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or "
             'FSDP): "tensorwise" one scale per tensor, "rowwise" one per row (closer to bf16, '
             "slower). Needs an FP8 GPU (H100/H200 class) and is fast only with train.compile."
+        ),
+    )
+
+    flash_attention: FlashAttention = Field(
+        "torch",
+        description=(
+            "The kernels behind torch's flash attention (ESM-2's variable-length attention, "
+            'packed Geneformer rows): "torch" the FlashAttention-2 built into PyTorch, "fa4" '
+            "FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels for Hopper and "
+            "Blackwell) through torch.nn.attention.activate_flash_attention_impl. Torch engine "
+            "on an H100/H200/B200-class GPU; no attention dropout."
         ),
     )
 
@@ -522,6 +534,19 @@ class TrainerConfig(Section):
             raise ValueError(
                 "parallel.fp8_all_gather with parallel.fsdp_cpu_offload is not supported (not "
                 "tested together): set one of them to false"
+            )
+        fa = self.train.flash_attention
+        if fa != "torch" and (self.train.engine != "torch" or self.train.device == "cpu"):
+            raise ValueError(
+                f"train.flash_attention={fa} swaps the torch engine's flash-attention kernels "
+                f"on a GPU; set train.flash_attention=torch for train.engine="
+                f"{self.train.engine} train.device={self.train.device}"
+            )
+        if fa != "torch" and self.model.attention_dropout:
+            raise ValueError(
+                f"train.flash_attention={fa} has no attention dropout (model.attention_dropout="
+                f"{self.model.attention_dropout}); set model.attention_dropout=0 or "
+                f"train.flash_attention=torch"
             )
         if fp8 != "none" and (self.train.engine != "torch" or self.train.device == "cpu"):
             raise ValueError(

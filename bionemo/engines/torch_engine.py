@@ -89,6 +89,34 @@ def fp8_problem(recipe: str, device: torch.device) -> str | None:
     return None
 
 
+def use_flash_attention(impl: str, device: torch.device) -> str | None:
+    """Make torch's flash attention run `impl`'s kernels in this process ("fa4": FlashAttention-4
+    through torch.nn.attention.activate_flash_attention_impl, which replaces the kernels behind
+    varlen_attn and SDPA's flash backend; "torch": nothing to do). Returns why it cannot, or None.
+    Checked before the model is built, as fp8_problem: flash-attn-4 is an optional dependency."""
+    if impl == "torch":
+        return None
+    try:
+        from torch.nn.attention import activate_flash_attention_impl
+
+        import flash_attn.cute.interface  # noqa: F401  (the kernels torch will call)
+    except ImportError as e:
+        return (
+            f"train.flash_attention={impl} needs torch >= 2.11 and the flash-attn-4 package, "
+            f"which this Python cannot import ({type(e).__name__}: {e}): install it where the "
+            f"job runs (pip install 'bionemo-hpc[fa4]'), or set train.flash_attention=torch"
+        )
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+    if major not in (9, 10):
+        return (
+            f"train.flash_attention={impl} needs a Hopper or Blackwell GPU (compute capability "
+            f"9.x or 10.x: H100/H200/B200 class); this rank runs on {device_name(device)}: set "
+            f"train.flash_attention=torch"
+        )
+    activate_flash_attention_impl(impl.upper())
+    return None
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
@@ -256,7 +284,9 @@ class TorchEngine:
         self.dp_size = cfg.check_parallel(env.world_size)
         self.dp_rank = env.rank
         self.world_size = env.world_size
-        problem = fp8_problem(cfg.train.fp8, device)
+        problem = fp8_problem(cfg.train.fp8, device) or use_flash_attention(
+            cfg.train.flash_attention, device
+        )
         if problem:
             raise ValueError(problem)
         self.sharded = cfg.parallel.data_parallel != "ddp"  # FSDP2: weights are DTensor shards

@@ -10,6 +10,7 @@ from bionemo.config import TrainerConfig
 from launchers.config.errors import ConfigError, _did_you_mean
 from launchers.config.layers import _src
 from launchers.config.schema import (
+    FA4_GPU_TYPES,
     FP8_GPU_TYPES,
     NEMO_RUN_WORD,
     TIME_FIX,
@@ -83,6 +84,15 @@ def _check(
             "trainer.train.fp8",
             f"{tr.train.fp8} needs FP8 tensor cores, which gpu_type {cl.gpu_type} lacks",
             "set trainer.train.fp8=none, or use an H100/H200-class cluster profile",
+        )
+    fa = tr.train.flash_attention
+    if fa != "torch" and not cl.gpu_type.lower().startswith(FA4_GPU_TYPES):
+        err(
+            "trainer.train.flash_attention",
+            f"{fa} runs FlashAttention-4, built for Hopper and Blackwell GPUs, which gpu_type "
+            f"{cl.gpu_type} is not",
+            "set trainer.train.flash_attention=torch, or use an H100/H200/B200-class cluster "
+            "profile",
         )
     if tr.parallel.fsdp_cpu_offload and not cl.gpus_per_node:
         err(

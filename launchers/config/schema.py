@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 from bionemo.config import FP8_RECIPES, STRATEGIES, FP8Recipe, Strategy, TrainerConfig
 from launchers.config.errors import ConfigError, _did_you_mean
 from launchers.config.tables import FP8_GPU_TYPES as FP8_GPU_TYPES
+from launchers.config.tables import FA4_GPU_TYPES as FA4_GPU_TYPES
 from launchers.config.tables import BenchmarkRow as BenchmarkRow
 from launchers.config.tables import BenchmarkTable as BenchmarkTable
 from launchers.config.tables import Section as Section
