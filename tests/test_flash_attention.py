@@ -100,13 +100,17 @@ def test_the_cli_says_it_in_one_line_and_exits_2(tmp_path):
 
 def _start_up_line(tmp_path: Path, stub_package: bool) -> str:
     """use_flash_attention('fa4', cpu) in a fresh process: without flash_attn importable, or with
-    an empty flash_attn.cute.interface on the path (the package present, the GPU missing)."""
+    a stand-in flash_attn.cute.interface on the path (the package present, the GPU missing)."""
     path = ""
     if stub_package:
         pkg = tmp_path / "stub" / "flash_attn" / "cute"
         pkg.mkdir(parents=True)
-        for f in (pkg.parent / "__init__.py", pkg / "__init__.py", pkg / "interface.py"):
+        for f in (pkg.parent / "__init__.py", pkg / "__init__.py"):
             f.write_text("")
+        (pkg / "interface.py").write_text(
+            "def _flash_attn_fwd(*a, **k):\n    raise AssertionError('not on CPU')\n"
+            "_flash_attn_bwd = _flash_attn_fwd\n"
+        )
         path = str(tmp_path / "stub")
     code = textwrap.dedent(
         f"""

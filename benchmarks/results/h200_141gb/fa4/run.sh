@@ -3,7 +3,9 @@
 # the first part of nvidia-cutlass-dsl-libs-cu13's tar.xz in /tmp/fa4parts). From the repository
 # root, carrying .fa4/b (the rest of that tar.xz and flash-attn-4 4.0.0b36's other wheels),
 # .slurm_gpu (benchmarks/slurm_gpu/prepare.sh fetch), data/sample and COMMIT_STAMP (`make stamp`):
-#     BUDGET_S=560 bash benchmarks/results/h200_141gb/fa4/run.sh "$OUT"
+#     CALL=call2 BUDGET_S=560 bash benchmarks/results/h200_141gb/fa4/run.sh "$OUT"
+# (call1 ran it at fa05e99, when torch's FA4 glue met flash-attn-4 4.0.0b36 directly and every
+# FA4 run failed: "too many values to unpack"; bionemo/models/flash4.py is the fix.)
 # 1. FlashAttention-4 against torch's FlashAttention-2 on ESM-2's variable-length segments: the
 #    gpu test (output and gradients against fp32), then one attention layer of the 3B at micro
 #    batch 56 (benchmarks.profile_step attention), without and with --flash-attention fa4.
@@ -14,7 +16,7 @@
 set -u
 OUT=${1:?usage: run.sh OUT}
 touch /tmp/t0; T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET_S:-560})); LOG=$OUT/log.txt
-R=benchmarks/results/h200_141gb/fa4
+R=benchmarks/results/h200_141gb/fa4/${CALL:-call2}
 S=/tmp/fa4site
 cat /tmp/fa4parts/cu13.tar.xz.part00 .fa4/b/cu13.tar.xz.part01 >/tmp/cu13.tar.xz 2>>"$LOG"
 echo "$(cat .fa4/b/cu13.sha256)  /tmp/cu13.tar.xz" | sha256sum -c - >>"$LOG" 2>&1 ||
