@@ -89,25 +89,27 @@ def fp8_problem(recipe: str, device: torch.device) -> str | None:
     return None
 
 
+# The name bionemo.models.flash4 registers under in torch's flash-attention registry (torch's own
+# "FA4" entry is its glue, which this one replaces for varlen_attn).
+FA4_IMPL = "bionemo-fa4"
+
+
 def use_flash_attention(impl: str, device: torch.device) -> str | None:
     """Make torch's flash attention run `impl`'s kernels in this process ("fa4": FlashAttention-4
     through torch.nn.attention.activate_flash_attention_impl, which replaces the kernels behind
-    varlen_attn and SDPA's flash backend; "torch": nothing to do). Returns why it cannot, or None.
+    varlen_attn; "torch": nothing to do). Returns why it cannot, or None.
     Checked before the model is built, as fp8_problem: flash-attn-4 is an optional dependency.
-    Torch's FA4 glue is handed bionemo.models.flash4 (flash-attn-4's kernels in the form that
-    glue unpacks) instead of flash-attn-4's module, whose newer releases return more values."""
+    The kernels are flash-attn-4's, registered through bionemo.models.flash4 (its docstring says
+    why not through torch's own FA4 glue)."""
     if impl == "torch":
         return None
     try:
-        from functools import partial
-
         from torch.nn.attention import (
             activate_flash_attention_impl,
             register_flash_attention_impl,
         )
-        from torch.nn.attention._fa4 import register_flash_attention_fa4
 
-        import bionemo.models.flash4  # noqa: F401  (imports flash-attn-4's kernels)
+        from bionemo.models import flash4  # imports flash-attn-4's kernels
     except ImportError as e:
         return (
             f"train.flash_attention={impl} needs torch >= 2.11 and the flash-attn-4 package, "
@@ -121,10 +123,8 @@ def use_flash_attention(impl: str, device: torch.device) -> str | None:
             f"9.x or 10.x: H100/H200/B200 class); this rank runs on {device_name(device)}: set "
             f"train.flash_attention=torch"
         )
-    register_flash_attention_impl(
-        "FA4", register_fn=partial(register_flash_attention_fa4, "bionemo.models.flash4")
-    )
-    activate_flash_attention_impl("FA4")
+    register_flash_attention_impl(FA4_IMPL, register_fn=flash4.register)
+    activate_flash_attention_impl(FA4_IMPL)
     return None
 
 

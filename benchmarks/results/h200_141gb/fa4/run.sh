@@ -5,13 +5,15 @@
 # .slurm_gpu (benchmarks/slurm_gpu/prepare.sh fetch), data/sample and COMMIT_STAMP (`make stamp`):
 #     CALL=call2 BUDGET_S=560 bash benchmarks/results/h200_141gb/fa4/run.sh "$OUT"
 # (call1 ran it at fa05e99, when torch's FA4 glue met flash-attn-4 4.0.0b36 directly and every
-# FA4 run failed: "too many values to unpack"; bionemo/models/flash4.py is the fix.)
+# FA4 run failed: "too many values to unpack"; call2 at 24287ed, where torch's FA4 glue refused
+# varlen_attn's backward: "windowed attention not supported". bionemo/models/flash4.py, torch's
+# registry hook with flash-attn-4's kernels and its own glue, is the fix; call3 runs it.)
 # 1. FlashAttention-4 against torch's FlashAttention-2 on ESM-2's variable-length segments: the
 #    gpu test (output and gradients against fp32), then one attention layer of the 3B at micro
 #    batch 56 (benchmarks.profile_step attention), without and with --flash-attention fa4.
 # 2. Through the trainer (make sweep, one trial each): the 3B with FP8 at micro batch 56 (the
-#    table's row) with fa4 and without, the 3B in bf16 at 34 and the 650M at 99 with fa4, then a
-#    second fa4 trial of the 3B FP8 row and the 650M without fa4 as time allows.
+#    table's row) with fa4, without, and with fa4 again; the 650M at 99 and the 3B in bf16 at 34
+#    with fa4; the 650M without fa4 as time allows.
 # Writes OUT/log.txt, OUT/results.tar.gz, OUT/trials.tar.gz.
 set -u
 OUT=${1:?usage: run.sh OUT}
@@ -57,11 +59,11 @@ run attention-fa4 90 python3 -m benchmarks.profile_step attention --model esm2_3
 B3="--model esm2_3b --min 56 --max 56 trainer.train.fp8=tensorwise --fp8 tensorwise"
 sweep esm2_3b-fp8-56-fa4 100 $B3 --out $R/3b-fp8-56/fa4 trainer.train.flash_attention=fa4
 sweep esm2_3b-fp8-56-torch 90 $B3 --out $R/3b-fp8-56/torch
-sweep esm2_3b-bf16-34-fa4 90 --model esm2_3b --min 34 --max 34 --fp8 none trainer.train.fp8=none \
-    --out $R/3b-bf16-34/fa4 trainer.train.flash_attention=fa4
+sweep esm2_3b-fp8-56-fa4-2 90 $B3 --out $R/3b-fp8-56/fa4-2 trainer.train.flash_attention=fa4
 sweep esm2_650m-bf16-99-fa4 80 --model esm2_650m --min 99 --max 99 --out $R/650m-bf16-99/fa4 \
     trainer.train.flash_attention=fa4
-sweep esm2_3b-fp8-56-fa4-2 100 $B3 --out $R/3b-fp8-56/fa4-2 trainer.train.flash_attention=fa4
+sweep esm2_3b-bf16-34-fa4 90 --model esm2_3b --min 34 --max 34 --fp8 none trainer.train.fp8=none \
+    --out $R/3b-bf16-34/fa4 trainer.train.flash_attention=fa4
 sweep esm2_650m-bf16-99-torch 70 --model esm2_650m --min 99 --max 99 --out $R/650m-bf16-99/torch
 
 tar czf "$OUT/results.tar.gz" $(find $R -newer /tmp/t0 -type f) 2>>"$LOG"
