@@ -97,7 +97,7 @@ FA4_IMPL = "bionemo-fa4"
 def use_flash_attention(impl: str, device: torch.device) -> str | None:
     """Make torch's flash attention run `impl`'s kernels in this process ("fa4": FlashAttention-4
     through torch.nn.attention.activate_flash_attention_impl, which replaces the kernels behind
-    varlen_attn; "torch": nothing to do). Returns why it cannot, or None.
+    varlen_attn and SDPA's flash backend; "torch": nothing to do). Returns why it cannot, or None.
     Checked before the model is built, as fp8_problem: flash-attn-4 is an optional dependency.
     The kernels are flash-attn-4's, registered through bionemo.models.flash4 (its docstring says
     why not through torch's own FA4 glue)."""

@@ -4,7 +4,8 @@ A flash-attention implementation for torch's registry (torch.nn.attention.
 register_flash_attention_impl, the hook torch gives attention-kernel providers): `register()`
 replaces the CUDA kernels of aten's `_flash_attention_forward` and `_flash_attention_backward`,
 which torch.nn.attention.varlen.varlen_attn calls (ESM-2's attention on GPU, packed Geneformer
-rows), with flash-attn-4's. SDPA's own flash backend is left alone.
+rows), with flash-attn-4's. SDPA's flash backend calls the same aten op, so it runs them too (its
+dense [B, S, H, D] path; the fp32 reference check of benchmarks.profile_step attention holds).
 
 Why not torch's FA4 glue (torch.nn.attention._fa4, "FA4")? On torch 2.11 with flash-attn-4
 4.0.0b36 it fails twice (benchmarks/results/h200_141gb/fa4/, calls 1 and 2): it unpacks two values
