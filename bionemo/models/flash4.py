@@ -18,6 +18,7 @@ the forward returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
@@ -27,7 +28,7 @@ def _no_window(left, right) -> bool:
     return left in (None, -1) and right in (None, -1)
 
 
-def _refuse(what: str) -> None:
+def _refuse(what: str) -> NoReturn:
     raise RuntimeError(f"train.flash_attention=fa4 (flash-attn-4) does not run {what}")
 
 
