@@ -3,7 +3,7 @@
 # needs nvidia-cutlass-dsl-libs-cu13, 92 MB as a wheel and 63.5 MB as tar.xz, more than one call
 # carries (64 MiB with the repository). This call carries the first 60 MB of the tar.xz (.fa4/a)
 # and leaves it in /tmp on the machine, which stays warm 30 s; run.sh, the next call, carries the
-# rest (.fa4/b). From the repository root:
+# rest (.fa4/b). fetch.sh builds .fa4/ here. From the repository root:
 #     bash benchmarks/results/h200_141gb/fa4/stage.sh "$OUT"
 set -u
 OUT=${1:?usage: stage.sh OUT}
