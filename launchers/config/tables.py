@@ -64,10 +64,9 @@ class BenchmarkRow(Section):
 
 # GPU types (cluster.gpu_type prefixes) with FP8 tensor cores: Hopper and Blackwell.
 FP8_GPU_TYPES = ("h100", "h200", "h800", "gh200", "b100", "b200", "gb200")
-# GPU types whose compute capability FlashAttention-4 builds for (9.x Hopper, 10.x Blackwell):
-# today the same GPUs as FP8_GPU_TYPES, a separate list because the two need different things
-# (an Ada card has FP8 and no FA4 kernels).
-FA4_GPU_TYPES = ("h100", "h200", "h800", "gh200", "b100", "b200", "gb200")
+# GPU types FlashAttention-4 builds for (compute capability 9.x Hopper, 10.x Blackwell): the same
+# list as FP8's today; give it its own tuple if an FP8-only type (Ada: L40S, L4) joins that one.
+FA4_GPU_TYPES = FP8_GPU_TYPES
 
 
 class BenchmarkTable(Section):
