@@ -4,7 +4,7 @@
         [--recompute none|selective|full] [--pad max_length|none] [--profile 32] [--baseline FILE]
         [--fp32-residual] [--recompute-pointwise] [--fp8 [tensorwise|rowwise]]
         [--fp8-skip attn.out_proj] [--inductor triton.tile_reductions=True] [--json rows.jsonl]
-        [--flash-attention fa4]
+        [--flash-attention fa4] [--fp8-mlp fused]
     python -m benchmarks.profile_step attention --model esm2_650m --mbs 32 [--flash-attention fa4]
     python -m benchmarks.profile_step gemm --model esm2_650m --tokens 32768
     python -m benchmarks.profile_step check
@@ -19,7 +19,8 @@ M (GPU time per step by kernel and by kind). --baseline FILE: an ESM2 class from
 (the model before a change) in place of bionemo's. --fp8 needs torchao (the `fp8` extra).
 --inductor KEY=VALUE sets an inductor option for this process (A/B of code generation choices).
 --flash-attention fa4: torch's flash attention runs FlashAttention-4's kernels in this process
-(train.flash_attention; needs the `fa4` extra and a Hopper/Blackwell GPU).
+(train.flash_attention; needs the `fa4` extra and a Hopper/Blackwell GPU). --fp8-mlp fused (with
+--fp8 tensorwise): the MLPs' FP8 through bionemo/models/fp8_mlp.py (train.fp8_mlp).
 Results on an H100: benchmarks/results/h100_80gb/speed-*.md.
 
 `attention`: forward+backward of one attention layer's core on a padded batch of the sample set,
@@ -88,6 +89,7 @@ def build(
     fp8: bool | str = False,
     fp8_skip: tuple[str, ...] = (),
     fp32_residual: bool = False,
+    fp8_mlp: str = "torchao",
 ):
     from bionemo.engines.torch_engine import MaskedLMLoss, build_optimizer
 
@@ -120,6 +122,7 @@ def build(
             recompute_pointwise=recompute_pointwise,
             fp8=fp8,
             fp8_skip=fp8_skip,
+            fp8_mlp=fp8_mlp,
         )
     return model, optimizer, step_fn
 
@@ -140,6 +143,7 @@ KINDS = [
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "splitk")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "norm_kernel")),
+    ("fp8 mlp (triton)", ("fp8_mlp_",)),  # bionemo/models/fp8_mlp_kernels.py
     ("compiled (triton)", ("triton",)),
     ("layer norm", ("layer_norm", "layernorm")),
     ("copy / cat", ("copy", "cat", "index", "gather", "scatter")),
@@ -204,6 +208,7 @@ def run_step(args) -> list[dict]:
         fp8=args.fp8 or False,
         fp8_skip=tuple(args.fp8_skip.split(",")) if args.fp8_skip else (),
         fp32_residual=args.fp32_residual,
+        fp8_mlp=args.fp8_mlp,
     )
     build_s = time.perf_counter() - t0
     label = "baseline" if args.baseline else ("compiled" if args.compile else "eager")
@@ -214,6 +219,7 @@ def run_step(args) -> list[dict]:
             ("fp32-residual", args.fp32_residual),
             (f"fp8:{args.fp8}", args.fp8),
             (f"fp8-skip:{args.fp8_skip}", args.fp8_skip),
+            (f"fp8-mlp:{args.fp8_mlp}", args.fp8_mlp != "torchao"),
             *((f"inductor:{kv}", True) for kv in args.inductor),
             (f"flash:{args.flash_attention}", args.flash_attention != "torch"),
         )
@@ -704,6 +710,12 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--fp8-skip", default=None, help="Linear layers kept bf16, name suffixes: attn.out_proj"
+    )
+    p.add_argument(
+        "--fp8-mlp",
+        default="torchao",
+        choices=["torchao", "fused"],
+        help="with --fp8 tensorwise: the MLPs' kernels (train.fp8_mlp)",
     )
     p.add_argument(
         "--inductor",

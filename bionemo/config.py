@@ -42,6 +42,7 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 FP8Recipe = Literal["none", "tensorwise", "rowwise"]
 FP8_RECIPES: tuple[str, ...] = get_args(FP8Recipe)
 FlashAttention = Literal["torch", "fa4"]
+FP8MLPKernels = Literal["torchao", "fused"]
 ESM2_VOCAB_SIZE = 33  # the ESM alphabet, bionemo.data.tokenizer.TOKENS (a test keeps them equal)
 PLUGIN_PATH = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # module:factory
 
@@ -263,6 +264,17 @@ class TrainConfig(Section):
             "FP8 GEMMs in the transformer blocks (torchao float8 training; torch engine, DDP or "
             'FSDP): "tensorwise" one scale per tensor, "rowwise" one per row (closer to bf16, '
             "slower). Needs an FP8 GPU (H100/H200 class) and is fast only with train.compile."
+        ),
+    )
+
+    fp8_mlp: FP8MLPKernels = Field(
+        "torchao",
+        description=(
+            "With train.fp8=tensorwise, the kernels around the MLP's two FP8 GEMMs (activation, "
+            "its maximum and fp8 cast, their backward, transposed copies, bias gradient): "
+            '"torchao" the Float8Linear layers, with the kernels inductor generates; "fused" '
+            "hand-written Triton kernels, the same recipe in fewer passes over the 4H-wide "
+            "activation (bionemo/models/fp8_mlp.py). No effect without FP8 (train.fp8=none)."
         ),
     )
 
@@ -547,6 +559,11 @@ class TrainerConfig(Section):
                 f"train.flash_attention={fa} has no attention dropout (model.attention_dropout="
                 f"{self.model.attention_dropout}); set model.attention_dropout=0 or "
                 f"train.flash_attention=torch"
+            )
+        if self.train.fp8_mlp != "torchao" and fp8 not in ("tensorwise", "none"):
+            raise ValueError(
+                f"train.fp8_mlp={self.train.fp8_mlp} has kernels for tensorwise scales only; "
+                f"here train.fp8={fp8}: set train.fp8=tensorwise, or train.fp8_mlp=torchao"
             )
         if fp8 != "none" and (self.train.engine != "torch" or self.train.device == "cpu"):
             raise ValueError(

@@ -87,6 +87,7 @@ def convert_to_fp8(
     skip: tuple[str, ...] = (),
     all_gather: bool = False,
     emulate: bool = False,
+    fused_mlp: bool = False,
 ) -> int:
     """Swap the blocks' Linear layers for torchao's Float8Linear: the GEMMs run in fp8 (e4m3
     forward, e5m2 gradients) with dynamic scales, one per tensor ("tensorwise") or per row
@@ -97,13 +98,24 @@ def convert_to_fp8(
     all-gather; call update_fp8_scales after each optimizer step). emulate: the GEMMs multiply the
     fp8-rounded operands in fp32 (torchao's emulation: the same quantization without FP8 tensor
     cores), for CPU, where torch's `_scaled_mm` is a reference loop (about 2 s for one 256 x 320 x
-    1280 GEMM on a CI core). Returns how many were swapped."""
+    1280 GEMM on a CI core). fused_mlp (tensorwise): each block's MLP runs its two GEMMs through
+    bionemo/models/fp8_mlp.py (the same recipe, hand-written kernels around the GEMMs; emulated
+    off CUDA) instead of Float8Linear; its Linear layers stay, so parameter names do not change,
+    and under the FP8 all-gather they gather in the compute dtype. Returns how many Linear layers
+    run in FP8 either way."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if recipe not in FP8_CONVERSIONS:
         raise ValueError(f"fp8 recipe {recipe!r}; use one of {', '.join(FP8_CONVERSIONS)}")
-    if all_gather and recipe != "tensorwise":
-        raise ValueError(f"fp8 all-gather needs the tensorwise recipe, not {recipe!r}")
+    if (all_gather or fused_mlp) and recipe != "tensorwise":
+        what = "all-gather" if all_gather else "fused MLP"
+        raise ValueError(f"fp8 {what} needs the tensorwise recipe, not {recipe!r}")
+    fused = 0
+    if fused_mlp:
+        for block in _blocks(model):
+            block.mlp.fused_fp8 = True
+            fused += 2
+        skip = (*skip, "mlp.fc1", "mlp.fc2")
     config = Float8LinearConfig.from_recipe_name(recipe)
     if all_gather or emulate:
         config = dataclasses.replace(
@@ -127,7 +139,7 @@ def convert_to_fp8(
         return ok
 
     convert_to_float8_training(model, config=config, module_filter_fn=in_blocks)
-    return len(swapped)
+    return len(swapped) + fused
 
 
 def update_fp8_scales(model: nn.Module) -> None:
@@ -214,12 +226,14 @@ def wrap_for_training(
     fp8: bool | str = False,
     fp8_skip: tuple[str, ...] = (),
     fp8_all_gather: bool = False,
+    fp8_mlp: str = "torchao",
     mesh=None,
     bf16: bool = False,
     cpu_offload: bool = False,
 ) -> nn.Module:
     """The module the training loop calls: `step_fn` (which holds `model`) with the blocks' GEMMs
-    in FP8 when `fp8` (a recipe, or True for tensorwise), compiled per region when `compile` (on
+    in FP8 when `fp8` (a recipe, or True for tensorwise; `fp8_mlp` "fused": the MLPs through
+    bionemo/models/fp8_mlp.py), compiled per region when `compile` (on
     CUDA with tuned generated kernels: tune_generated_kernels), then
     sharded over `mesh` (FSDP2) when one is given, else under DDP when `dp` > 1. Off CUDA the FP8
     GEMMs are emulated (convert_to_fp8: the trainer refuses FP8 there; tests and
@@ -227,9 +241,16 @@ def wrap_for_training(
     recipe = "tensorwise" if fp8 is True else (fp8 or "none")
     if fp8_all_gather and (mesh is None or recipe == "none"):
         raise ValueError("fp8 all-gather needs FSDP (a mesh) and FP8 layers")
+    if fp8_mlp != "torchao" and recipe not in ("tensorwise", "none"):
+        raise ValueError(f"fp8_mlp={fp8_mlp} needs the tensorwise recipe, not {recipe!r}")
     if recipe != "none":
         convert_to_fp8(
-            model, recipe, fp8_skip, all_gather=fp8_all_gather, emulate=device.type != "cuda"
+            model,
+            recipe,
+            fp8_skip,
+            all_gather=fp8_all_gather,
+            emulate=device.type != "cuda",
+            fused_mlp=fp8_mlp == "fused",
         )
     if compile and device.type == "cuda":
         tune_generated_kernels()

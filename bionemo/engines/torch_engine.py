@@ -328,6 +328,7 @@ class TorchEngine:
             device=device,
             fp8=cfg.train.fp8,
             fp8_all_gather=cfg.parallel.fp8_all_gather,
+            fp8_mlp=cfg.train.fp8_mlp,
             mesh=sharding_mesh(cfg, env, device),
             bf16=bf16,
             cpu_offload=cfg.parallel.fsdp_cpu_offload,

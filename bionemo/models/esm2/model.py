@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from bionemo.config import ModelConfig
 from bionemo.data.masking import IGNORE_INDEX  # label of a position that is not scored (-100)
 from bionemo.data.tokenizer import MASK_ID, PAD_ID  # 32 and 1 in the ESM alphabet
+from bionemo.models.fp8_mlp import fp8_mlp
 
 ROPE_BASE = 10_000.0  # rotary base period used by every ESM-2 model
 # Token dropout's training-time mask ratio, hard-coded in ESM-2 (15% of tokens are selected for
@@ -173,8 +174,11 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
         self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.hidden_dropout)  # HF EsmOutput's, before the residual add
+        self.fused_fp8 = False  # train.fp8_mlp=fused (distributed.parallel.convert_to_fp8)
 
     def forward(self, x):
+        if self.fused_fp8:
+            return self.dropout(fp8_mlp(x, self.fc1, self.fc2, "gelu"))
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, as ESM
 
 

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bionemo.config import ModelConfig
 from bionemo.data.masking import IGNORE_INDEX  # label of a position that is not scored (-100)
+from bionemo.models.fp8_mlp import fp8_mlp
 
 INIT_STD = 0.02  # HF BertConfig.initializer_range, BioNeMo's init_method_std
 TYPE_VOCAB_SIZE = 2  # BERT's segment table (sentence A/B); Geneformer only uses row 0
@@ -104,8 +105,12 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size)
         self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size)
         self.act = activation(cfg.activation)
+        self.activation = cfg.activation
+        self.fused_fp8 = False  # train.fp8_mlp=fused (distributed.parallel.convert_to_fp8)
 
     def forward(self, x):
+        if self.fused_fp8:
+            return fp8_mlp(x, self.fc1, self.fc2, self.activation)
         return self.fc2(self.act(self.fc1(x)))
 
 
