@@ -6,7 +6,8 @@
 #     CALL=call1 BUDGET_S=560 bash benchmarks/results/h200_141gb/fp8_mlp/run.sh "$OUT"
 # 1. the gpu tests (Triton kernels against the torch references; a 2-layer 3B-shaped model trains
 #    as with torchao);
-# 2. the 8-layer 3B harness at micro batch 32 with a kernel profile, torchao then fused;
+# 2. the kernels alone on the 3B's MLP activation at micro batch 56 (kernels.py);
+#    the 8-layer 3B harness at micro batch 32 with a kernel profile, torchao then fused;
 # 3. through the trainer (make sweep, one trial each): the 3B with FP8 at micro batch 56 (the
 #    table's row), fused then torchao, then fused again as time allows.
 # Writes OUT/log.txt, OUT/rows.jsonl, OUT/results.tar.gz, OUT/trials.tar.gz.
@@ -39,6 +40,7 @@ sweep() {  # sweep NAME MIN_LEFT LAUNCHER-SWEEP-ARGS...
 }
 
 run gpu-test 170 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_mlp.py -m gpu
+run kernels 60 python3 benchmarks/results/h200_141gb/fp8_mlp/kernels.py
 H="python3 -m benchmarks.profile_step step --model esm2_3b --layers 8 --mbs 32 --compile --steps 6 --warmup 3 --profile 32 --fp8 --json $OUT/rows.jsonl"
 run harness-torchao 90 $H
 run harness-fused 90 $H --fp8-mlp fused
