@@ -399,3 +399,26 @@ def test_cpu_scaling_runs_each_world_size(tmp_path, data_dir, monkeypatch):
         # each point really ran at its world size: one rank log per rank
         assert len(list(Path(p["run_dir"]).glob("rank*.log"))) == p["gpus"]
     assert "| 2 |" in (out / "cpu" / "scaling-esm2_8m.md").read_text()
+
+
+def test_table_row_records_the_fp8_mlp_kernels_it_was_measured_with():
+    """train.fp8_mlp is not searched: a sweep run with trainer.train.fp8_mlp=fused measured its
+    figures with it, so the row it writes says so, and the launcher turns it back into the key;
+    a torchao sweep leaves a row without the column as it was, and resets one that had fused."""
+    from launchers.config import BenchmarkTable
+
+    def result(mlp: str) -> dict:
+        config = {"train": {"fp8": "tensorwise", "fp8_mlp": mlp}}
+        best = {"data_parallel": "ddp", "fp8": "tensorwise", "config": config}
+        policies = {"none": {"micro_batch_size": 56, "max_micro_batch_size": 58}}
+        return dict(policies=policies, tensor_parallel=1, world_size=1, best=best,
+                    date="2026-12-03T01:00:00+00:00", gpu="h200_141gb")  # fmt: skip
+
+    row = results.table_row(result("fused"), {}, "r.json")
+    assert row["fp8_mlp"] == "fused" and row["fp8"] == "tensorwise"
+    table = {"gpu_type": "h200_141gb", "kind": "gpu", "measured": True, "source": "r.json"}
+    table["rows"] = {"esm2_3b": row}
+    layer = BenchmarkTable.model_validate(table).rows["esm2_3b"].trainer_layer()
+    assert layer["train"]["fp8_mlp"] == "fused" and layer["train"]["fp8"] == "tensorwise"
+    assert "fp8_mlp" not in results.table_row(result("torchao"), {}, "r.json")
+    assert results.table_row(result("torchao"), row, "r.json")["fp8_mlp"] == "torchao"

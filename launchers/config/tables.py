@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bionemo.config import FP8Recipe, Strategy
+from bionemo.config import FP8MLPKernels, FP8Recipe, Strategy
 
 
 class Section(BaseModel):
@@ -28,6 +28,9 @@ class BenchmarkRow(Section):
         None, description="-> trainer.parallel.data_parallel (torch engine: ddp, fsdp, hsdp)"
     )
     fp8: FP8Recipe | None = Field(None, description="-> trainer.train.fp8 (FP8 GPUs only)")
+    fp8_mlp: FP8MLPKernels | None = Field(
+        None, description="-> trainer.train.fp8_mlp (the MLP's FP8 kernels, with fp8: tensorwise)"
+    )
     tensor_parallel: int = Field(1, gt=0, description="-> trainer.parallel.tensor")
     pipeline_parallel: int = Field(1, gt=0, description="-> trainer.parallel.pipeline")
     global_batch_size: int | None = Field(
@@ -53,6 +56,8 @@ class BenchmarkRow(Section):
             train["engine"] = self.engine
         if self.fp8 is not None:
             train["fp8"] = self.fp8
+        if self.fp8_mlp is not None:
+            train["fp8_mlp"] = self.fp8_mlp
         parallel: dict[str, object] = {
             "tensor": self.tensor_parallel,
             "pipeline": self.pipeline_parallel,

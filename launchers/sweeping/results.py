@@ -118,6 +118,10 @@ def table_row(result: dict, old_row: dict, source: str) -> dict:
     best = result.get("best", {})
     if "data_parallel" in best:  # the strategy and FP8 recipe the figures were measured with
         row.update(data_parallel=best["data_parallel"], fp8=best["fp8"])
+    # and the MLP's FP8 kernels (train.fp8_mlp, not searched: the run's config or overrides)
+    mlp = ((best.get("config") or {}).get("train") or {}).get("fp8_mlp")
+    if mlp is not None and (mlp != "torchao" or "fp8_mlp" in row):
+        row["fp8_mlp"] = mlp
     if result["gpu"] != "cpu":  # CPU tables say gpus: 0
         row["gpus"] = result["world_size"]
     gbs = row.get("global_batch_size")
