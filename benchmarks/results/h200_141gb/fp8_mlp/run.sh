@@ -7,9 +7,9 @@
 # 1. the gpu tests (Triton kernels against the torch references; a 2-layer 3B-shaped model trains
 #    as with torchao);
 # 2. the kernels alone on the 3B's MLP activation at micro batch 56 (kernels.py);
-#    the 8-layer 3B harness at micro batch 32 with a kernel profile, torchao then fused;
 # 3. through the trainer (make sweep, one trial each): the 3B with FP8 at micro batch 56 (the
-#    table's row), fused then torchao, then fused again as time allows.
+#    table's row), fused then torchao; then, as time allows, the 8-layer 3B harness at micro batch
+#    32 with a kernel profile (fused), a second fused trial, the harness with torchao.
 # Writes OUT/log.txt, OUT/rows.jsonl, OUT/results.tar.gz, OUT/trials.tar.gz.
 set -u
 OUT=${1:?usage: run.sh OUT}
@@ -39,15 +39,15 @@ sweep() {  # sweep NAME MIN_LEFT LAUNCHER-SWEEP-ARGS...
     echo "=== $name: rc=$? at $(($(date +%s) - T0)) s" >>"$LOG"
 }
 
-run gpu-test 170 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_mlp.py -m gpu
-run kernels 60 python3 benchmarks/results/h200_141gb/fp8_mlp/kernels.py
-H="python3 -m benchmarks.profile_step step --model esm2_3b --layers 8 --mbs 32 --compile --steps 6 --warmup 3 --profile 32 --fp8 --json $OUT/rows.jsonl"
-run harness-torchao 90 $H
-run harness-fused 90 $H --fp8-mlp fused
+run gpu-test 150 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_mlp.py -m gpu
+run kernels 45 python3 benchmarks/results/h200_141gb/fp8_mlp/kernels.py
 B3="--model esm2_3b --min 56 --max 56 trainer.train.fp8=tensorwise --fp8 tensorwise"
 sweep esm2_3b-fp8-56-fused 110 $B3 --out $R/3b-fp8-56/fused trainer.train.fp8_mlp=fused
 sweep esm2_3b-fp8-56-torchao 100 $B3 --out $R/3b-fp8-56/torchao
+H="python3 -m benchmarks.profile_step step --model esm2_3b --layers 8 --mbs 32 --compile --steps 6 --warmup 3 --profile 32 --fp8 --json $OUT/rows.jsonl"
+run harness-fused 80 $H --fp8-mlp fused
 sweep esm2_3b-fp8-56-fused-2 100 $B3 --out $R/3b-fp8-56/fused-2 trainer.train.fp8_mlp=fused
+run harness-torchao 80 $H
 
 tar czf "$OUT/results.tar.gz" $(find $R -newer /tmp/t0 -type f) 2>>"$LOG"
 tar czf "$OUT/trials.tar.gz" -C /tmp $(cd /tmp && ls runs/*/*/trials/*/*/*/{config.yaml,rank0.log} 2>/dev/null) 2>>"$LOG"
