@@ -11,11 +11,11 @@ copy that the weight-gradient GEMM needs (Hopper's fp8 GEMMs take K-major operan
 bias's column sum. On the ESM-2 3B those kernels ran at a fifth to a third of the H200's memory
 bandwidth: 4.4 ms of each block's 24.6 ms step at micro batch 32
 (benchmarks/results/h200_141gb/levers/log-call4.txt). Here Triton kernels (fp8_mlp_kernels.py)
-do it, two passes each way: (1) max |act(h)|, (2) the e4m3 cast of act(h);
-backward (3) max |dh|, (4) in one pass over dg and h: dh's e5m2 cast in both layouts, the
-transposed e4m3 copy of act(h) for fc2's weight gradient (recomputed from h, which is what the
-backward keeps: 2 bytes per element of the 4H-wide activation, nothing else), and fc1's bias
-gradient from per-tile column sums (deterministic, no atomics).
+do it in two passes each way, evaluating the activation once: forward (1) g = act(h) and its
+maximum, (2) g's e4m3 cast; backward (3) in one pass over dg and h, dh = dg * act'(h), its maximum
+and column sums (fc1's bias gradient, deterministic), and the transposed e4m3 copy of act(h) for
+fc2's weight gradient (recomputed from h: the backward keeps h, 2 bytes per element of the
+4H-wide activation, and x in e4m3, nothing else), (4) dh's e5m2 cast in both layouts.
 
 The two kernels' entry points are custom ops (`bionemo::fp8_mlp_act`,
 `bionemo::fp8_mlp_act_backward`) whose default implementation is the torch reference below; the
