@@ -281,3 +281,69 @@ def test_on_a_gpu_it_trains_as_torchao_does():
             losses[fused].append(loss.item())
     assert losses[True] == pytest.approx(losses[False], rel=1e-2), losses
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-3)
+
+
+def _fsdp_worker(out: str) -> None:
+    """One of 2 gloo ranks: the tiny ESM-2 in fp32 under FSDP2 with FP8 tensorwise (emulated
+    GEMMs), 4 AdamW steps on per-rank batches, torchao's MLPs then the fused ones; rank 0 writes
+    {mode: mean loss of each step} to `out`."""
+    import json
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bionemo.distributed.parallel import wrap_for_training
+    from bionemo.engines.torch_engine import MaskedLMLoss
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("shard",))
+    torch.manual_seed(10 + rank)
+    batches = [torch.randint(4, 29, (4, 64)) for _ in range(4)]
+    results = {}
+    for mode in ("torchao", "fused"):
+        torch.manual_seed(0)
+        model = ESM2(model_config("esm2_8m", num_layers=2))
+        step_fn = wrap_for_training(
+            MaskedLMLoss(model), model, compile=False, dp=2, device=torch.device("cpu"),
+            fp8="tensorwise", fp8_mlp=mode, mesh=mesh,
+        )  # fmt: skip
+        assert all(b.mlp.fused_fp8 == (mode == "fused") for b in model.layers)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        losses = []
+        for ids in batches:
+            loss = step_fn(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / 2)
+        results[mode] = losses
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_under_fsdp_it_trains_as_torchao_does(tmp_path):
+    """2 gloo ranks, FSDP2 (the weights are gathered shards, the gradients reduce-scattered):
+    the fused MLPs give torchao's losses to 1e-5 (fc1's bias gradient is summed in another
+    order; everything else is the same arithmetic)."""
+    import json
+    import os
+
+    from tests.test_resume import free_port
+
+    out = tmp_path / "losses.json"
+    code = "import sys; from tests.test_fp8_mlp import _fsdp_worker as w; w(sys.argv[1])"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO,
+                         env={**env, "RANK": str(r)})
+        for r in range(2)
+    ]  # fmt: skip
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    losses = json.loads(out.read_text())
+    assert losses["fused"] == pytest.approx(losses["torchao"], rel=1e-5), losses
+    assert losses["fused"][-1] < losses["fused"][0]
