@@ -2,7 +2,7 @@
 # The third device call (nvidia-h200) behind README.md here, at the kernels of call 2. Carrying
 # .slurm_gpu, data/sample, data/geneformer_sample/{train,valid,vocab.json,gene_medians.json}
 # (its h5ad/ is not read) and COMMIT_STAMP:
-#     CALL=call3 BUDGET_S=380 bash benchmarks/results/h200_141gb/fp8_mlp/run3.sh "$OUT"
+#     CALL=call3 BUDGET_S=270 bash benchmarks/results/h200_141gb/fp8_mlp/run3.sh "$OUT"
 # make sweep, one trial per micro batch, each writing its table row (--write-table):
 # 1. the 3B with FP8, fused, micro batches 56..58 (the row, and its largest micro batch);
 # 2. as time allows, Geneformer 4B with FP8 at micro batch 20 (its row), fused then torchao (the
@@ -11,7 +11,7 @@
 # OUT/trials.tar.gz.
 set -u
 OUT=${1:?usage: run3.sh OUT}
-touch /tmp/t0; T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET_S:-380})); LOG=$OUT/log.txt
+touch /tmp/t0; T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET_S:-270})); LOG=$OUT/log.txt
 R=benchmarks/results/h200_141gb/fp8_mlp/${CALL:-call3}
 benchmarks/slurm_gpu/prepare.sh site >>"$LOG" 2>&1 || exit 1
 export PYTHONPATH=/tmp/bionemo-slurm-gpu/site:$PWD PYTHONUNBUFFERED=1
