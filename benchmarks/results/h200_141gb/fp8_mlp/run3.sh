@@ -2,9 +2,9 @@
 # The third device call (nvidia-h200) behind README.md here, at the kernels of call 2. Carrying
 # .slurm_gpu, data/sample, data/geneformer_sample/{train,valid,vocab.json,gene_medians.json}
 # (its h5ad/ is not read) and COMMIT_STAMP:
-#     CALL=call3 BUDGET_S=270 bash benchmarks/results/h200_141gb/fp8_mlp/run3.sh "$OUT"
+#     CALL=call3 BUDGET_S=170 MAX3=57 bash benchmarks/results/h200_141gb/fp8_mlp/run3.sh "$OUT"
 # make sweep, one trial per micro batch, each writing its table row (--write-table):
-# 1. the 3B with FP8, fused, micro batches 56..58 (the row, and its largest micro batch);
+# 1. the 3B with FP8, fused, micro batches 56..MAX3 (the row, and its largest micro batch);
 # 2. as time allows, Geneformer 4B with FP8 at micro batch 20 (its row), fused then torchao (the
 #    row is left as the second writes it: torchao; README.md says which the table keeps).
 # Writes OUT/log.txt, OUT/h200_141gb.yaml (the table as the sweeps left it), OUT/results.tar.gz,
@@ -13,6 +13,7 @@ set -u
 OUT=${1:?usage: run3.sh OUT}
 touch /tmp/t0; T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET_S:-270})); LOG=$OUT/log.txt
 R=benchmarks/results/h200_141gb/fp8_mlp/${CALL:-call3}
+MAX3=${MAX3:-58}  # the 3B sweep's largest micro batch
 benchmarks/slurm_gpu/prepare.sh site >>"$LOG" 2>&1 || exit 1
 export PYTHONPATH=/tmp/bionemo-slurm-gpu/site:$PWD PYTHONUNBUFFERED=1
 { date -u; cat COMMIT_STAMP; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } >>"$LOG" 2>&1
@@ -29,8 +30,8 @@ sweep() {  # sweep NAME MIN_LEFT LAUNCHER-SWEEP-ARGS...
     echo "=== $name: rc=$? at $(($(date +%s) - T0)) s" >>"$LOG"
 }
 
-sweep esm2_3b-fp8-fused-56-58 150 --model esm2_3b --min 56 --max 58 --warmup-steps 3 --steps 6 \
-    --strategy ddp --fp8 tensorwise --out $R/3b-fp8-fused-56-58 trainer.train.fp8_mlp=fused
+sweep esm2_3b-fp8-fused-56-$MAX3 120 --model esm2_3b --min 56 --max $MAX3 --warmup-steps 3 \
+    --steps 6 --strategy ddp --fp8 tensorwise --out $R/3b-fp8-fused-56-$MAX3 trainer.train.fp8_mlp=fused
 G4="--model geneformer_4b --min 20 --max 20 --warmup-steps 2 --steps 4 --strategy ddp --fp8 tensorwise"
 sweep geneformer_4b-fp8-20-fused 85 $G4 --out $R/gf4b-fp8-20/fused trainer.train.fp8_mlp=fused
 sweep geneformer_4b-fp8-20-torchao 80 $G4 --out $R/gf4b-fp8-20/torchao trainer.train.fp8_mlp=torchao
