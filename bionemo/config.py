@@ -270,7 +270,7 @@ class TrainConfig(Section):
     fp8_mlp: FP8MLPKernels = Field(
         "torchao",
         description=(
-            "With train.fp8=tensorwise, the kernels around the MLP's two FP8 GEMMs (activation, "
+            "With train.fp8=tensorwise, the kernels around the MLP's FP8 GEMMs (activation, "
             "its maximum and fp8 cast, their backward, transposed copies, bias gradient): "
             '"torchao" the Float8Linear layers, with the kernels inductor generates; "fused" '
             "hand-written Triton kernels, the same recipe in fewer passes over the 4H-wide "

@@ -2,8 +2,8 @@
 
 Tensorwise scaling needs a tensor's maximum before its cast, so each direction takes two passes
 over the MLP's 4H-wide activation ([M, F], row-major). The exact GELU (an erf, and an exp in its
-derivative) costs more than the bytes it touches: on an H200 a pass that evaluates it runs at half
-the memory bandwidth (benchmarks/results/h200_141gb/fp8_mlp/, call 1). So the first pass
+derivative) costs more than the bytes it touches: on an H200 a pass that evaluates it ran at 40%
+of the memory bandwidth (benchmarks/results/h200_141gb/fp8_mlp/, call 1). So the first pass
 evaluates it once and writes its result in the activation's dtype; the second only casts:
   forward   fp8_mlp_act: g = act(h), max |g|;  then fp8_mlp_cast: g in e4m3.
   backward  fp8_mlp_act_backward, in [BM, BN] tiles: dh = dg * act'(h), max |dh|, the tile's
