@@ -1,37 +1,14 @@
 #!/usr/bin/env bash
+# (Call 2 ran it at ee953f1 as one file; its setup and helpers are now lib.sh's.)
 # The second device call (nvidia-h200) behind README.md here, after the kernels were rewritten to
 # evaluate the activation once per direction (fp8_mlp_kernels.py). Same carry and layout as run.sh:
 #     CALL=call2 BUDGET_S=540 bash benchmarks/results/h200_141gb/fp8_mlp/run2.sh "$OUT"
 # 1. the gpu tests; 2. kernels.py; 3. make sweep, one trial each: the 3B with FP8 at micro batch 56
 # fused, torchao, fused; Geneformer 4B with FP8 at micro batch 20 (its table row) fused, torchao;
 # 4. as time allows, the 8-layer 3B harness with a kernel profile (fused).
-set -u
 OUT=${1:?usage: run2.sh OUT}
-touch /tmp/t0; T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET_S:-540})); LOG=$OUT/log.txt
-R=benchmarks/results/h200_141gb/fp8_mlp/${CALL:-call2}
-benchmarks/slurm_gpu/prepare.sh site >>"$LOG" 2>&1 || exit 1
-export PYTHONPATH=/tmp/bionemo-slurm-gpu/site:$PWD PYTHONUNBUFFERED=1
-{ date -u; cat COMMIT_STAMP; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
-  python3 -c "import torch, torchao, triton; print('torch', torch.__version__, 'torchao', torchao.__version__, 'triton', triton.__version__)"; } >>"$LOG" 2>&1
-
-left() { echo $((DEADLINE - $(date +%s))); }
-run() {  # run NAME CAP_S COMMAND...
-    local name=$1 cap=$2; shift 2
-    if [ "$(left)" -lt 40 ]; then echo "=== $name: skipped (budget)" >>"$LOG"; return; fi
-    echo "=== $name: $*" >>"$LOG"
-    timeout "$(( $(left) < cap ? $(left) : cap ))" "$@" >>"$LOG" 2>&1
-    echo "=== $name: rc=$? at $(($(date +%s) - T0)) s" >>"$LOG"
-}
-sweep() {  # sweep NAME MIN_LEFT LAUNCHER-SWEEP-ARGS...
-    local name=$1 need=$2; shift 2
-    if [ "$(left)" -lt "$need" ]; then echo "=== $name: skipped (budget)" >>"$LOG"; return; fi
-    echo "=== $name: python -m launchers sweep $*" >>"$LOG"
-    timeout "$(left)" python3 -m launchers sweep --backend local --cluster local_gpu \
-        --recompute none --compile --gpu-name h200_141gb \
-        --trial-timeout "$(left)" "$@" cluster.runs_root=/tmp/runs \
-        "cluster.env.PYTHONPATH=$PYTHONPATH" >>"$LOG" 2>&1
-    echo "=== $name: rc=$? at $(($(date +%s) - T0)) s" >>"$LOG"
-}
+BUDGET_S=${BUDGET_S:-540} CALL=${CALL:-call2}
+. "$(dirname "$0")/lib.sh"
 
 run gpu-test 120 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_mlp.py -m gpu
 run kernels 45 python3 benchmarks/results/h200_141gb/fp8_mlp/kernels.py
@@ -45,6 +22,4 @@ sweep geneformer_4b-fp8-20-torchao 85 $G4 --out $R/gf4b-fp8-20/torchao
 run harness-fused 70 python3 -m benchmarks.profile_step step --model esm2_3b --layers 8 --mbs 32 \
     --compile --steps 6 --warmup 3 --profile 32 --fp8 --json "$OUT/rows.jsonl" --fp8-mlp fused
 
-tar czf "$OUT/results.tar.gz" $(find $R -newer /tmp/t0 -type f) 2>>"$LOG"
-tar czf "$OUT/trials.tar.gz" -C /tmp $(cd /tmp && ls runs/*/*/trials/*/*/*/{config.yaml,rank0.log} 2>/dev/null) 2>>"$LOG"
-echo "done at $(($(date +%s) - T0)) s" >>"$LOG"
+finish

@@ -9,34 +9,16 @@
 #    row is left as the second writes it: torchao; README.md says which the table keeps).
 # Writes OUT/log.txt, OUT/h200_141gb.yaml (the table as the sweeps left it), OUT/results.tar.gz,
 # OUT/trials.tar.gz.
-set -u
 OUT=${1:?usage: run3.sh OUT}
-touch /tmp/t0; T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET_S:-270})); LOG=$OUT/log.txt
-R=benchmarks/results/h200_141gb/fp8_mlp/${CALL:-call3}
+BUDGET_S=${BUDGET_S:-270} CALL=${CALL:-call3}
 MAX3=${MAX3:-58}  # the 3B sweep's largest micro batch
-benchmarks/slurm_gpu/prepare.sh site >>"$LOG" 2>&1 || exit 1
-export PYTHONPATH=/tmp/bionemo-slurm-gpu/site:$PWD PYTHONUNBUFFERED=1
-{ date -u; cat COMMIT_STAMP; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } >>"$LOG" 2>&1
+. "$(dirname "$0")/lib.sh"
 
-left() { echo $((DEADLINE - $(date +%s))); }
-sweep() {  # sweep NAME MIN_LEFT LAUNCHER-SWEEP-ARGS...
-    local name=$1 need=$2; shift 2
-    if [ "$(left)" -lt "$need" ]; then echo "=== $name: skipped (budget)" >>"$LOG"; return; fi
-    echo "=== $name: python -m launchers sweep $*" >>"$LOG"
-    timeout "$(left)" python3 -m launchers sweep --backend local --cluster local_gpu \
-        --recompute none --compile --gpu-name h200_141gb --write-table \
-        --trial-timeout "$(left)" "$@" cluster.runs_root=/tmp/runs \
-        "cluster.env.PYTHONPATH=$PYTHONPATH" >>"$LOG" 2>&1
-    echo "=== $name: rc=$? at $(($(date +%s) - T0)) s" >>"$LOG"
-}
-
-sweep esm2_3b-fp8-fused-56-$MAX3 120 --model esm2_3b --min 56 --max $MAX3 --warmup-steps 3 \
+sweep esm2_3b-fp8-fused-56-$MAX3 120 --write-table --model esm2_3b --min 56 --max $MAX3 --warmup-steps 3 \
     --steps 6 --strategy ddp --fp8 tensorwise --out $R/3b-fp8-fused-56-$MAX3 trainer.train.fp8_mlp=fused
-G4="--model geneformer_4b --min 20 --max 20 --warmup-steps 2 --steps 4 --strategy ddp --fp8 tensorwise"
+G4="--write-table --model geneformer_4b --min 20 --max 20 --warmup-steps 2 --steps 4 --strategy ddp --fp8 tensorwise"
 sweep geneformer_4b-fp8-20-fused 85 $G4 --out $R/gf4b-fp8-20/fused trainer.train.fp8_mlp=fused
 sweep geneformer_4b-fp8-20-torchao 80 $G4 --out $R/gf4b-fp8-20/torchao trainer.train.fp8_mlp=torchao
 
 cp configs/benchmarks/h200_141gb.yaml "$OUT/h200_141gb.yaml"
-tar czf "$OUT/results.tar.gz" $(find $R -newer /tmp/t0 -type f) 2>>"$LOG"
-tar czf "$OUT/trials.tar.gz" -C /tmp $(cd /tmp && ls runs/*/*/trials/*/*/*/{config.yaml,rank0.log} 2>/dev/null) 2>>"$LOG"
-echo "done at $(($(date +%s) - T0)) s" >>"$LOG"
+finish
