@@ -241,8 +241,6 @@ def wrap_for_training(
     recipe = "tensorwise" if fp8 is True else (fp8 or "none")
     if fp8_all_gather and (mesh is None or recipe == "none"):
         raise ValueError("fp8 all-gather needs FSDP (a mesh) and FP8 layers")
-    if fp8_mlp != "torchao" and recipe not in ("tensorwise", "none"):
-        raise ValueError(f"fp8_mlp={fp8_mlp} needs the tensorwise recipe, not {recipe!r}")
     if recipe != "none":
         convert_to_fp8(
             model,

@@ -52,18 +52,10 @@ def to_fp8(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return fp8_cast(x, scale, dtype), scale
 
 
-def transposed(x8: Tensor, rows: int) -> Tensor:
-    """[M, N] -> [N, rows] contiguous, rows >= M, zeros past M: a K-major operand whose inner
-    dimension (the tokens) is padded to K_ALIGN. Eager only (the references): inside a compiled
-    graph the padding is done before the cast (pad_rows), as inductor has no fp8 `where`."""
-    if rows == x8.shape[0]:
-        return x8.t().contiguous()
-    out = x8.new_zeros((x8.shape[1], rows))
-    out[:, : x8.shape[0]] = x8.t()
-    return out
-
-
 def pad_rows(x: Tensor, rows: int) -> Tensor:
+    """x [M, N] with zero rows up to `rows`: a weight-gradient GEMM's operand, whose inner
+    dimension (the tokens) must be a multiple of K_ALIGN. Padded before the fp8 cast (zeros cast
+    to zeros, and the maximum is unchanged), as inductor has no fp8 `where`."""
     return x if rows == x.shape[0] else F.pad(x, (0, 0, 0, rows - x.shape[0]))
 
 
@@ -103,10 +95,11 @@ def reference_act_backward_fp8(
     forward's scale g_scale, transposed [F, rows] (fc2's weight gradient); fc1's bias gradient
     (fp32 [F], the column sums of dh)."""
     _check(act)
+    m = h.shape[0]
     dh = act_backward(dg, h, act)
-    dh8, dh_scale = to_fp8(dh, E5M2)
-    g8 = fp8_cast(act_fn(h.float(), act).to(h.dtype), g_scale, E4M3)
-    return dh8, dh_scale, transposed(dh8, rows), transposed(g8, rows), dh.float().sum(0)
+    dh8, dh_scale = to_fp8(pad_rows(dh, rows), E5M2)
+    g8 = fp8_cast(pad_rows(act_fn(h.float(), act).to(h.dtype), rows), g_scale, E4M3)
+    return dh8[:m], dh_scale, dh8.t().contiguous(), g8.t().contiguous(), dh.float().sum(0)
 
 
 # The custom ops the autograd function calls: the references above by default, the Triton
@@ -144,7 +137,6 @@ def _(dg, h, g_scale, act, rows):
 def _(h: Tensor, act: str) -> tuple[Tensor, Tensor]:
     from bionemo.models import fp8_mlp_kernels
 
-    _check(act)
     return fp8_mlp_kernels.act_to_fp8(h, act)
 
 
@@ -152,7 +144,6 @@ def _(h: Tensor, act: str) -> tuple[Tensor, Tensor]:
 def _(dg, h, g_scale, act, rows):
     from bionemo.models import fp8_mlp_kernels
 
-    _check(act)
     return fp8_mlp_kernels.act_backward_fp8(dg, h, g_scale, act, rows)
 
 
