@@ -347,3 +347,17 @@ def test_under_fsdp_it_trains_as_torchao_does(tmp_path):
     losses = json.loads(out.read_text())
     assert losses["fused"] == pytest.approx(losses["torchao"], rel=1e-5), losses
     assert losses["fused"][-1] < losses["fused"][0]
+
+
+def test_the_cli_refuses_a_hostile_value_before_writing(tmp_path):
+    """The key is a closed set: a value with a shell payload is one line naming the key and its
+    choices, exit 2, and no run directory."""
+    out = subprocess.run(
+        [sys.executable, "-m", "launchers", "render", "--model", "esm2_3b", "--cluster", "h100_example",
+         f"cluster.runs_root={tmp_path / 'runs'}", "trainer.train.fp8_mlp=fused;rm -rf ~"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert "trainer.train.fp8_mlp" in lines[0] and "'torchao' or 'fused'" in lines[0]
+    assert not (tmp_path / "runs").exists()
